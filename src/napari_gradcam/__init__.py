@@ -1,0 +1,7 @@
+"""napari-gradcam: class activation maps (CAM, Grad-CAM and family) for napari and Python."""
+
+from .cam import CamBatch, available_methods, explain_batch
+
+__version__ = "0.1.0"
+
+__all__ = ["CamBatch", "available_methods", "explain_batch", "__version__"]

@@ -1,0 +1,309 @@
+"""The lean CAM engine: one forward pass, gradients only from the target layer up.
+
+How it stays close to the cost of inference (see DESIGN.md):
+
+- the forward runs under ``torch.no_grad`` up to the target layer, so no graph is built below it
+  and no parameter there is touched;
+- a forward hook on the target layer detaches its output, makes it a leaf that requires grad,
+  turns grad mode on for the rest of the forward and hands the network a clone (so an in-place
+  op after the layer, such as ``ReLU(inplace=True)``, can't corrupt the activations or the graph);
+- one ``torch.autograd.grad(scores.sum(), activations)`` for the whole batch: per-sample scores
+  are independent (eval mode), so the summed score gives each sample its own gradient; no
+  parameter gradient is computed and no ``.grad`` is ever written;
+- the method's arithmetic, ReLU, ``F.interpolate`` upsampling and per-image min-max
+  normalisation stay on the batch's device, in float32; nothing is copied to the host;
+- hooks are removed and every submodule's train/eval flag restored in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._state import explaining
+from .layers import resolve_target_layer
+from .methods import CamContext, get_method
+
+
+class CamBatch(NamedTuple):
+    """Result of :func:`explain_batch`; all tensors live on the batch's device."""
+
+    heatmaps: torch.Tensor  # float32 (N, H, W) or (N, D, H, W), each map min-max scaled to [0, 1]
+    class_ids: torch.Tensor  # int64 (N,): the explained class of each sample
+    scores: torch.Tensor  # float32 (N,): the model's output (logit) for that class
+
+
+def explain_batch(
+    module: nn.Module,
+    batch: torch.Tensor,
+    method: str = "gradcam",
+    target_layer: str | nn.Module | None = None,
+    targets=None,
+    *,
+    amp=None,
+    chunk_size: int | None = None,
+) -> CamBatch:
+    """Class activation maps for a preprocessed batch.
+
+    Parameters
+    ----------
+    module : the classifier. Its forward may return a tensor (N, classes), or a tuple / list
+        (the first tensor is used), a dict (its ``"logits"`` entry, or its only tensor), or an
+        object with a ``.logits`` tensor (Hugging Face outputs). A 1-D output (N,) is one logit.
+    batch : float tensor (N, C, H, W) or (N, C, D, H, W) on the model's device.
+    method : one of :func:`napari_gradcam.cam.available_methods` (case, ``-`` and ``_`` ignored).
+    target_layer : dotted module name, the module itself, or None for the last layer with a
+        spatial output (see :func:`napari_gradcam.cam.find_target_layer`).
+    targets : None (each sample's predicted class), one class index for all samples, or N indices.
+    amp : None/False (full precision), True, ``"bf16"`` or ``"fp16"``: run the model under
+        ``torch.autocast``; the CAM arithmetic is float32 regardless.
+    chunk_size : masked inputs per forward for Score-CAM (default: bounded by memory).
+
+    Returns
+    -------
+    CamBatch(heatmaps, class_ids, scores) on the batch's device. A map that is flat after the
+    ReLU (nothing contributes to the class) comes out as zeros, never NaN.
+
+    The model is left exactly as it was: train/eval flags, ``requires_grad`` flags, no ``.grad``,
+    no hooks, also when it raises.
+    """
+    spec = get_method(method)
+    _check_inputs(module, batch)
+    amp_dtype = _amp_dtype(amp)
+    if batch.is_inference():  # made under inference_mode: such tensors can't enter a graph
+        with torch.inference_mode(False):
+            batch = batch.clone()
+    name, layer = resolve_target_layer(module, target_layer, batch)
+
+    with torch.inference_mode(False), explaining(module):
+        capture = _Capture(layer, name, requires_grad=spec.needs_gradients)
+        with capture, torch.no_grad(), _autocast(batch.device, amp_dtype):
+            output = module(batch)
+        logits = _logits(output, batch.shape[0])
+        activations = capture.result(batch)
+        class_ids = _class_ids(targets, logits)
+        scores = logits.gather(1, class_ids[:, None])[:, 0]
+        gradients = None
+        if spec.needs_gradients:
+            gradients = _gradient(scores, activations, name)
+        del output, logits
+        ctx = CamContext(
+            activations=activations.detach().float(),
+            gradients=None if gradients is None else gradients.float(),
+            class_ids=class_ids,
+            scores=scores.detach().float(),
+            batch=batch,
+            module=module,
+            target_name=name,
+            forward=partial(_forward_logits, module, amp_dtype),
+            options={"chunk_size": chunk_size, "amp": amp_dtype},
+        )
+        raw = spec.fn(ctx)
+    return CamBatch(to_heatmaps(raw, batch.shape[2:]), class_ids, ctx.scores)
+
+
+def to_heatmaps(raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """ReLU, upsample (bi/trilinear) to ``size`` and min-max scale each map to [0, 1];
+    flat maps become zeros."""
+    cam = F.relu(raw.float())
+    size = tuple(int(s) for s in size)
+    if tuple(cam.shape[1:]) != size:
+        mode = {2: "bilinear", 3: "trilinear"}[len(size)]
+        cam = F.interpolate(cam[:, None], size=size, mode=mode, align_corners=False)[:, 0]
+    flat = cam.flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    span = hi - lo
+    ok = span > torch.maximum(hi.abs(), lo.abs()) * 1e-6
+    flat = torch.where(ok, (flat - lo) / torch.where(ok, span, torch.ones_like(span)), 0.0)
+    return flat.view(cam.shape)
+
+
+class _Capture(contextlib.AbstractContextManager):
+    """Forward hook on the target layer; removed on exit, whatever happened."""
+
+    def __init__(self, layer: nn.Module, name: str, requires_grad: bool):
+        self.layer, self.name, self.requires_grad = layer, name, requires_grad
+        self.activation: torch.Tensor | None = None
+        self.calls = 0
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+    def _hook(self, _module, _inputs, output):
+        self.calls += 1
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(
+                f"the target layer {self.name!r} returns a {type(output).__name__}, not a "
+                "tensor; choose a convolutional layer (or the block that contains it)."
+            )
+        act = output.detach()
+        if self.requires_grad:
+            act.requires_grad_(True)
+            # Grad mode from here to the end of the forward only; the enclosing no_grad block
+            # restores the caller's mode on exit.
+            torch.set_grad_enabled(True)
+        self.activation = act
+        return act.clone()
+
+    def result(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.calls == 0:
+            raise ValueError(
+                f"the target layer {self.name!r} did not run during the forward pass (compiled "
+                "models ignore hooks added after compilation); explain the uncompiled model, "
+                "or choose a layer the forward uses."
+            )
+        if self.calls > 1:
+            raise ValueError(
+                f"the target layer {self.name!r} runs {self.calls} times per forward pass, so "
+                "its activation is ambiguous; choose a layer that runs once."
+            )
+        act = self.activation
+        if act.ndim != batch.ndim or act.shape[0] != batch.shape[0]:
+            raise ValueError(
+                f"the target layer {self.name!r} outputs shape {tuple(act.shape)}, not a "
+                f"(N, C, {'D, ' if batch.ndim == 5 else ''}H, W) feature map for input "
+                f"{tuple(batch.shape)}; choose a convolutional layer."
+            )
+        return act
+
+
+def _gradient(scores: torch.Tensor, activations: torch.Tensor, name: str) -> torch.Tensor:
+    if not scores.requires_grad:
+        raise ValueError(
+            f"the class scores are not differentiable from the target layer {name!r} (does the "
+            "model detach it or run it under torch.no_grad?); choose another target_layer or a "
+            "gradient-free method ('scorecam', 'eigencam')."
+        )
+    (grad,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+    if grad is None:
+        raise ValueError(
+            f"the class scores do not depend on the target layer {name!r}; choose a layer on "
+            "the path to the classifier output."
+        )
+    return grad
+
+
+def _forward_logits(module: nn.Module, amp_dtype, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(), _autocast(x.device, amp_dtype):
+        return _logits(module(x), x.shape[0])
+
+
+def _logits(output, n: int) -> torch.Tensor:
+    """The documented rule for models that don't return a plain tensor."""
+    logits = output
+    if not isinstance(logits, torch.Tensor):
+        if isinstance(output, Mapping):
+            if isinstance(output.get("logits"), torch.Tensor):
+                logits = output["logits"]
+            else:
+                tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
+                logits = tensors[0] if len(tensors) == 1 else None
+        elif isinstance(getattr(output, "logits", None), torch.Tensor):
+            logits = output.logits
+        elif isinstance(output, (tuple, list)):
+            logits = next((v for v in output if isinstance(v, torch.Tensor)), None)
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            f"can't find the class scores in the model's output ({type(output).__name__}); "
+            "return a tensor (N, classes), a tuple whose first tensor is that, or a dict with a "
+            "'logits' entry."
+        )
+    if logits.ndim == 1 and logits.shape[0] == n:
+        logits = logits[:, None]
+    if logits.ndim != 2 or logits.shape[0] != n:
+        raise ValueError(
+            f"the model's output has shape {tuple(logits.shape)}; a classifier output "
+            f"(N={n}, classes) is needed to pick the explained class."
+        )
+    return logits
+
+
+def _class_ids(targets, logits: torch.Tensor) -> torch.Tensor:
+    n, num_classes = logits.shape
+    if targets is None:
+        return logits.detach().argmax(1)
+    t = torch.as_tensor(targets)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"targets must be integer class indices, not {t.dtype}.")
+    t = t.to(device=logits.device, dtype=torch.long)
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(
+            f"targets has shape {tuple(t.shape)}; give None, one class index, or {n} indices "
+            "(one per sample)."
+        )
+    bad = (t < 0) | (t >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(
+            f"class index {int(t[bad][0])} is out of range: this model has {num_classes} "
+            f"classes (0 to {num_classes - 1})."
+        )
+    return t
+
+
+def _check_inputs(module, batch) -> None:
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            "TorchScript models can't be hooked from Python, so CAM can't read their layers; "
+            "load the architecture in Python with a state dict instead."
+        )
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}.")
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(
+            f"batch must be a torch.Tensor (N, C, H, W), not {type(batch).__name__}; use "
+            "napari_gradcam.explain() for numpy or dask images."
+        )
+    if batch.ndim not in (4, 5):
+        raise ValueError(
+            f"batch has shape {tuple(batch.shape)}; give (N, C, H, W) for 2D or "
+            "(N, C, D, H, W) for 3D models (add the batch and channel axes)."
+        )
+    if not batch.is_floating_point():
+        raise TypeError(
+            f"batch has dtype {batch.dtype}; convert it to float and normalise it as the model "
+            "expects."
+        )
+    ref = next(iter(module.parameters()), None)
+    if ref is None:
+        ref = next(iter(module.buffers()), None)
+    if ref is not None and ref.device != batch.device:
+        raise ValueError(
+            f"the model is on {ref.device} but the batch is on {batch.device}; move one of "
+            f"them (model.to(device) or batch.to(device))."
+        )
+
+
+_AMP = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def _amp_dtype(amp):
+    if amp is None or amp is False:
+        return None
+    if amp is True:
+        return torch.bfloat16
+    if isinstance(amp, torch.dtype) and amp in (torch.bfloat16, torch.float16):
+        return amp
+    if isinstance(amp, str) and amp.lower() in _AMP:
+        return _AMP[amp.lower()]
+    raise ValueError(f"amp={amp!r}: use None, True, 'bf16' or 'fp16'.")
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,227 @@
+"""The CAM family, one small function per method.
+
+Every method receives a :class:`CamContext` and returns the raw class activation map at the
+target layer's resolution, shape (N, *spatial), float32, on the activations' device. The engine
+then rectifies (ReLU), upsamples to the input size and min-max normalises each map.
+
+Notation (as in FIELD-NOTES): A = activations (N, K, *S), G = gradient of the explained class
+score with respect to A, k = channel, sums and means run over the spatial positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class CamContext:
+    activations: torch.Tensor  # (N, K, *S) float32
+    gradients: torch.Tensor | None  # same shape, or None for gradient-free methods
+    class_ids: torch.Tensor  # (N,) int64
+    scores: torch.Tensor  # (N,) float32, the model's logit for class_ids
+    batch: torch.Tensor  # the model input (N, C, *S_in)
+    module: nn.Module
+    target_name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits (N, classes), no graph
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[[CamContext], torch.Tensor]
+    needs_gradients: bool
+    summary: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def _key(name: str) -> str:
+    """'Grad-CAM++', 'gradcam_pp', 'GradCAMPlusPlus' -> 'gradcam++'."""
+    key = name.lower().translate(str.maketrans("", "", "-_ ")).replace("plusplus", "++")
+    return key[:-2] + "++" if key.endswith("pp") else key
+
+
+def register_method(name: str, *, needs_gradients: bool):
+    """Decorator: make ``fn(ctx) -> (N, *S) map`` available as ``method=name``."""
+
+    def deco(fn):
+        METHODS[name] = Method(name, fn, needs_gradients, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if isinstance(name, Method):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a name such as 'gradcam', not {type(name).__name__}.")
+    for method in METHODS.values():
+        if _key(method.name) == _key(name):
+            return method
+    raise ValueError(
+        f"unknown CAM method {name!r}; choose one of: {', '.join(METHODS)}."
+    )
+
+
+def available_methods() -> list[str]:
+    return list(METHODS)
+
+
+def _weighted_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """sum_k w[n, k] * A[n, k, ...] -> (N, *S)."""
+    flat = activations.flatten(2)
+    return torch.einsum("nk,nkp->np", weights, flat).view(
+        activations.shape[0], *activations.shape[2:]
+    )
+
+
+def _spatial_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).sum(-1)
+
+
+@register_method("cam", needs_gradients=False)
+def cam(ctx: CamContext) -> torch.Tensor:
+    """CAM (Zhou et al. 2016): sum_k W_fc[c, k] A_k for a global-average-pooling + Linear head."""
+    head = classifier_head(ctx)
+    return _weighted_sum(head.weight.detach().float()[ctx.class_ids], ctx.activations)
+
+
+@register_method("gradcam", needs_gradients=True)
+def gradcam(ctx: CamContext) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017): w_k = mean_ij G."""
+    return _weighted_sum(ctx.gradients.flatten(2).mean(-1), ctx.activations)
+
+
+@register_method("gradcam++", needs_gradients=True)
+def gradcam_plus_plus(ctx: CamContext) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018): a = G^2 / (2 G^2 + sum_ij(A) G^3), w_k = sum relu(G) a."""
+    A, G = ctx.activations, ctx.gradients
+    g2 = G * G
+    sum_a = _spatial_sum(A).view(*A.shape[:2], *([1] * (A.ndim - 2)))
+    alpha = g2 / (2 * g2 + sum_a * g2 * G + 1e-6)
+    alpha = torch.where(G != 0, alpha, torch.zeros_like(alpha))
+    return _weighted_sum(_spatial_sum(F.relu(G) * alpha), A)
+
+
+@register_method("hirescam", needs_gradients=True)
+def hirescam(ctx: CamContext) -> torch.Tensor:
+    """HiResCAM (Draelos & Carin 2020): sum_k G * A, element-wise."""
+    return (ctx.gradients * ctx.activations).sum(1)
+
+
+@register_method("xgradcam", needs_gradients=True)
+def xgradcam(ctx: CamContext) -> torch.Tensor:
+    """XGrad-CAM (Fu et al. 2020): w_k = sum(G A) / (sum A + eps)."""
+    A, G = ctx.activations, ctx.gradients
+    return _weighted_sum(_spatial_sum(G * A) / (_spatial_sum(A) + 1e-7), A)
+
+
+@register_method("layercam", needs_gradients=True)
+def layercam(ctx: CamContext) -> torch.Tensor:
+    """LayerCAM (Jiang et al. 2021): sum_k relu(G) * A, element-wise."""
+    return (F.relu(ctx.gradients) * ctx.activations).sum(1)
+
+
+@register_method("scorecam", needs_gradients=False)
+def scorecam(ctx: CamContext) -> torch.Tensor:
+    """Score-CAM (Wang et al. 2020): mask the input with each min-max scaled, upsampled channel,
+    score the masked inputs, softmax over channels, w_k = that softmax."""
+    A, x = ctx.activations, ctx.batch
+    n, k = A.shape[:2]
+    flat = A.flatten(2)
+    # A constant channel scales to all zeros (as (up - min) / (max - min + eps) does), so every
+    # such channel masks the input to zeros: one forward of a zero image scores them all.
+    constant = flat.amax(-1) == flat.amin(-1)
+    scores = torch.empty(n, k, device=A.device, dtype=torch.float32)
+    if bool(constant.any()):
+        zero_logits = ctx.forward(torch.zeros_like(x[:1]))[0].float()
+        scores[:] = zero_logits[ctx.class_ids][:, None]
+    pairs = (~constant).nonzero()
+    chunk = ctx.options.get("chunk_size") or _default_chunk(x)
+    mode = "bilinear" if A.ndim == 4 else "trilinear"
+    for start in range(0, pairs.shape[0], chunk):
+        ni, ki = pairs[start : start + chunk].unbind(1)
+        up = F.interpolate(A[ni, ki][:, None], size=x.shape[2:], mode=mode, align_corners=False)
+        up_flat = up.flatten(1)
+        lo = up_flat.amin(1).view(-1, *([1] * (up.ndim - 1)))
+        hi = up_flat.amax(1).view(-1, *([1] * (up.ndim - 1)))
+        masked = x[ni] * ((up - lo) / (hi - lo + 1e-8)).to(x.dtype)
+        logits = ctx.forward(masked).float()
+        scores[ni, ki] = logits.gather(1, ctx.class_ids[ni][:, None])[:, 0]
+    return _weighted_sum(torch.softmax(scores, dim=1), A)
+
+
+def _default_chunk(x: torch.Tensor) -> int:
+    """Masked inputs per forward: large on accelerators, bounded to ~256 MB of masked input."""
+    per_image = x[0].numel() * x.element_size()
+    cap = 128 if x.device.type != "cpu" else 32
+    return max(1, min(cap, (256 << 20) // max(per_image, 1)))
+
+
+def eigen_projection(activations: torch.Tensor) -> torch.Tensor:
+    """Projection of the centred activations on their first principal component, (N, *S),
+    batched SVD on the device. The SVD's sign is arbitrary: it is fixed here so that the
+    projection correlates positively with the mean over channels."""
+    n = activations.shape[0]
+    x = activations.flatten(2).transpose(1, 2)  # (N, P, K)
+    x = x - x.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    proj = (x @ vh[:, 0, :, None])[..., 0]  # (N, P)
+    ref = activations.mean(1).flatten(1)
+    ref = ref - ref.mean(1, keepdim=True)
+    sign = torch.sign((proj * ref).sum(1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (proj * sign[:, None]).view(n, *activations.shape[2:])
+
+
+@register_method("eigencam", needs_gradients=False)
+def eigencam(ctx: CamContext) -> torch.Tensor:
+    """Eigen-CAM (Muhammad & Yeasin 2020): first principal component of the activations."""
+    return eigen_projection(torch.nan_to_num(ctx.activations))
+
+
+def classifier_head(ctx: CamContext) -> nn.Linear:
+    """The Linear layer that maps the globally averaged target activations to the logits.
+
+    It must be exactly that: the model's logits for the explained classes must equal
+    ``Linear(mean_ij A)``; otherwise CAM's weights would not explain this model.
+    """
+    k = ctx.activations.shape[1]
+    linears = [
+        (name, m) for name, m in ctx.module.named_modules()
+        if isinstance(m, nn.Linear) and m.in_features == k
+    ]
+    advice = (
+        "use method='gradcam' (identical to CAM on such heads), or choose the layer right "
+        "before the global pooling as target_layer"
+    )
+    if not linears:
+        raise ValueError(
+            f"method 'cam' needs a global-average-pooling + Linear head on the target layer "
+            f"{ctx.target_name!r} ({k} channels), and this model has no Linear layer with "
+            f"{k} inputs; {advice}."
+        )
+    name, head = linears[-1]
+    pooled = ctx.activations.flatten(2).mean(-1)
+    predicted = F.linear(pooled, head.weight.detach().float(),
+                         None if head.bias is None else head.bias.detach().float())
+    if predicted.shape[1] <= int(ctx.class_ids.max()):
+        raise ValueError(f"method 'cam': the Linear layer {name!r} has fewer outputs than the "
+                         f"model has classes; {advice}.")
+    predicted = predicted.gather(1, ctx.class_ids[:, None])[:, 0]
+    tol = 5e-2 if ctx.options.get("amp") else 1e-3
+    scale = float(ctx.scores.abs().max()) + 1e-6
+    if not torch.allclose(predicted, ctx.scores, rtol=tol, atol=tol * scale):
+        raise ValueError(
+            f"method 'cam': the model's output is not Linear({name!r}) applied to the global "
+            f"average of {ctx.target_name!r}, so CAM's weights don't apply; {advice}."
+        )
+    return head

@@ -1,0 +1,49 @@
+"""The ``napari-gradcam`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _example(args) -> int:
+    from ._example import run_example
+
+    run_example(methods=args.method or None, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cam import available_methods
+
+    parser = argparse.ArgumentParser(
+        prog="napari-gradcam",
+        description="Class activation maps (CAM, Grad-CAM and family) for napari and scripts.",
+    )
+    sub = parser.add_subparsers(dest="command")
+    ex = sub.add_parser(
+        "example",
+        help="run every CAM method on a small built-in example and print what it found",
+    )
+    ex.add_argument("--method", action="append", choices=available_methods(),
+                    help="method to run (repeatable; default: all)")
+    ex.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ex.set_defaults(func=_example)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:  # errors a user can cause: one clear sentence
+        print(f"napari-gradcam: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Packaging, the napari manifest, the CLI and the rule that the core stays Qt-free."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import napari_gradcam
+from napari_gradcam._device import describe_device, resolve_device
+from napari_gradcam.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_npe2_validate_with_imports():
+    res = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "napari-gradcam", "--imports"],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "valid" in res.stdout
+
+
+def test_manifest_at_top_level_is_the_shipped_one():
+    shipped = Path(napari_gradcam.__file__).with_name("napari.yaml")
+    assert (ROOT / "napari.yaml").read_text() == shipped.read_text()
+
+
+def test_core_imports_no_napari_or_qt():
+    code = (
+        "import sys, napari_gradcam, napari_gradcam.cam, napari_gradcam.cli, "
+        "napari_gradcam._example, napari_gradcam._device\n"
+        "bad = {'napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'vispy'}\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & bad)\n"
+        "assert not loaded, loaded\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_console_script_installed():
+    exe = shutil.which("napari-gradcam")
+    assert exe, "the napari-gradcam command is not on PATH: is the package installed?"
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "example" in res.stdout
+
+
+def test_example_finds_the_spots(capsys):
+    assert main(["example", "--method", "gradcam", "--method", "cam"]) == 0
+    text = capsys.readouterr().out
+    assert "device: CPU" in text or "device: GPU" in text
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith(("gradcam", "cam "))]
+    assert len(lines) == 4
+    assert all(": on a" in ln for ln in lines)  # every class's peak sits on a spot of that class
+
+
+def test_example_boxes_overlap_the_truth():
+    from napari_gradcam._example import run_example
+
+    results = run_example(methods=["gradcam"], out=lambda s: None)
+    for (_method, _cls), ious in results.items():
+        assert min(ious) > 0.3
+
+
+def test_cli_reports_user_errors_in_one_sentence(capsys):
+    assert main(["example", "--device", "warp-drive"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("napari-gradcam: error: device 'warp-drive'")
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    assert describe_device(torch.device("cpu")) == "CPU"
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(ValueError, match="does not exist"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
