@@ -19,6 +19,6 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -x -o addopts="" \
     tests/test_engine_cuda.py tests/test_engine_golden.py tests/test_engine_behaviour.py \
     tests/test_parity_pytorch_grad_cam.py 2>&1 | tail -25 | tee "$OUT/pytest-gpu.txt"
 timeout 200 python3 benchmarks/bench_engine.py --device "$DEVICE" --repeats 10 \
-    --scorecam-model resnet50 $EXTRA 2>&1 | tee "$OUT/bench-gpu-fp32.md"
+    --scorecam-model resnet50 --scorecam-bf16 $EXTRA 2>&1 | tee "$OUT/bench-gpu-fp32.md"
 timeout 90 python3 benchmarks/bench_engine.py --device "$DEVICE" --repeats 10 --amp bf16 \
-    --no-scorecam $EXTRA 2>&1 | tee "$OUT/bench-gpu-bf16.md"
+    --no-scorecam --no-peer $EXTRA 2>&1 | tee "$OUT/bench-gpu-bf16.md"

@@ -413,7 +413,11 @@ def test_layer_that_runs_twice():
 
 
 def test_torchscript_is_refused_clearly():
-    scripted = torch.jit.script(small_cnn())
+    import warnings
+
+    with warnings.catch_warnings():  # newer torch deprecates torch.jit.script itself
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(small_cnn())
     with pytest.raises(TypeError, match="TorchScript"):
         ng.explain_batch(scripted, torch.randn(1, 1, 16, 16))
 
@@ -429,3 +433,18 @@ def test_no_reference_cycles_keep_the_model_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_top_eigenpair_by_squaring_matches_eigh():
+    """The CUDA path for matrices above 32 x 32 (repeated squaring) against LAPACK's eigh."""
+    from napari_gradcam.cam.methods import _top_eigenpair
+
+    x = torch.randn(6, 49, 300).relu()
+    x = x - x.mean(1, keepdim=True)
+    gram = x @ x.transpose(1, 2)
+    lam, v = _top_eigenpair(gram)
+    lam2, v2 = _top_eigenpair(gram, squarings=12)
+    torch.testing.assert_close(lam2, lam, rtol=1e-9, atol=0)
+    assert (v * v2).sum(1).abs().min() > 1 - 1e-9
+    zeros = _top_eigenpair(torch.zeros(2, 40, 40), squarings=12)
+    assert torch.count_nonzero(zeros[0]) == 0 and torch.isfinite(zeros[1]).all()

@@ -92,18 +92,20 @@ def explain_batch(
         gradients = None
         if spec.needs_gradients:
             gradients = _gradient(scores, activations, name)
-        del output, logits
+        del output
         ctx = CamContext(
             activations=activations.detach().float(),
             gradients=None if gradients is None else gradients.float(),
             class_ids=class_ids,
             scores=scores.detach().float(),
+            num_classes=logits.shape[1],
             batch=batch,
             module=module,
             target_name=name,
             forward=partial(_forward_logits, module, amp_dtype),
             options={"chunk_size": chunk_size, "amp": amp_dtype},
         )
+        del logits
         raw = spec.fn(ctx)
     return CamBatch(to_heatmaps(raw, batch.shape[2:]), class_ids, ctx.scores)
 

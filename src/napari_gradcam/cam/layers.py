@@ -44,9 +44,11 @@ def resolve_target_layer(
             f"target_layer must be a dotted layer name, an nn.Module or None, not "
             f"{type(target_layer).__name__}."
         )
-    layers = dict(module.named_modules())
-    if target_layer in layers and target_layer:
-        return target_layer, layers[target_layer]
+    if target_layer:
+        try:
+            return target_layer, module.get_submodule(target_layer)
+        except AttributeError:
+            pass
     names = module_names(module)
     close = difflib.get_close_matches(target_layer, names, n=5, cutoff=0.5)
     hint = close or spatial_layer_names(module, batch)[-5:]
@@ -105,9 +107,11 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
     outermost is chosen, so that names read as users expect (``layer4``, ``features``).
     """
     cached = _AUTO_CACHE.get(module, {}).get(batch.ndim)
-    layers = dict(module.named_modules())
-    if cached is not None and cached in layers:
-        return cached, layers[cached]
+    if cached is not None:
+        try:
+            return cached, module.get_submodule(cached)
+        except AttributeError:  # the architecture changed since: discover again
+            pass
     records = _record_outputs(module, batch[:1])
     candidates = [i for i, (_, out) in enumerate(records) if _spatial(out, batch.ndim)]
     if not candidates:  # e.g. inputs so small that the last map is 1 x 1
@@ -125,4 +129,4 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
             last = j
     name = records[last][0]
     _AUTO_CACHE.setdefault(module, {})[batch.ndim] = name
-    return name, layers[name]
+    return name, module.get_submodule(name)
