@@ -32,7 +32,8 @@ def test_manifest_at_top_level_is_the_shipped_one():
 def test_core_imports_no_napari_or_qt():
     code = (
         "import sys, napari_gradcam, napari_gradcam.cam, napari_gradcam.cli, "
-        "napari_gradcam._example, napari_gradcam._device\n"
+        "napari_gradcam._example, napari_gradcam._device, napari_gradcam.regions, "
+        "napari_gradcam.annotations, napari_gradcam.export, napari_gradcam._napari.io\n"
         "bad = {'napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'vispy'}\n"
         "loaded = sorted({m.split('.')[0] for m in sys.modules} & bad)\n"
         "assert not loaded, loaded\n"

@@ -248,7 +248,7 @@ def _regions_2d(heat, index, threshold, mode, min_area, tolerance, mask, connect
     height, width = fg.shape
 
     row, start, end = _runs(fg)
-    ncomp, label = _link(row, start, end, width, connectivity)
+    _, label = _link(row, start, end, width, connectivity)
 
     # per-run heat statistics with reduceat over the flattened crop (runs are contiguous there)
     flat = np.append(hc.ravel(), np.float32(0))
