@@ -105,3 +105,11 @@ def test_polygon_hole_is_drawn_open(make_napari_viewer):
     assert not red(shot[cy, cx])  # the hole's centre shows the image, not the fill
     ring_y = cy - int(shot.shape[0] * 14 / 64 * 0.9)  # 14 px above the centre, on the ring
     assert any(red(shot[y, cx]) for y in range(ring_y - 3, ring_y + 4))
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-gradcam", "synthetic-shapes")
+    viewer.open_sample("napari-gradcam", "synthetic-stack")
+    assert [layer.name for layer in viewer.layers] == ["synthetic shapes", "synthetic stack"]
+    assert viewer.layers["synthetic stack"].data.shape == (16, 192, 192)

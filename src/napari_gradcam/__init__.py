@@ -3,6 +3,7 @@
 from .cam import CamBatch, available_methods, explain_batch
 from .annotations import Annotation, annotations_to_shapes, shapes_to_annotations
 from .export import read_geojson, write_coco, write_csv, write_geojson, write_yolo
+from .models import ModelSpec, load_model
 from .regions import Region, find_regions
 
 __version__ = "0.1.0"
@@ -10,12 +11,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Annotation",
     "CamBatch",
+    "ModelSpec",
     "Region",
     "__version__",
     "annotations_to_shapes",
     "available_methods",
     "explain_batch",
     "find_regions",
+    "load_model",
     "read_geojson",
     "shapes_to_annotations",
     "write_coco",

@@ -9,7 +9,7 @@ import sys
 def _example(args) -> int:
     from ._example import run_example
 
-    run_example(methods=args.method or None, device=args.device)
+    run_example(methods=args.method or None, device=args.device, seed=args.seed)
     return 0
 
 
@@ -23,11 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     ex = sub.add_parser(
         "example",
-        help="run every CAM method on a small built-in example and print what it found",
+        help="run every CAM method with the bundled demo model on a synthetic image and print "
+             "what it found next to the truth",
     )
     ex.add_argument("--method", action="append", choices=available_methods(),
                     help="method to run (repeatable; default: all)")
     ex.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ex.add_argument("--seed", type=int, default=6, help="which synthetic image (default 6)")
     ex.set_defaults(func=_example)
     return parser
 
