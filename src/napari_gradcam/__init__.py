@@ -4,6 +4,7 @@ from .cam import CamBatch, available_methods, explain_batch
 from .annotations import Annotation, annotations_to_shapes, shapes_to_annotations
 from .export import read_geojson, write_coco, write_csv, write_geojson, write_yolo
 from .models import ModelSpec, load_model
+from .batch import Explanation, Progress, explain, iter_explain
 from .regions import Region, find_regions
 
 __version__ = "0.1.0"
@@ -11,13 +12,17 @@ __version__ = "0.1.0"
 __all__ = [
     "Annotation",
     "CamBatch",
+    "Explanation",
     "ModelSpec",
+    "Progress",
     "Region",
     "__version__",
     "annotations_to_shapes",
     "available_methods",
+    "explain",
     "explain_batch",
     "find_regions",
+    "iter_explain",
     "load_model",
     "read_geojson",
     "shapes_to_annotations",

@@ -1,0 +1,459 @@
+"""``explain``: CAM over whole arrays (NumPy, dask, zarr) in device-sized batches.
+
+Every leading index of the array is one image; the model's preprocessing (:class:`ModelSpec`:
+intensity scaling, channel adaptation, mean / std, optional resize to a fixed input size) is
+applied batch by batch on the device, so a lazy array is read one batch at a time and never
+loaded whole. The next batch is read on a helper thread while the current one runs.
+
+:func:`iter_explain` is the same computation as a generator that yields a :class:`Progress`
+after every batch and returns the :class:`Explanation`: GUIs drive it from a worker thread and
+cancel by closing it (the work stops at the next batch boundary); :func:`explain` just runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._device import describe_device, resolve_device
+from .cam import explain_batch, get_method, resolve_target_layer
+from .models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+INTENSITY = ("minmax-dtype", "minmax", "none")
+
+
+class Progress(NamedTuple):
+    done: int  # images finished
+    total: int
+    method: str
+    batch_size: int  # the batch size in use (it halves when the GPU runs out of memory)
+
+
+@dataclass
+class Explanation:
+    """CAM results for every image of an array.
+
+    ``heatmaps`` has the images' shape without the channel axis, float32 in [0, 1];
+    ``class_ids`` (int64) and ``scores`` (float32, the model's logit for the explained class)
+    have the leading shape (``()`` for a single image).
+    """
+
+    heatmaps: np.ndarray
+    class_ids: np.ndarray
+    scores: np.ndarray
+    class_names: list[str]
+    method: str
+    target_layer: str | None
+    device: str = "cpu"
+    batch_size: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def class_labels(self) -> np.ndarray:
+        """The explained class's name per image (leading shape)."""
+        names = np.array(list(self.class_names) or [""], dtype=object)
+        ids = np.clip(self.class_ids, 0, max(len(self.class_names) - 1, 0))
+        return names[ids] if self.class_names else np.full(self.class_ids.shape, "", object)
+
+
+# ---- layout: which axes are images, channels, pixels -------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    shape: tuple[int, ...]  # the array's shape
+    channel_axis: int | None  # normalised (>= 0) or None
+    spatial_dims: int  # 2 or 3 (for 3D models)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape without the channel axis."""
+        return tuple(s for i, s in enumerate(self.shape) if i != self.channel_axis)
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        return self.image_shape[: len(self.image_shape) - self.spatial_dims]
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return self.image_shape[len(self.image_shape) - self.spatial_dims:]
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.channel_axis is None else self.shape[self.channel_axis]
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.lead)
+
+
+def model_spatial_dims(module: nn.Module) -> int:
+    """3 for a model whose first convolution is 3D, else 2."""
+    first = next((m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    return 3 if isinstance(first, nn.Conv3d) else 2
+
+
+def layout(shape, channel_axis=None, spatial_dims: int = 2) -> Layout:
+    """Work out the axes of an image array.
+
+    ``channel_axis``: an axis index; ``None`` guesses (the last axis when it has 3 or 4 entries
+    and the array has more than ``spatial_dims`` axes: RGB / RGBA); ``False`` says there is no
+    channel axis.
+    """
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    if channel_axis is False:
+        ca = None
+    elif channel_axis is None:
+        ca = ndim - 1 if ndim > spatial_dims and shape[-1] in (3, 4) else None
+    else:
+        if not -ndim <= int(channel_axis) < ndim:
+            raise ValueError(f"channel_axis={channel_axis} is outside an array of shape {shape}.")
+        ca = int(channel_axis) % ndim
+    lay = Layout(shape, ca, spatial_dims)
+    if len(lay.image_shape) < spatial_dims:
+        what = "(H, W)" if spatial_dims == 2 else "(D, H, W)"
+        raise ValueError(f"the image has shape {shape}; this model needs at least {what} "
+                         "pixels (plus leading axes for a stack).")
+    if 0 in shape:
+        raise ValueError(f"the image is empty (shape {shape}); load an image with pixels.")
+    return lay
+
+
+def _read(images, lay: Layout, start: int, stop: int) -> np.ndarray:
+    """Images ``start:stop`` (flat leading order) as a NumPy array (n, *spatial, channels),
+    reading runs along the last leading axis as one slice (one read per run for lazy arrays)."""
+    lead = lay.lead
+    ca = lay.channel_axis
+    if not lead:
+        reads = [(np.asarray(images), ca)]
+    else:
+        reads = []
+        flat = start
+        while flat < stop:
+            idx = np.unravel_index(flat, lead)
+            run = min(stop - flat, lead[-1] - int(idx[-1]))
+            key = [int(i) for i in idx[:-1]] + [slice(int(idx[-1]), int(idx[-1]) + run)]
+            if ca is not None and ca < len(key):
+                key.insert(ca, slice(None))
+            # the channel axis moves left by the number of integer-indexed axes before it
+            pos = None if ca is None else ca - min(ca, len(lead) - 1)
+            reads.append((np.asarray(images[tuple(key)]), pos))
+            flat += run
+    pieces = []
+    for a, pos in reads:
+        a = a[..., None] if pos is None else np.moveaxis(a, pos, -1)
+        pieces.append(a.reshape((-1, *lay.spatial, a.shape[-1])))
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+# ---- preprocessing ------------------------------------------------------------------------------
+
+def check_channels(channels: int, in_channels: int) -> None:
+    """Raise a ValueError that says what to do when an image's channels can't feed the model."""
+    if channels == in_channels or (channels == 1 and in_channels > 1):
+        return
+    if channels == 4 and in_channels == 3:
+        return
+    if channels == 3 and in_channels == 1:
+        return  # accepted when the three channels are equal (a grey image stored as RGB)
+    kind = {3: "RGB", 4: "RGBA"}.get(channels, f"{channels}-channel")
+    raise ValueError(
+        f"the model takes {in_channels} input channel(s) but the image is {kind} "
+        f"({channels} channels); "
+        + ("convert it to greyscale first, or choose a model trained on colour images."
+           if in_channels == 1 else
+           f"choose an image with {in_channels} channel(s) (or one grey channel), or a model "
+           "that fits this image.")
+    )
+
+
+def _scale_range(dtype: np.dtype) -> float | None:
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).max)
+    if dtype == np.bool_:
+        return 1.0
+    return None
+
+
+def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.Tensor:
+    """(n, *spatial, channels) pixels -> the model's (n, C, *size) float32 input on ``device``."""
+    if spec.intensity not in INTENSITY:
+        raise ValueError(f"intensity={spec.intensity!r}: use one of {', '.join(INTENSITY)}.")
+    dtype = raw.dtype
+    if dtype == np.bool_:
+        raw = raw.astype(np.uint8)
+    elif not (np.issubdtype(dtype, np.number)):
+        raise TypeError(f"the image has dtype {dtype}; give numbers (integers or floats).")
+    x = torch.from_numpy(np.ascontiguousarray(raw))
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    else:
+        x = x.to(device)
+    x = x.float()
+    n_sp = x.ndim - 2
+    x = x.permute(0, x.ndim - 1, *range(1, 1 + n_sp))  # channels first
+    c, m = x.shape[1], spec.in_channels
+    if c == 3 and m == 1:
+        if not (torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])):
+            raise ValueError(
+                "the model takes 1 input channel but the image is colour RGB (its channels "
+                "differ); convert it to greyscale first, or choose a model trained on colour "
+                "images."
+            )
+        x = x[:, :1]
+    elif c == 4 and m == 3:
+        x = x[:, :3]
+    elif c == 1 and m > 1:
+        x = x.expand(-1, m, *x.shape[2:])
+    if spec.intensity == "minmax-dtype":
+        top = _scale_range(dtype)
+        if top is not None:
+            x = x / top
+    elif spec.intensity == "minmax":
+        flat = x.flatten(1)
+        lo = flat.amin(1).view(-1, *[1] * (x.ndim - 1))
+        hi = flat.amax(1).view(-1, *[1] * (x.ndim - 1))
+        x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device)
+    if mean.numel() not in (1, m) or std.numel() not in (1, m):
+        raise ValueError(f"mean/std have {mean.numel()}/{std.numel()} values for a model with "
+                         f"{m} channels; give one value or one per channel.")
+    shape = (1, -1) + (1,) * n_sp
+    x = (x - mean.view(shape)) / std.view(shape)
+    if spec.input_size is not None and tuple(x.shape[2:]) != tuple(spec.input_size):
+        mode = "bilinear" if n_sp == 2 else "trilinear"
+        x = F.interpolate(x, size=tuple(spec.input_size), mode=mode, align_corners=False,
+                          antialias=n_sp == 2)
+    return x.contiguous()
+
+
+def resolve_target(target, class_names) -> int | None:
+    """None, a class index or a class name -> an index (validated against the names)."""
+    if target is None:
+        return None
+    if isinstance(target, str):
+        if target.strip().lstrip("-").isdigit():
+            target = int(target)
+        else:
+            names = list(class_names or [])
+            if target not in names:
+                low = {n.lower(): i for i, n in enumerate(names)}
+                if target.lower() in low:
+                    return low[target.lower()]
+                raise ValueError(f"the model has no class {target!r}; its classes are "
+                                 f"{', '.join(map(repr, names)) or '(unnamed)'}.")
+            return names.index(target)
+    target = int(target)
+    if class_names and not 0 <= target < len(class_names):
+        raise ValueError(f"class index {target} is out of range: the model has "
+                         f"{len(class_names)} classes (0 to {len(class_names) - 1}).")
+    return target
+
+
+def auto_batch_size(spatial, device: torch.device, count: int) -> int:
+    """Images per batch: a pixel budget (4 MPix on the CPU, free memory / 4 KiB on CUDA);
+    out-of-memory errors halve it later."""
+    pixels = max(1, math.prod(spatial))
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = free // 4096
+    else:
+        budget = 1 << 22
+    return int(max(1, min(count, 256, budget // pixels)))
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+def iter_explain(
+    images,
+    spec: ModelSpec,
+    method: str = "gradcam",
+    target=None,
+    batch_size: int | None = None,
+    device="auto",
+    channel_axis=None,
+    *,
+    target_layer=None,
+    amp=None,
+    out=None,
+) -> Iterator[Progress]:
+    """:func:`explain` as a generator: yields :class:`Progress` after each batch, returns the
+    :class:`Explanation` (``StopIteration.value``). Closing it stops after the current batch."""
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a ModelSpec (from load_model), not {type(spec).__name__}.")
+    get_method(method)  # unknown names fail before any work
+    dev = resolve_device(device)
+    module = spec.module
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError("TorchScript models can't be hooked from Python, so CAM can't read their "
+                        "layers; load the architecture in Python with a state dict instead.")
+    dims = model_spatial_dims(module)
+    if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
+        images = np.asarray(images)
+    lay = layout(images.shape, channel_axis, dims)
+    check_channels(lay.channels, spec.in_channels)
+    class_id = resolve_target(target, spec.class_names)
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size}: give a positive number, or None for auto.")
+    module.to(dev)
+    n = lay.count if lay.lead else 1
+    size = int(batch_size) if batch_size else auto_batch_size(spec.input_size or lay.spatial,
+                                                              dev, n)
+    heat = out if out is not None else np.zeros((n, *lay.spatial), np.float32)
+    if out is not None:
+        if tuple(out.shape) != (*lay.lead, *lay.spatial):
+            raise ValueError(f"out has shape {tuple(out.shape)}; it must be "
+                             f"{(*lay.lead, *lay.spatial)}.")
+        heat = out.reshape((n, *lay.spatial)) if isinstance(out, np.ndarray) else out
+    class_ids = np.zeros(n, np.int64)
+    scores = np.zeros(n, np.float32)
+    layer_name = None
+
+    def write(start, res):
+        stop = start + res.heatmaps.shape[0]
+        maps = res.heatmaps
+        if tuple(maps.shape[1:]) != tuple(lay.spatial):  # resized input: back to the image
+            mode = "bilinear" if dims == 2 else "trilinear"
+            maps = F.interpolate(maps[:, None], size=lay.spatial, mode=mode,
+                                 align_corners=False)[:, 0].clamp_(0, 1)
+        maps = maps.cpu().numpy()
+        if isinstance(heat, np.ndarray):
+            heat[start:stop] = maps
+        else:  # zarr / memmap with the leading shape: write image by image
+            for k in range(start, stop):
+                heat[np.unravel_index(k, lay.lead) if lay.lead else ()] = maps[k - start]
+        class_ids[start:stop] = res.class_ids.cpu().numpy()
+        scores[start:stop] = res.scores.cpu().numpy()
+
+    def run(batch):
+        """Explain ``batch`` in parts of ``size``; out of memory halves ``size`` and retries."""
+        nonlocal size
+        results, pos = [], 0
+        while pos < batch.shape[0]:
+            part = batch[pos:pos + size]
+            try:
+                results.append(explain_batch(module, part, method, target_layer=layer_name,
+                                             targets=class_id, amp=amp))
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
+                if not _is_oom(err):
+                    raise
+                del err
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                if part.shape[0] == 1:
+                    raise MemoryError(
+                        f"{describe_device(dev)} ran out of memory on a single image of "
+                        f"{tuple(part.shape[2:])} pixels; use device='cpu', a smaller "
+                        "input_size, or a smaller image."
+                    ) from None
+                size = max(1, part.shape[0] // 2)
+                log.warning("out of memory: batch size reduced to %d", size)
+                continue
+            pos += part.shape[0]
+        return results
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="napari-gradcam-read")
+    try:
+        start = 0
+        pending = pool.submit(_read, images, lay, 0, min(size, n))
+        while start < n:
+            raw = pending.result()
+            stop = start + raw.shape[0]
+            if stop < n:
+                pending = pool.submit(_read, images, lay, stop, min(stop + size, n))
+            batch = preprocess(raw, spec, dev)
+            if layer_name is None:
+                layer_name = target_layer if target_layer is not None else spec.target_layer
+                layer_name, _layer = resolve_target_layer(module, layer_name, batch[:1])
+            pos = start
+            for res in run(batch):
+                write(pos, res)
+                pos += res.heatmaps.shape[0]
+            start = stop
+            yield Progress(start, n, method, size)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    if out is None:
+        heat = heat.reshape((*lay.lead, *lay.spatial))
+    return Explanation(heat, class_ids.reshape(lay.lead), scores.reshape(lay.lead),
+                       list(spec.class_names), method, layer_name, str(dev), size)
+
+
+def run_generator(gen, progress: Callable[[Progress], None] | None = None):
+    """Drive a generator to its end, handing each yielded item to ``progress``; returns its
+    return value."""
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(item)
+
+
+def explain(
+    images,
+    spec: ModelSpec,
+    method: str = "gradcam",
+    target=None,
+    batch_size: int | None = None,
+    device="auto",
+    channel_axis=None,
+    progress: Callable[[Progress], None] | None = None,
+    *,
+    target_layer=None,
+    amp=None,
+    out=None,
+) -> Explanation:
+    """Class activation maps for every image of an array.
+
+    Parameters
+    ----------
+    images : NumPy, dask or zarr array: (H, W), (H, W, C), (..., H, W) or (..., H, W, C); for a
+        3D model (D, H, W) volumes with leading axes. Every leading index is one image. Lazy
+        arrays are read one batch at a time.
+    spec : a :class:`ModelSpec` (``load_model(...)``): the model and its preprocessing.
+    method : a CAM method (``available_methods()``).
+    target : None (each image's predicted class), a class index, or a class name.
+    batch_size : images per forward pass; None picks one from the image size and the device's
+        memory. On out-of-memory errors the batch is halved and retried.
+    device : "auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:N", "mps". The model is
+        moved there.
+    channel_axis : None guesses (a last axis of 3 or 4 = RGB / RGBA), an int names it, False
+        says there is none. Grey images feed 3-channel models by repetition, RGBA loses alpha,
+        grey stored as RGB feeds 1-channel models.
+    progress : called with a :class:`Progress` after every batch.
+    target_layer : overrides ``spec.target_layer`` (dotted name, module, None = auto).
+    amp : autocast dtype for the model ("bf16", "fp16", True), CAM math stays float32.
+    out : optional array (NumPy, zarr, memmap) of the heatmaps' shape to write into, so that
+        results for a large lazy stack need not fit in memory.
+
+    Returns
+    -------
+    :class:`Explanation`
+    """
+    return run_generator(
+        iter_explain(images, spec, method, target, batch_size, device, channel_axis,
+                     target_layer=target_layer, amp=amp, out=out),
+        progress,
+    )
+
+
+__all__ = ["Explanation", "Progress", "explain", "iter_explain", "layout", "preprocess",
+           "resolve_target"]
