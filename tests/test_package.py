@@ -46,7 +46,7 @@ def test_console_script_installed():
     exe = shutil.which("napari-gradcam")
     assert exe, "the napari-gradcam command is not on PATH: is the package installed?"
     res = subprocess.run([exe, "--help"], capture_output=True, text=True)
-    assert res.returncode == 0 and "example" in res.stdout
+    assert res.returncode == 0 and "example" in res.stdout and "demo" in res.stdout
 
 
 def test_example_finds_the_objects(capsys):

@@ -61,9 +61,11 @@ class Explanation:
     @property
     def class_labels(self) -> np.ndarray:
         """The explained class's name per image (leading shape)."""
-        names = np.array(list(self.class_names) or [""], dtype=object)
-        ids = np.clip(self.class_ids, 0, max(len(self.class_names) - 1, 0))
-        return names[ids] if self.class_names else np.full(self.class_ids.shape, "", object)
+        ids = np.asarray(self.class_ids)
+        if not self.class_names:
+            return np.full(ids.shape, "", object)
+        names = np.array(list(self.class_names), dtype=object)
+        return names[np.clip(ids.ravel(), 0, len(names) - 1)].reshape(ids.shape)
 
 
 # ---- layout: which axes are images, channels, pixels -------------------------------------------

@@ -13,6 +13,13 @@ def _example(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from ._napari.demo import run_demo
+
+    return run_demo(stack=args.stack, methods=args.method or None, device=args.device,
+                    screenshot=args.screenshot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cam import available_methods
 
@@ -31,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ex.add_argument("--seed", type=int, default=6, help="which synthetic image (default 6)")
     ex.set_defaults(func=_example)
+    demo = sub.add_parser(
+        "demo",
+        help="open napari with a synthetic sample and the bundled model, run Grad-CAM and show "
+             "the heatmap and the editable regions",
+    )
+    demo.add_argument("--method", action="append", choices=available_methods(),
+                      help="method to run (repeatable: one heatmap layer each; default gradcam)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    demo.add_argument("--stack", action="store_true",
+                      help="use the 16-frame synthetic stack instead of the single image")
+    demo.add_argument("--screenshot", metavar="PNG",
+                      help="save a picture of the window after the run, then close")
+    demo.set_defaults(func=_demo)
     return parser
 
 

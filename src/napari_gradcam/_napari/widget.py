@@ -1,0 +1,696 @@
+"""The dock widget: explain the active image layer, show the heatmap and editable regions.
+
+Thin by design: the work is :func:`napari_gradcam.batch.iter_explain` (driven from a napari
+``thread_worker``, one yield per batch, so the event loop never blocks and Cancel stops at the
+next batch) and :func:`napari_gradcam.find_regions`; this module only reads the controls, checks
+the inputs (a napari notification that says what to change, every layer left untouched) and
+writes layers on the main thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox, Container, FloatSlider, FloatSpinBox, Label, PushButton, RadioButtons, Select,
+    SpinBox,
+)
+from napari.layers import Image, Labels, Shapes
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from napari.utils.progress import cancelable_progress
+
+from .. import find_regions
+from .._device import describe_device, resolve_device
+from ..annotations import annotations_to_shapes, class_color, regions_to_annotations
+from ..batch import check_channels, iter_explain, layout, model_spatial_dims, resolve_target
+from ..cam import available_methods
+from ..models import ModelSpec, load_model
+from .io import META_KEY
+
+if TYPE_CHECKING:
+    import napari
+
+PREDICTED = "predicted class"
+PRESENT = "every class found"
+AUTO = "auto"
+NO_MASK = "none"
+SCOPES = ("current slice", "whole stack")
+THRESHOLD_MODES = ("absolute", "relative", "otsu")
+
+
+def heat_colormap():
+    """Turbo colours whose opacity rises with the heat: cold pixels leave the image as it is,
+    hot ones are painted red-yellow (the classic Grad-CAM overlay, without greying the rest)."""
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    v = np.linspace(0.0, 1.0, 33)
+    # turbo up to its bright red (its last tenth darkens to maroon, which reads as cold)
+    rgba = np.asarray(ensure_colormap("turbo").map(v * 0.88), float)
+    rgba[:, 3] = np.clip((v - 0.08) / 0.45, 0.0, 1.0)
+    return Colormap(rgba, controls=v, name="gradcam heat", interpolation="linear")
+
+
+def image_shape(layer) -> tuple[int, ...]:
+    """A layer's data shape without the RGB(A) axis (full resolution for multiscale data)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    shape = tuple(data.shape)
+    return shape[:-1] if layer.rgb else shape
+
+
+def available_devices() -> list[str]:
+    """'auto', 'cpu' and the accelerators this PyTorch actually sees."""
+    import torch
+
+    out = [AUTO, "cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+@dataclass
+class Job:
+    """Everything a run needs, read from the controls on the main thread."""
+
+    layer: Image
+    images: Any  # the array explained (the whole layer, or the current slice)
+    offset: tuple[int, ...]  # leading indices of ``images`` inside the layer
+    channel_axis: int | bool
+    spec: ModelSpec
+    methods: list[str]
+    target: int | None  # None: each image's predicted class
+    present: bool  # True: explain every class, keep those with a positive logit (multi-label)
+    target_layer: str | None
+    device: str
+    batch_size: int | None
+    regions: dict  # keyword arguments for find_regions (threshold, mode, min_area, ...)
+    mask: np.ndarray | None
+
+    @property
+    def total(self) -> int:
+        lead = layout(self.images.shape, self.channel_axis,
+                      model_spatial_dims(self.spec.module)).lead
+        return int(np.prod(lead, dtype=int)) * len(self.methods) * len(self.targets)
+
+    @property
+    def targets(self) -> list[int | None]:
+        return list(range(len(self.spec.class_names))) if self.present else [self.target]
+
+
+@dataclass
+class Result:
+    job: Job
+    explanations: list  # per method, one Explanation per target (see Job.targets)
+    regions: list
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class RunFailed(Exception):
+    """An error raised in the worker thread, re-raised under a type Qt's worker reports
+    (superqt drops RuntimeErrors, which torch raises for most model problems)."""
+
+
+def _guarded(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return (yield from fn(*args, **kwargs))
+        except Exception as err:  # noqa: BLE001 - shown to the user as a notification
+            raise RunFailed(str(err) or type(err).__name__) from err
+
+    return wrapper
+
+
+def _relay(gen, step: int):
+    """Forward an iter_explain generator's progress as images done over the whole job;
+    returns its Explanation."""
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield step * p.total + p.done
+
+
+@_guarded
+def compute(job: Job):
+    """Worker-thread body: explain with every method and target (yielding images done so
+    far), then the regions of the first method."""
+    t0 = time.perf_counter()
+    explanations, step = [], 0
+    for method in job.methods:
+        per_target = []
+        for target in job.targets:
+            gen = iter_explain(job.images, job.spec, method, target, job.batch_size,
+                               job.device, job.channel_axis, target_layer=job.target_layer)
+            per_target.append((yield from _relay(gen, step)))
+            step += 1
+        explanations.append(per_target)
+    regions = derive_regions(explanations[0], job)
+    return Result(job, explanations, regions, time.perf_counter() - t0)
+
+
+def rederive(explanations, job: Job) -> list:
+    """:func:`derive_regions` for a worker thread."""
+    try:
+        return derive_regions(explanations, job)
+    except Exception as err:  # noqa: BLE001 - shown to the user as a notification
+        raise RunFailed(str(err) or type(err).__name__) from err
+
+
+def derive_regions(explanations, job: Job) -> list:
+    """Regions of one method's heatmaps (one Explanation per target), indexed in the layer's
+    leading axes; in ``present`` mode only where the class's logit is positive."""
+    found = []
+    for exp in explanations:
+        regions = find_regions(exp.heatmaps, mask=job.mask, class_ids=exp.class_ids,
+                               scores=exp.scores, **job.regions)
+        found += [r for r in regions if not job.present or r.score > 0]
+    found.sort(key=lambda r: (tuple(r.index), r.class_id if r.class_id is not None else -1))
+    if job.offset:
+        found = [replace(r, index=job.offset + tuple(r.index)) for r in found]
+    return found
+
+
+def merged_heatmaps(explanations, present: bool) -> np.ndarray:
+    """The heatmap to show: the single target's, or per pixel the hottest class among those
+    found in each image."""
+    if len(explanations) == 1 and not present:
+        return explanations[0].heatmaps
+    out = None
+    for exp in explanations:
+        keep = (np.asarray(exp.scores) > 0) if present else np.ones(exp.scores.shape, bool)
+        heat = exp.heatmaps * keep.reshape(keep.shape + (1,) * (exp.heatmaps.ndim - keep.ndim))
+        out = heat if out is None else np.maximum(out, heat)
+    return out
+
+
+class GradCamWidget(Container):
+    """CAM / Grad-CAM on the chosen image layer; heatmaps as Image layers, boxes and polygons
+    as one editable Shapes layer (saved with File > Save Selected Layers: QuPath GeoJSON,
+    COCO JSON or CSV)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._models: dict[str, ModelSpec] = {}
+        self._worker = None
+        self._region_worker = None
+        self._region_generation = 0
+        self._pbar = None
+        self._last: Result | None = None
+
+        self.image = ComboBox(label="image", choices=self._image_choices, nullable=True,
+                              tooltip="The image layer to explain (follows the selection).")
+        self.model = ComboBox(label="model", choices=["demo"],
+                              tooltip="demo = the bundled synthetic-shapes model; add your own "
+                                      "from Python with widget.set_model(...).")
+        self.methods = Select(label="methods", choices=available_methods(), value=["gradcam"],
+                              tooltip="One or several (ctrl-click) to compare: one heatmap "
+                                      "layer each; the regions come from the first.")
+        self.methods.native.setMaximumHeight(110)
+        self.target = ComboBox(label="target", choices=self._target_choices,
+                               tooltip="predicted class: each image's top class. every class "
+                                       "found: each class with a positive logit (p > 0.5 for "
+                                       "multi-label models), regions per class, one merged "
+                                       "heatmap. Or one class by name.")
+        self.target_layer = ComboBox(label="target layer", choices=self._layer_choices,
+                                     tooltip="The layer whose activations are explained.")
+        self.device = ComboBox(label="device", choices=available_devices(), value=AUTO)
+        self.device_label = Label(label="running on")
+        self.batch_size = SpinBox(label="batch size (0 = auto)", min=0, max=4096, value=0,
+                                  tooltip="Images per forward pass; 0 = auto (halved on "
+                                          "out-of-memory).")
+        self.scope = RadioButtons(label="scope", choices=list(SCOPES), value=SCOPES[0],
+                                  orientation="horizontal")
+        self.threshold = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.5,
+                                     tooltip="Heat >= threshold belongs to a region.")
+        self.threshold_mode = ComboBox(
+            label="threshold mode", choices=list(THRESHOLD_MODES), value="absolute",
+            tooltip="absolute: a heat value; relative: a fraction of each map's maximum; "
+                    "otsu: each map's Otsu threshold.")
+        self.min_area = SpinBox(label="min area (px)", min=0, max=10**8, value=16)
+        self.simplify = FloatSpinBox(label="simplify (px)", min=0.0, max=50.0, step=0.25,
+                                     value=1.0, tooltip="Polygon simplification tolerance; "
+                                                        "0 = exact pixel outline.")
+        self.mask = ComboBox(label="mask", choices=self._mask_choices,
+                             tooltip="Regions only where this Labels / Image layer is > 0 "
+                                     "(e.g. lung masks on chest X-rays).")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.grid_button = PushButton(text="Side by side",
+                                      tooltip="Show the heatmap layers next to each other.")
+        self.status = Label(label="")
+        self.status.native.setWordWrap(True)
+        self.extend([
+            self.image, self.model, self.methods, self.target, self.target_layer, self.device,
+            self.device_label, self.batch_size, self.scope, self.threshold,
+            self.threshold_mode, self.min_area, self.simplify, self.mask,
+            Container(widgets=[self.run_button, self.cancel_button, self.grid_button],
+                      layout="horizontal", labels=False),
+            self.status,
+        ])
+
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.grid_button.changed.connect(self.toggle_grid)
+        self.model.changed.connect(self._on_model)
+        self.device.changed.connect(self._on_device)
+        self.image.changed.connect(self._on_image)
+        for w in (self.threshold, self.threshold_mode, self.min_area, self.simplify, self.mask):
+            w.changed.connect(self._on_region_settings)
+        layers = viewer.layers
+        layers.events.inserted.connect(self._refresh_layers)
+        layers.events.removed.connect(self._refresh_layers)
+        layers.events.reordered.connect(self._refresh_layers)
+        layers.selection.events.active.connect(self._follow_selection)
+        self._refresh_layers()
+        self._follow_selection()
+        self._on_device()
+        self._on_model()
+
+    # ---- choices ----------------------------------------------------------------------------
+
+    def _image_choices(self, _widget=None):
+        return [(layer.name, layer) for layer in self._viewer.layers
+                if isinstance(layer, Image) and not self._is_ours(layer)]
+
+    def _mask_choices(self, _widget=None):
+        return [(NO_MASK, None)] + [
+            (layer.name, layer) for layer in self._viewer.layers
+            if isinstance(layer, (Labels, Image)) and not self._is_ours(layer)
+            and not getattr(layer, "rgb", False)]
+
+    @staticmethod
+    def _is_ours(layer) -> bool:
+        return META_KEY in layer.metadata and "role" in layer.metadata[META_KEY]
+
+    def _refresh_layers(self, _event=None):
+        self.image.reset_choices()
+        self.mask.reset_choices()
+
+    def _follow_selection(self, _event=None):
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Image) and not self._is_ours(active):
+            self.image.value = active
+
+    def _on_image(self, _event=None):
+        layer = self.image.value
+        lead = 0
+        if layer is not None:
+            lead = layer.ndim - model_spatial_dims(self._spec().module)
+        self.scope.enabled = lead > 0
+        if lead <= 0:
+            self.scope.value = SCOPES[0]
+
+    def _on_device(self, _event=None):
+        try:
+            self.device_label.value = describe_device(resolve_device(self.device.value))
+        except ValueError as err:
+            self.device_label.value = "unavailable"
+            show_error(str(err))
+
+    def _target_choices(self, _widget=None):
+        return [PREDICTED, PRESENT, *self._spec().class_names]
+
+    def _layer_choices(self, _widget=None):
+        spec = self._spec()
+        if "layers" not in spec.extra:  # probed once per model
+            spec.extra["layers"] = self._layer_names(spec)
+        return [AUTO, *spec.extra["layers"]]
+
+    def _on_model(self, _event=None):
+        spec = self._spec()
+        self.target.reset_choices()
+        self.target.value = PREDICTED
+        self.target_layer.reset_choices()
+        self.target_layer.value = spec.target_layer if spec.target_layer in \
+            self.target_layer.choices else AUTO
+        self._on_image()
+
+    @staticmethod
+    def _layer_names(spec: ModelSpec) -> list[str]:
+        """Layers with a spatial output (found by one small forward), else every module."""
+        import torch
+
+        from ..cam.layers import module_names, spatial_layer_names
+
+        size = spec.input_size or (64,) * model_spatial_dims(spec.module)
+        try:
+            ref = next(spec.module.parameters())
+            probe = torch.zeros((1, spec.in_channels, *size), device=ref.device)
+            return spatial_layer_names(spec.module, probe)
+        except Exception:  # noqa: BLE001 - a model that can't take the probe: list everything
+            return module_names(spec.module)
+
+    # ---- models -----------------------------------------------------------------------------
+
+    def _spec(self) -> ModelSpec:
+        """The chosen model, loaded once and cached."""
+        name = self.model.value
+        if name not in self._models:
+            self._models[name] = load_model(name)
+        return self._models[name]
+
+    def set_model(self, model, name: str | None = None) -> ModelSpec:
+        """Use a model from Python: a :class:`ModelSpec`, an ``nn.Module`` or anything
+        :func:`napari_gradcam.load_model` takes. It is added to the model list and chosen."""
+        spec = model if isinstance(model, ModelSpec) else load_model(model)
+        name = name or spec.name or "model"
+        self._models[name] = spec
+        if name not in self.model.choices:
+            self.model.choices = [*self.model.choices, name]
+        if self.model.value == name:
+            self._on_model()
+        else:
+            self.model.value = name
+        return spec
+
+    # ---- reading the controls -----------------------------------------------------------------
+
+    def _region_args(self) -> dict:
+        mode = self.threshold_mode.value
+        return {
+            "threshold": "otsu" if mode == "otsu" else float(self.threshold.value),
+            "threshold_mode": "absolute" if mode == "otsu" else mode,
+            "min_area": int(self.min_area.value),
+            "simplify": float(self.simplify.value),
+        }
+
+    def _current_index(self, layer, lead: int) -> tuple[int, ...]:
+        """The leading indices of the slice the viewer shows for ``layer``."""
+        point = np.asarray(self._viewer.dims.point, float)[-layer.ndim:]
+        data = np.asarray(layer.world_to_data(point), float)[:lead]
+        shape = layer.data[0].shape if layer.multiscale else layer.data.shape
+        return tuple(int(np.clip(round(v), 0, s - 1)) for v, s in zip(data, shape[:lead]))
+
+    def _mask_array(self, layer, offset: tuple[int, ...]) -> np.ndarray | None:
+        """The chosen mask for ``layer`` (its slice ``offset`` when one slice is explained):
+        a mask of the pixels' shape applies to every image, one of the whole layer's shape
+        image by image."""
+        mask_layer = self.mask.value
+        if mask_layer is None:
+            return None
+        data = mask_layer.data[0] if getattr(mask_layer, "multiscale", False) else mask_layer.data
+        full = image_shape(layer)
+        spatial = full[len(full) - model_spatial_dims(self._spec().module):]
+        if tuple(data.shape) == full and offset:
+            data = data[offset]
+        elif tuple(data.shape) not in (spatial, full):
+            raise ValueError(
+                f"the mask {mask_layer.name!r} has shape {tuple(data.shape)}, but the image's "
+                f"pixels are {spatial}; choose a mask of that size (or of the image layer's "
+                "whole shape), or none."
+            )
+        return np.asarray(data) > 0
+
+    def job(self) -> Job:
+        """Read and check the controls; raises ValueError / TypeError with what to change."""
+        layer = self.image.value
+        if layer is None:
+            active = self._viewer.layers.selection.active
+            what = (f"{active.name!r} is a {active.__class__.__name__} layer; "
+                    if active is not None else "there is no image layer; ")
+            raise ValueError(what + "CAM explains an Image layer: open or select an image.")
+        methods = list(self.methods.value)
+        if not methods:
+            raise ValueError("no method chosen: pick at least one in the methods list.")
+        spec = self._spec()
+        data = layer.data[0] if layer.multiscale else layer.data
+        channel_axis = -1 if layer.rgb else False
+        dims = model_spatial_dims(spec.module)
+        lay = layout(data.shape, channel_axis, dims)  # empty / too few axes raise here
+        check_channels(lay.channels, spec.in_channels)
+        present = self.target.value == PRESENT
+        target = None if self.target.value in (PREDICTED, PRESENT) else self.target.value
+        target = resolve_target(target, spec.class_names)
+        if present and not spec.class_names:
+            raise ValueError("this model has no class names, so 'every class' means nothing; "
+                             "give class_names to load_model or pick 'predicted class'.")
+        device = str(resolve_device(self.device.value))
+        offset: tuple[int, ...] = ()
+        images = data
+        if lay.lead and self.scope.value == SCOPES[0]:
+            offset = self._current_index(layer, len(lay.lead))
+            images = data[offset]
+        mask = self._mask_array(layer, offset)
+        return Job(
+            layer=layer, images=images, offset=offset, channel_axis=channel_axis, spec=spec,
+            methods=methods, target=target, present=present,
+            target_layer=None if self.target_layer.value == AUTO else self.target_layer.value,
+            device=device, batch_size=int(self.batch_size.value) or None,
+            regions=self._region_args(), mask=mask,
+        )
+
+    # ---- running ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def run(self, _event=None):
+        """Start a run off the UI thread; returns the worker (None when the inputs are bad:
+        a notification says what to change)."""
+        if self.running:
+            show_info("napari-gradcam: a run is in progress; cancel it first.")
+            return None
+        try:
+            job = self.job()
+        except (ValueError, TypeError) as err:
+            show_error(f"napari-gradcam: {err}")
+            return None
+        worker = create_worker(compute, job, _start_thread=False, _ignore_errors=True)
+        self._pbar = cancelable_progress(total=job.total, desc=f"{job.methods[0]} on "
+                                                               f"{job.layer.name}",
+                                         cancel_callback=self.cancel)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_result)
+        worker.errored.connect(self._on_error)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = "running…"
+        worker.start()
+        return worker
+
+    def cancel(self, _event=None):
+        """Stop the run after the current batch; existing layers stay as they were."""
+        if self._worker is not None:
+            self._worker.quit()
+            self.status.value = "cancelling…"
+
+    def _on_progress(self, done: int):
+        if self._pbar is not None:
+            if self._pbar.is_canceled:
+                self.cancel()
+            self._pbar.n = done
+            self._pbar.refresh()
+
+    def _on_error(self, err: Exception):
+        self.status.value = "failed"
+        show_error(f"napari-gradcam: {err}")
+
+    def _on_aborted(self):
+        self.status.value = "cancelled; layers unchanged"
+
+    def _on_finished(self):
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def _on_result(self, result: Result):
+        job = result.job
+        for per_target in result.explanations:
+            self._show_heatmap(job, per_target)
+        self._show_regions(job, result.explanations[0][0], result.regions)
+        self._last = result
+        self.status.value = (f"{', '.join(job.methods)}: {self._summary(result)}; "
+                             f"{len(result.regions)} regions; {result.seconds:.2f} s on "
+                             f"{describe_device(resolve_device(job.device))}")
+
+    @staticmethod
+    def _summary(result: Result) -> str:
+        """What the model said: class and logit per image (the first three)."""
+        per_target = result.explanations[0]
+        n = per_target[0].class_ids.size
+        if result.job.present:
+            names = per_target[0].class_names
+            found = [f"{names[k]} {float(e.scores.flat[0]):.2f}"
+                     for k, e in enumerate(per_target) if e.scores.flat[0] > 0]
+            text = ", ".join(found) or "no class found"
+            return text if n == 1 else f"{text} in the first image (+{n - 1} images)"
+        first = per_target[0]
+        names = first.class_labels.ravel()
+        text = ", ".join(f"{c} {v:.2f}" for c, v in zip(names[:3], first.scores.ravel()[:3]))
+        return text + (f" (+{n - 3} images)" if n > 3 else "")
+
+    # ---- regions from the existing heatmap ------------------------------------------------
+
+    def _on_region_settings(self, _event=None):
+        """Threshold, mode, area, tolerance or mask changed: new shapes from the heatmap we
+        have, without running the model again."""
+        if self._last is None or self.running:
+            return
+        job = self._last.job
+        try:
+            mask = self._mask_array(job.layer, job.offset)
+        except ValueError as err:
+            show_error(f"napari-gradcam: {err}")
+            return
+        job = replace(job, regions=self._region_args(), mask=mask)
+        self._region_generation += 1
+        generation = self._region_generation
+        per_target = self._last.explanations[0]
+        worker = create_worker(rederive, per_target, job, _start_thread=False,
+                               _ignore_errors=True)
+
+        def done(regions):
+            if generation == self._region_generation and self._last is not None:
+                self._last.job = job
+                self._last.regions = regions
+                self._show_regions(job, per_target[0], regions)
+
+        worker.returned.connect(done)
+        worker.errored.connect(self._on_error)
+
+        def finished():
+            if self._region_worker is worker:
+                self._region_worker = None
+
+        worker.finished.connect(finished)
+        self._region_worker = worker
+        worker.start()
+
+    # ---- layers (main thread only) ----------------------------------------------------------
+
+    def _find(self, name: str, role: str):
+        for layer in self._viewer.layers:
+            if layer.name == name and layer.metadata.get(META_KEY, {}).get("role") == role:
+                return layer
+        return None
+
+    @staticmethod
+    def _geometry(job: Job) -> dict:
+        """Scale, translate, units and axis labels of the source layer, for result layers."""
+        src = job.layer
+        out = {"scale": tuple(src.scale), "translate": tuple(src.translate)}
+        for key in ("units", "axis_labels"):
+            value = getattr(src, key, None)
+            if value is not None:
+                out[key] = tuple(value)
+        return out
+
+    def _upsert(self, name: str, role: str, ndim: int, create, update):
+        """Update our layer called ``name`` in place (``update(layer)``), or add
+        ``create()``; a layer whose dimensionality changed is replaced where it was."""
+        layers = self._viewer.layers
+        layer = self._find(name, role)
+        if layer is not None and layer.ndim == ndim:
+            update(layer)
+            return layer
+        new = create()
+        if layer is not None:
+            index = layers.index(layer)
+            layers.remove(layer)
+            layers.insert(index, new)
+        else:
+            layers.append(new)
+        return new
+
+    @staticmethod
+    def _place(layer, geometry: dict, metadata: dict):
+        for key, value in geometry.items():
+            setattr(layer, key, value)
+        layer.metadata = {**layer.metadata, **metadata}
+
+    def _show_heatmap(self, job: Job, per_target: list):
+        exp = per_target[0]
+        heat = merged_heatmaps(per_target, job.present)
+        geo = self._geometry(job)
+        if job.offset:  # one slice: a layer one frame deep, placed at that frame
+            k = len(job.offset)
+            heat = heat.reshape((1,) * k + heat.shape)
+            geo["translate"] = tuple(
+                t + i * s for t, i, s in zip(geo["translate"][:k], job.offset, geo["scale"][:k])
+            ) + geo["translate"][k:]
+        meta = {META_KEY: {"role": "heatmap", "source": job.layer.name, "method": exp.method,
+                           "target_layer": exp.target_layer,
+                           "class_names": list(exp.class_names)}}
+        name = f"{job.layer.name} {exp.method} heatmap"
+
+        def update(layer):
+            layer.data = heat
+            self._place(layer, geo, meta)
+            layer.contrast_limits = (0.0, 1.0)
+
+        return self._upsert(name, "heatmap", heat.ndim, lambda: Image(
+            heat, name=name, colormap=heat_colormap(), blending="translucent", opacity=0.7,
+            contrast_limits=(0.0, 1.0), metadata=meta, **geo), update)
+
+    def _show_regions(self, job: Job, exp, regions):
+        names = list(exp.class_names)
+        ndim = job.layer.ndim
+        data, types, features = annotations_to_shapes(regions_to_annotations(regions, names),
+                                                      ndim=ndim)
+        features["label"] = np.array(
+            [f"{c} {s:.2f}" if c else "" for c, s in zip(features["class"], features["score"])],
+            dtype=object)
+        colors = np.array([[*class_color(None if np.isnan(c) else int(c)), 255]
+                           for c in features["class_id"]], float).reshape(-1, 4) / 255
+        # rows for shapes the user draws: blank, or the explained class when there is one
+        defaults = {key: ("" if col.dtype == object else np.nan) for key, col in features.items()}
+        defaults["kind"] = "polygon"
+        new_color = np.array([1.0, 1.0, 1.0, 1.0])
+        if job.target is not None:
+            defaults.update({"class": names[job.target], "class_id": float(job.target)})
+            new_color = np.array([*class_color(job.target), 255]) / 255
+        meta = {META_KEY: {"role": "regions", "class_names": names,
+                           "image_shape": list(image_shape(job.layer)),
+                           "image_name": job.layer.name, "method": exp.method}}
+        name = f"{job.layer.name} regions"
+        geo = self._geometry(job)
+
+        def update(layer):
+            layer.data = []
+            if data:
+                layer.add(list(zip(data, types)), edge_color=colors, edge_width=2,
+                          face_color="transparent")
+            layer.features = features
+            self._place(layer, geo, meta)
+
+        def create():
+            return Shapes(
+                data or None, ndim=ndim, shape_type=types or "polygon", name=name,
+                features=features, edge_color=colors if data else "white", edge_width=2,
+                face_color="transparent", metadata=meta,
+                text={"string": "{label}", "anchor": "upper_left", "size": 9,
+                      "color": "white"}, **geo)
+
+        layer = self._upsert(name, "regions", ndim, create, update)
+        layer.feature_defaults = defaults
+        layer.current_edge_color = new_color
+        return layer
+
+    def toggle_grid(self, _event=None):
+        """Heatmaps side by side (napari grid mode), or back to one overlaid view."""
+        canvas = getattr(self._viewer, "canvas", None)  # napari >= 0.9; before: viewer.grid
+        grid = canvas.grid if canvas is not None and hasattr(canvas, "grid") else \
+            self._viewer.grid
+        grid.enabled = not grid.enabled
+        self.grid_button.text = "Overlay" if grid.enabled else "Side by side"
+
+
+__all__ = ["GradCamWidget", "available_devices", "compute", "derive_regions"]

@@ -1,0 +1,474 @@
+"""The dock widget in a real napari viewer (Xvfb in CI): runs, layers, regions, cancel, errors."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import napari_gradcam as ng
+from napari_gradcam.models.demo.synthetic import make_image, make_stack
+
+napari = pytest.importorskip("napari")
+
+from napari_gradcam._napari import widget as widget_mod  # noqa: E402
+from napari_gradcam._napari.widget import GradCamWidget  # noqa: E402
+
+from conftest import small_cnn  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "chest-xray"
+SEED = 6  # the sample image: a disc, a square and a triangle
+
+
+@pytest.fixture(autouse=True)
+def _our_plugin():
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    if "napari-gradcam" not in pm._manifests:
+        pm.discover(include_npe1=False)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages the widget shows as napari error notifications."""
+    seen = []
+    monkeypatch.setattr(widget_mod, "show_error", seen.append)
+    return seen
+
+
+@pytest.fixture
+def viewer(make_napari_viewer_proxy):
+    # the widget gets the same public-only proxy that napari hands plugins, with attribute
+    # writes from a non-main thread turned into errors
+    return make_napari_viewer_proxy()
+
+
+def dock(viewer) -> GradCamWidget:
+    _dock, w = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM")
+    assert isinstance(w, GradCamWidget)
+    return w
+
+
+def finish(qtbot, w, timeout=60_000):
+    qtbot.waitUntil(lambda: not w.running and w._region_worker is None, timeout=timeout)
+
+
+def run(qtbot, w, **kw):
+    worker = w.run()
+    assert worker is not None, "the run did not start"
+    finish(qtbot, w, **kw)
+    return worker
+
+
+def box_iou(a, b):
+    r0, c0 = max(a[0], b[0]), max(a[1], b[1])
+    r1, c1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0, r1 - r0) * max(0, c1 - c0)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def rect_box(vertices):
+    """A napari rectangle (centre coordinates) -> (min_row, min_col, max_row, max_col) in
+    pixel-corner coordinates."""
+    v = np.asarray(vertices)[:, -2:] + 0.5
+    return (*v.min(0), *v.max(0))
+
+
+def raw(obj):
+    """The object behind napari's public-only proxy (proxies are made per access)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def layer_names(viewer):
+    return [layer.name for layer in viewer.layers]
+
+
+# ---- the main job -------------------------------------------------------------------------------
+
+def test_run_on_the_synthetic_sample(viewer, qtbot):
+    item = make_image(256, seed=SEED, classes=[0, 1, 2])
+    image = viewer.add_image(item.image, name="sample", scale=(0.5, 0.5), translate=(3, 4),
+                             units=("um", "um"), axis_labels=("y", "x"))
+    w = dock(viewer)
+    assert raw(w.image.value) is raw(image) and w.model.value == "demo"
+    assert w.device_label.value == "CPU"
+    run(qtbot, w)
+    assert layer_names(viewer) == ["sample", "sample gradcam heatmap", "sample regions"]
+
+    heat = viewer.layers["sample gradcam heatmap"]
+    assert heat.data.shape == (256, 256) and heat.data.dtype == np.float32
+    # transparent where cold, so the image shows through untouched (additive blending would
+    # wash a bright object out to white: see the screenshot test)
+    assert heat.colormap.name == "gradcam heat" and heat.blending == "translucent"
+    assert heat.colormap.map(np.array([0.0]))[0, 3] == 0 and heat.colormap.map(
+        np.array([1.0]))[0, 3] == 1
+    assert tuple(heat.contrast_limits) == (0.0, 1.0)
+    np.testing.assert_array_equal(heat.scale, image.scale)
+    np.testing.assert_array_equal(heat.translate, image.translate)
+    assert tuple(heat.axis_labels) == ("y", "x") and tuple(heat.units) == tuple(image.units)
+    # the same numbers as the library call
+    ref = ng.explain(item.image, ng.load_model("demo"), device="cpu")
+    np.testing.assert_allclose(heat.data, ref.heatmaps, atol=1e-5)
+
+    shapes = viewer.layers["sample regions"]
+    np.testing.assert_array_equal(shapes.scale, image.scale)
+    feats = shapes.features
+    for column in ("kind", "class", "class_id", "score", "peak", "area", "label"):
+        assert column in feats.columns
+    assert list(feats["kind"][:2]) == ["rectangle", "polygon"]
+    assert shapes.shape_type[:2] == ["rectangle", "polygon"]
+    predicted = ng.load_model("demo").class_names[int(ref.class_ids)]
+    assert set(feats["class"]) == {predicted}
+    assert feats["label"][0] == f"{predicted} {float(ref.scores):.2f}"
+    truth = [o.box for o in item.objects if o.class_name == predicted]
+    boxes = [rect_box(d) for d, t in zip(shapes.data, shapes.shape_type) if t == "rectangle"]
+    assert max(box_iou(t, b) for t in truth for b in boxes) >= 0.5
+    # shapes the user draws get a valid features row
+    assert shapes.feature_defaults["kind"][0] == "polygon"
+    meta = shapes.metadata["napari_gradcam"]
+    assert meta["class_names"] == ["disc", "square", "triangle"]
+    assert meta["image_shape"] == [256, 256] and meta["image_name"] == "sample"
+    assert "regions" in w.status.value and "CPU" in w.status.value
+
+
+def test_rerun_updates_layers_in_place_and_a_target_by_name(viewer, qtbot):
+    item = make_image(256, seed=SEED, classes=[0, 1, 2])
+    viewer.add_image(item.image, name="sample")
+    w = dock(viewer)
+    run(qtbot, w)
+    heat, shapes = viewer.layers["sample gradcam heatmap"], viewer.layers["sample regions"]
+    shapes.visible = False  # a user setting that must survive the re-run
+    w.target.value = "square"
+    run(qtbot, w)
+    assert layer_names(viewer) == ["sample", "sample gradcam heatmap", "sample regions"]
+    assert raw(viewer.layers["sample gradcam heatmap"]) is raw(heat)
+    assert raw(viewer.layers["sample regions"]) is raw(shapes) and not shapes.visible
+    assert set(shapes.features["class"]) == {"square"}
+    square = next(o.box for o in item.objects if o.class_name == "square")
+    boxes = [rect_box(d) for d, t in zip(shapes.data, shapes.shape_type) if t == "rectangle"]
+    assert max(box_iou(square, b) for b in boxes) >= 0.5
+    # new shapes default to the explained class and its colour
+    assert shapes.feature_defaults["class"][0] == "square"
+
+
+def test_every_class_found_boxes_each_object_in_its_class(viewer, qtbot):
+    item = make_image(256, seed=SEED, classes=[0, 1, 2])
+    viewer.add_image(item.image, name="sample")
+    w = dock(viewer)
+    w.target.value = "every class found"
+    run(qtbot, w)
+    shapes = viewer.layers["sample regions"]
+    rects = [(rect_box(d), c) for d, t, c in
+             zip(shapes.data, shapes.shape_type, shapes.features["class"]) if t == "rectangle"]
+    for o in item.objects:  # each object has a box of its own class
+        assert max(box_iou(o.box, b) for b, c in rects if c == o.class_name) >= 0.5
+    assert (shapes.features["score"] > 0).all()
+    # one heatmap: per pixel the hottest class found, each class's map as the library makes it
+    spec = ng.load_model("demo")
+    heat = viewer.layers["sample gradcam heatmap"].data
+    maps = [ng.explain(item.image, spec, target=k, device="cpu").heatmaps for k in range(3)]
+    np.testing.assert_allclose(heat, np.max(maps, 0), atol=1e-5)
+    assert all(name in w.status.value for name in ("disc", "square", "triangle"))
+    # shapes drawn by hand: no class until the user gives one
+    assert shapes.feature_defaults["class"][0] == ""
+
+
+def test_whole_stack_and_current_slice(viewer, qtbot):
+    stack, labels, objects = make_stack(6, 128, seed=3)
+    image = viewer.add_image(stack, name="movie", scale=(2.0, 0.5, 0.5), translate=(10, 1, 1),
+                             axis_labels=("t", "y", "x"))
+    w = dock(viewer)
+    assert w.scope.enabled
+    w.scope.value = "whole stack"
+    w.batch_size.value = 4
+    run(qtbot, w)
+    heat = viewer.layers["movie gradcam heatmap"]
+    assert heat.data.shape == stack.shape
+    np.testing.assert_array_equal(heat.scale, image.scale)
+    np.testing.assert_array_equal(heat.translate, image.translate)
+    shapes = viewer.layers["movie regions"]
+    assert shapes.ndim == 3
+    frames = {int(d[0, 0]) for d in shapes.data}
+    assert frames <= set(range(6)) and len(frames) >= 3
+    for d, t in zip(shapes.data, shapes.features["index0"]):
+        assert (d[:, 0] == t).all()  # every vertex carries its frame
+    ref = ng.explain(stack, ng.load_model("demo"), device="cpu")
+    np.testing.assert_allclose(heat.data, ref.heatmaps, atol=1e-5)
+
+    # the current slice: frame 4 (world t = 10 + 4 * 2)
+    viewer.dims.set_point(0, 18.0)
+    w.scope.value = "current slice"
+    run(qtbot, w)
+    heat = viewer.layers["movie gradcam heatmap"]
+    assert heat.data.shape == (1, 128, 128)
+    assert heat.translate[0] == 18.0
+    np.testing.assert_allclose(heat.data[0], ref.heatmaps[4], atol=1e-5)
+    shapes = viewer.layers["movie regions"]
+    assert set(shapes.features["index0"]) <= {4.0}
+    assert all((d[:, 0] == 4).all() for d in shapes.data)
+
+
+def test_threshold_rederives_shapes_without_running_the_model(viewer, qtbot):
+    item = make_image(256, seed=SEED, classes=[0, 1, 2])
+    viewer.add_image(item.image, name="sample")
+    w = dock(viewer)
+    spec = w.set_model(ng.load_model("demo"), name="demo (counted)")
+    calls = []
+    spec.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    w.target.value = "square"
+    run(qtbot, w)
+    shapes = viewer.layers["sample regions"]
+    before = len(calls)
+    area_hi = shapes.features["area"].max()
+    w.threshold.value = 0.2
+    finish(qtbot, w)
+    assert len(calls) == before
+    assert shapes.features["area"].max() > area_hi  # a lower threshold: larger regions
+    w.min_area.value = 10**6
+    finish(qtbot, w)
+    assert len(shapes.data) == 0 and len(calls) == before
+    w.min_area.value = 16
+    w.threshold_mode.value = "otsu"
+    finish(qtbot, w)
+    assert len(shapes.data) >= 2 and len(calls) == before
+
+
+class Slow(nn.Module):
+    """A tiny CNN that takes ``delay`` seconds per forward pass."""
+
+    def __init__(self, delay=0.25):
+        super().__init__()
+        self.net = small_cnn()
+        self.delay, self.calls = delay, 0
+
+    def forward(self, x):
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+def test_cancel_stops_a_long_run_and_keeps_the_layers(viewer, qtbot):
+    from qtpy.QtCore import QTimer
+
+    stack = np.random.default_rng(0).random((24, 32, 32), dtype=np.float32)
+    viewer.add_image(stack, name="long")
+    w = dock(viewer)
+    slow = Slow()
+    w.set_model(ng.load_model(slow, class_names=["a", "b", "c"]), name="slow")
+    w.scope.value = "whole stack"
+    w.batch_size.value = 1
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    worker = w.run()
+    assert w.running and not w.run_button.enabled and w.cancel_button.enabled
+    assert w.run() is None  # a second click while running starts nothing
+    qtbot.waitUntil(lambda: slow.calls >= 3, timeout=20_000)
+    assert len(ticks) >= 10  # the event loop kept ticking while the worker ran
+    with qtbot.waitSignal(worker.finished, timeout=20_000):
+        w.cancel_button.clicked()
+    timer.stop()
+    assert slow.calls < 12  # stopped long before the 24 frames (+ the layer probe)
+    assert layer_names(viewer) == ["long"]
+    assert "cancelled" in w.status.value
+    assert w.run_button.enabled and not w.cancel_button.enabled
+
+
+def test_compare_methods_side_by_side(viewer, qtbot):
+    viewer.add_image(make_image(192, seed=SEED, classes=[0, 1, 2]).image, name="img")
+    w = dock(viewer)
+    w.methods.value = ["cam", "gradcam", "layercam"]
+    run(qtbot, w)
+    assert layer_names(viewer) == ["img", "img cam heatmap", "img gradcam heatmap",
+                                   "img layercam heatmap", "img regions"]
+    assert viewer.layers["img regions"].metadata["napari_gradcam"]["method"] == "cam"
+    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
+    w.grid_button.clicked()
+    assert grid.enabled and w.grid_button.text == "Overlay"
+    w.grid_button.clicked()
+    assert not grid.enabled
+
+
+def test_chest_xray_rgb_palette_png_with_its_lung_mask(viewer, qtbot):
+    import imageio.v3 as iio
+
+    name = "CHNCXR_0628_1"
+    xray = iio.imread(DATA / "images" / f"{name}.png")  # palette PNG -> (512, 512, 3) uint8
+    lungs = iio.imread(DATA / "lung-masks" / f"{name}.png") > 127
+    assert xray.shape == (512, 512, 3)
+    image = viewer.add_image(xray, name="xray")
+    assert image.rgb
+    viewer.add_labels(lungs.astype(np.uint8), name="lungs")
+    viewer.layers.selection.active = image
+    w = dock(viewer)
+    w.mask.value = viewer.layers["lungs"]
+    w.threshold_mode.value = "relative"
+    w.threshold.value = 0.15
+    run(qtbot, w)
+    heat = viewer.layers["xray gradcam heatmap"]
+    assert heat.data.shape == (512, 512) and not heat.rgb
+    shapes = viewer.layers["xray regions"]
+    assert len(shapes.data) >= 2
+    from napari_gradcam.annotations import shapes_to_annotations
+    from napari_gradcam.regions import rasterize
+
+    for a in shapes_to_annotations(shapes.data, shapes.shape_type, shapes.features):
+        if a.kind == "polygon":
+            inside = rasterize(a.geometry, lungs.shape)
+            assert inside.any() and not (inside & ~lungs).any()  # polygons stay in the lungs
+    # a mask the size of nothing here is refused, and the regions stay as they were
+    before = [d.copy() for d in shapes.data]
+    viewer.add_labels(np.ones((100, 100), np.uint8), name="tiny")
+    w.mask.value = viewer.layers["tiny"]
+    finish(qtbot, w)
+    assert all(np.array_equal(a, b) for a, b in zip(before, shapes.data))
+
+
+def test_grey_layer_feeds_a_three_channel_model_and_dask_uint16(viewer, qtbot):
+    da = pytest.importorskip("dask.array")
+    stack, _, _ = make_stack(4, 96, seed=8)
+    u16 = (stack * 65535).astype(np.uint16)
+    viewer.add_image(da.from_array(u16, chunks=(1, 96, 96)), name="lazy")
+    w = dock(viewer)
+    model = small_cnn(in_ch=3)
+    w.set_model(ng.load_model(model, class_names=["a", "b", "c"]), name="rgb-net")
+    assert w.target.choices[-3:] == ("a", "b", "c")
+    w.scope.value = "whole stack"
+    run(qtbot, w)
+    heat = viewer.layers["lazy gradcam heatmap"].data
+    ref = ng.explain(np.repeat(stack[..., None], 3, -1), ng.load_model(model), device="cpu")
+    np.testing.assert_allclose(heat, ref.heatmaps, atol=2e-3)
+
+
+# ---- bad input: a sentence that says what to do, and no layer touched --------------------------
+
+def test_bad_inputs_notify_and_change_nothing(viewer, qtbot, errors):
+    w = dock(viewer)
+    assert w.run() is None and "no image layer" in errors[-1]
+
+    viewer.add_labels(np.zeros((64, 64), np.int32), name="cells")
+    viewer.layers.selection.active = viewer.layers["cells"]
+    assert w.run() is None
+    assert "'cells' is a Labels layer" in errors[-1] and "Image layer" in errors[-1]
+
+    rgba = np.random.default_rng(0).random((64, 64, 4)).astype(np.float32)
+    viewer.add_image(rgba, name="rgba", rgb=True)
+    assert w.run() is None
+    assert "RGBA" in errors[-1] and "1 input channel" in errors[-1]
+
+    viewer.add_image(np.zeros((0, 64, 64), np.float32), name="empty", contrast_limits=(0, 1))
+    w.image.value = viewer.layers["empty"]
+    assert w.run() is None and "empty" in errors[-1]
+
+    viewer.add_image(np.zeros((64, 64), np.float32), name="grey")
+    w.image.value = viewer.layers["grey"]
+    w.target.choices = ["predicted class", "zebra"]  # e.g. a choice left from another model
+    w.target.value = "zebra"
+    assert w.run() is None and "no class 'zebra'" in errors[-1] and "'disc'" in errors[-1]
+    w.target.reset_choices()
+    w.target.value = "predicted class"
+
+    viewer.add_labels(np.ones((32, 32), np.uint8), name="small mask")
+    w.mask.value = viewer.layers["small mask"]
+    assert w.run() is None and "mask 'small mask' has shape (32, 32)" in errors[-1]
+
+    w.methods.value = []
+    assert w.run() is None and "method" in errors[-1]
+    assert layer_names(viewer) == ["cells", "rgba", "empty", "grey", "small mask"]
+
+
+def test_errors_inside_the_run_are_reported(viewer, qtbot, errors):
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            if x.shape[-1] > 60:  # the layer probe (64 px) passes, the real image fails
+                raise RuntimeError("this model only takes small images")
+            return self.conv(x).mean((2, 3))
+
+    viewer.add_image(np.zeros((100, 100), np.float32), name="img")
+    w = dock(viewer)
+    w.set_model(ng.load_model(Broken(), class_names=["a", "b", "c"]), name="broken")
+    w.target_layer.value = "conv"
+    run(qtbot, w)
+    assert "only takes small images" in errors[-1]
+    assert layer_names(viewer) == ["img"] and w.status.value == "failed"
+
+
+# ---- what the user sees -------------------------------------------------------------------------
+
+def test_screenshot_shows_heat_on_the_object_and_the_box(make_napari_viewer_proxy, qtbot):
+    viewer = make_napari_viewer_proxy(show=True)
+    item = make_image(256, seed=SEED, classes=[0, 1, 2])
+    viewer.add_image(item.image, name="sample", colormap="gray")
+    w = dock(viewer)
+    run(qtbot, w)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot.ndim == 3 and shot[..., :3].std() > 10  # not blank
+
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    zoom = camera.zoom
+    cy, cx = camera.center[-2:]
+    h, wd = shot.shape[:2]
+
+    def screen(row, col):  # data (= world here) pixel centre -> screenshot pixel
+        return int(round(h / 2 + (row - cy) * zoom)), int(round(wd / 2 + (col - cx) * zoom))
+
+    def warm(rgb):
+        r, g, b = (int(v) for v in rgb[:3])
+        return r > 150 and r > b + 60 and r > g + 30
+
+    predicted = viewer.layers["sample regions"].features["class"][0]
+    obj = next(o for o in item.objects if o.class_name == predicted)
+    r0, c0, r1, c1 = obj.box
+    centre = shot[screen((r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5)]
+    assert warm(centre), f"no heat colour on the {predicted}: {centre}"
+    far = [o for o in item.objects if o.class_name != predicted]
+    for o in far:  # the other objects stay grey: the map is class-discriminative
+        px = shot[screen((o.box[0] + o.box[2]) / 2 - 0.5, (o.box[1] + o.box[3]) / 2 - 0.5)]
+        assert not warm(px), f"heat on the {o.class_name}: {px}"
+    # the rectangle's edge in the class colour, just outside the object's box
+    from napari_gradcam.annotations import class_color
+
+    colour = np.array(class_color(ng.load_model("demo").class_names.index(predicted)))
+    rect = viewer.layers["sample regions"].data[0][:, -2:]
+    top = rect[:, 0].min()
+    left, right = rect[:, 1].min(), rect[:, 1].max()
+    row, col = screen(top, (left + right) / 2)
+    patch = shot[max(row - 2, 0):row + 3, col - 2:col + 3, :3].reshape(-1, 3).astype(int)
+    assert np.abs(patch - colour).sum(1).min() < 60, "the box edge is not drawn"
+
+
+def test_demo_command_opens_sample_widget_and_run(viewer, qtbot):
+    from napari_gradcam._napari.demo import open_demo
+
+    _viewer, w, worker = open_demo(viewer)
+    assert worker is not None
+    finish(qtbot, w)
+    assert layer_names(viewer) == ["synthetic shapes", "synthetic shapes gradcam heatmap",
+                                   "synthetic shapes regions"]
+    shapes = viewer.layers["synthetic shapes regions"]
+    assert set(shapes.features["class"]) == {"disc", "square", "triangle"}
+
+
+def test_demo_without_a_display_says_what_to_do(monkeypatch, capsys):
+    from napari_gradcam import cli
+
+    monkeypatch.setattr("sys.platform", "linux")
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    assert cli.main(["demo"]) == 2
+    assert "xvfb-run" in capsys.readouterr().err
+
+
+def test_devices_offered_are_the_ones_present():
+    devices = widget_mod.available_devices()
+    assert devices[:2] == ["auto", "cpu"]
+    assert any(d.startswith("cuda") for d in devices) == torch.cuda.is_available()
