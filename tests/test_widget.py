@@ -472,3 +472,46 @@ def test_devices_offered_are_the_ones_present():
     devices = widget_mod.available_devices()
     assert devices[:2] == ["auto", "cpu"]
     assert any(d.startswith("cuda") for d in devices) == torch.cuda.is_available()
+
+
+def test_edited_regions_save_through_the_file_menu_writers(viewer, qtbot, tmp_path):
+    item = make_image(256, seed=SEED, classes=[0, 1, 2])
+    viewer.add_image(item.image, name="sample")
+    w = dock(viewer)
+    w.target.value = "every class found"
+    run(qtbot, w)
+    shapes = viewer.layers["sample regions"]
+    n = len(shapes.data)
+    shapes.selected_data = {0}  # the user deletes one shape and draws a rectangle
+    shapes.remove_selected()
+    shapes.add_rectangles(np.array([[10.0, 10.0], [30.0, 40.0]]))
+    assert shapes.features["kind"].iloc[-1] == "polygon"  # a valid default row
+    path = tmp_path / "edited.geojson"
+    viewer.layers.selection = {shapes}
+    viewer.layers.save(str(path), selected=True, plugin="napari-gradcam")
+    annotations, _meta = ng.read_geojson(path)
+    assert len(annotations) == n
+    assert sorted(a.kind for a in annotations).count("rectangle") == n // 2
+    drawn = annotations[-1]
+    assert drawn.kind == "rectangle" and drawn.geometry.bounds == (10.5, 10.5, 40.5, 30.5)
+    assert {a.class_name for a in annotations[:-1]} == {"disc", "square", "triangle"}
+    coco = tmp_path / "edited.json"
+    viewer.layers.save(str(coco), selected=True, plugin="napari-gradcam")
+    from pycocotools.coco import COCO
+
+    c = COCO(str(coco))
+    assert {cat["name"] for cat in c.loadCats(c.getCatIds())} >= {"disc", "square", "triangle"}
+
+
+def test_the_progress_bar_cancel_button_stops_the_run(viewer, qtbot):
+    viewer.add_image(np.random.default_rng(1).random((24, 32, 32), dtype=np.float32), name="s")
+    w = dock(viewer)
+    slow = Slow(0.15)
+    w.set_model(ng.load_model(slow, class_names=["a", "b", "c"]), name="slow")
+    w.scope.value = "whole stack"
+    w.batch_size.value = 1
+    worker = w.run()
+    qtbot.waitUntil(lambda: slow.calls >= 2, timeout=20_000)
+    with qtbot.waitSignal(worker.finished, timeout=20_000):
+        w._pbar.cancel()  # what the activity panel's Cancel button calls
+    assert slow.calls < 14 and layer_names(viewer) == ["s"]
