@@ -77,6 +77,16 @@ def rect_box(vertices):
     return (*v.min(0), *v.max(0))
 
 
+def run_every_class(viewer, qtbot):
+    """The sample with a disc, a square and a triangle, explained for every class found."""
+    item = make_image(256, seed=SEED, classes=[0, 1, 2])
+    viewer.add_image(item.image, name="sample")
+    w = dock(viewer)
+    w.target.value = "every class found"
+    run(qtbot, w)
+    return item, w, viewer.layers["sample regions"]
+
+
 def raw(obj):
     """The object behind napari's public-only proxy (proxies are made per access)."""
     return getattr(obj, "__wrapped__", obj)
@@ -155,12 +165,7 @@ def test_rerun_updates_layers_in_place_and_a_target_by_name(viewer, qtbot):
 
 
 def test_every_class_found_boxes_each_object_in_its_class(viewer, qtbot):
-    item = make_image(256, seed=SEED, classes=[0, 1, 2])
-    viewer.add_image(item.image, name="sample")
-    w = dock(viewer)
-    w.target.value = "every class found"
-    run(qtbot, w)
-    shapes = viewer.layers["sample regions"]
+    item, w, shapes = run_every_class(viewer, qtbot)
     rects = [(rect_box(d), c) for d, t, c in
              zip(shapes.data, shapes.shape_type, shapes.features["class"]) if t == "rectangle"]
     for o in item.objects:  # each object has a box of its own class
@@ -475,12 +480,7 @@ def test_devices_offered_are_the_ones_present():
 
 
 def test_edited_regions_save_through_the_file_menu_writers(viewer, qtbot, tmp_path):
-    item = make_image(256, seed=SEED, classes=[0, 1, 2])
-    viewer.add_image(item.image, name="sample")
-    w = dock(viewer)
-    w.target.value = "every class found"
-    run(qtbot, w)
-    shapes = viewer.layers["sample regions"]
+    item, w, shapes = run_every_class(viewer, qtbot)
     n = len(shapes.data)
     shapes.selected_data = {0}  # the user deletes one shape and draws a rectangle
     shapes.remove_selected()

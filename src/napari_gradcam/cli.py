@@ -20,9 +20,15 @@ def _demo(args) -> int:
                     screenshot=args.screenshot)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _method_and_device(parser, default: str) -> None:
     from .cam import available_methods
 
+    parser.add_argument("--method", action="append", choices=available_methods(),
+                        help=f"method to run (repeatable; {default})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-gradcam",
         description="Class activation maps (CAM, Grad-CAM and family) for napari and scripts.",
@@ -33,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every CAM method with the bundled demo model on a synthetic image and print "
              "what it found next to the truth",
     )
-    ex.add_argument("--method", action="append", choices=available_methods(),
-                    help="method to run (repeatable; default: all)")
-    ex.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _method_and_device(ex, "default: all")
     ex.add_argument("--seed", type=int, default=6, help="which synthetic image (default 6)")
     ex.set_defaults(func=_example)
     demo = sub.add_parser(
@@ -43,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open napari with a synthetic sample and the bundled model, run Grad-CAM and show "
              "the heatmap and the editable regions",
     )
-    demo.add_argument("--method", action="append", choices=available_methods(),
-                      help="method to run (repeatable: one heatmap layer each; default gradcam)")
-    demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _method_and_device(demo, "one heatmap layer each; default gradcam")
     demo.add_argument("--stack", action="store_true",
                       help="use the 16-frame synthetic stack instead of the single image")
     demo.add_argument("--screenshot", metavar="PNG",

@@ -392,7 +392,7 @@ class GradCamWidget(Container):
         shape = layer.data[0].shape if layer.multiscale else layer.data.shape
         return tuple(int(np.clip(round(v), 0, s - 1)) for v, s in zip(data, shape[:lead]))
 
-    def _mask_array(self, layer, offset: tuple[int, ...]) -> np.ndarray | None:
+    def _mask_array(self, layer, offset: tuple[int, ...], spec: ModelSpec) -> np.ndarray | None:
         """The chosen mask for ``layer`` (its slice ``offset`` when one slice is explained):
         a mask of the pixels' shape applies to every image, one of the whole layer's shape
         image by image."""
@@ -401,7 +401,7 @@ class GradCamWidget(Container):
             return None
         data = mask_layer.data[0] if getattr(mask_layer, "multiscale", False) else mask_layer.data
         full = image_shape(layer)
-        spatial = full[len(full) - model_spatial_dims(self._spec().module):]
+        spatial = full[len(full) - model_spatial_dims(spec.module):]
         if tuple(data.shape) == full and offset:
             data = data[offset]
         elif tuple(data.shape) not in (spatial, full):
@@ -441,7 +441,7 @@ class GradCamWidget(Container):
         if lay.lead and self.scope.value == SCOPES[0]:
             offset = self._current_index(layer, len(lay.lead))
             images = data[offset]
-        mask = self._mask_array(layer, offset)
+        mask = self._mask_array(layer, offset, spec)
         return Job(
             layer=layer, images=images, offset=offset, channel_axis=channel_axis, spec=spec,
             methods=methods, target=target, present=present,
@@ -546,7 +546,7 @@ class GradCamWidget(Container):
             return
         job = self._last.job
         try:
-            mask = self._mask_array(job.layer, job.offset)
+            mask = self._mask_array(job.layer, job.offset, job.spec)
         except ValueError as err:
             show_error(f"napari-gradcam: {err}")
             return
