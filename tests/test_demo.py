@@ -162,7 +162,7 @@ def test_load_model_from_a_module_with_overrides():
     assert spec.mean == (0.5, 0.5) and spec.target_layer == "3"
     with pytest.raises(ValueError, match="one name per output"):
         load_model(small_cnn(classes=3), class_names=["a", "b"])
-    with pytest.raises(ValueError, match="can't load a model"):
+    with pytest.raises(ValueError, match="'resnet-9000.pt' does not exist"):
         load_model("resnet-9000.pt")
 
 

@@ -515,3 +515,35 @@ def test_the_progress_bar_cancel_button_stops_the_run(viewer, qtbot):
     with qtbot.waitSignal(worker.finished, timeout=20_000):
         w._pbar.cancel()  # what the activity panel's Cancel button calls
     assert slow.calls < 14 and layer_names(viewer) == ["s"]
+
+
+def test_a_model_file_with_its_sidecar_is_one_pick(viewer, qtbot, tmp_path, errors):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = small_cnn(in_ch=3, classes=2)
+    weights = tmp_path / "tb.safetensors"
+    save_file(model.state_dict(), str(weights))
+    (tmp_path / "tb.safetensors.json").write_text(json.dumps({
+        "architecture": "conftest:small_cnn", "arguments": {"in_ch": 3, "classes": 2},
+        "class_names": ["normal", "tuberculosis"], "name": "TB"}))
+    viewer.add_image(np.random.default_rng(0).random((96, 96), dtype=np.float32), name="x")
+    w = dock(viewer)
+    w.model_file.value = weights
+    assert w.model.value == "TB (tb.safetensors)" and not errors
+    assert w.target.choices[-2:] == ("normal", "tuberculosis")
+    viewer.add_image(np.zeros((8, 8), np.float32), name="another layer")  # choices refresh
+    assert w.model.value == "TB (tb.safetensors)"
+    w.image.value = viewer.layers["x"]
+    w.target.value = "tuberculosis"
+    run(qtbot, w)
+    assert viewer.layers["x gradcam heatmap"].metadata["napari_gradcam"]["class_names"] == [
+        "normal", "tuberculosis"]
+
+    # a whole pickled model: refused with the reason, loaded once trusted
+    torch.save(model, tmp_path / "whole.pt")
+    w.model_file.value = tmp_path / "whole.pt"
+    assert "trust_pickle" in errors[-1] and w.model.value == "TB (tb.safetensors)"
+    w.trust_pickle.value = True
+    assert w.model.value.endswith("(whole.pt)")

@@ -25,11 +25,9 @@ from torch import nn
 
 from ._device import describe_device, resolve_device
 from .cam import explain_batch, get_method, resolve_target_layer
-from .models import ModelSpec
+from .models import ModelSpec, normalise_intensity
 
 log = logging.getLogger(__name__)
-
-INTENSITY = ("minmax-dtype", "minmax", "none")
 
 
 class Progress(NamedTuple):
@@ -189,8 +187,7 @@ def _scale_range(dtype: np.dtype) -> float | None:
 
 def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.Tensor:
     """(n, *spatial, channels) pixels -> the model's (n, C, *size) float32 input on ``device``."""
-    if spec.intensity not in INTENSITY:
-        raise ValueError(f"intensity={spec.intensity!r}: use one of {', '.join(INTENSITY)}.")
+    intensity = normalise_intensity(spec.intensity)
     dtype = raw.dtype
     if dtype == np.bool_:
         raw = raw.astype(np.uint8)
@@ -217,11 +214,11 @@ def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.
         x = x[:, :3]
     elif c == 1 and m > 1:
         x = x.expand(-1, m, *x.shape[2:])
-    if spec.intensity == "minmax-dtype":
+    if intensity == "dtype":
         top = _scale_range(dtype)
         if top is not None:
             x = x / top
-    elif spec.intensity == "minmax":
+    elif intensity == "minmax":
         flat = x.flatten(1)
         lo = flat.amin(1).view(-1, *[1] * (x.ndim - 1))
         hi = flat.amax(1).view(-1, *[1] * (x.ndim - 1))
@@ -317,6 +314,9 @@ def iter_explain(
     n = lay.count if lay.lead else 1
     size = int(batch_size) if batch_size else auto_batch_size(spec.input_size or lay.spatial,
                                                               dev, n)
+    fixed = spec.extra.get("fixed_batch")  # torch.export programs traced with a static batch
+    if fixed:
+        size = int(fixed)
     heat = out if out is not None else np.zeros((n, *lay.spatial), np.float32)
     if out is not None:
         if tuple(out.shape) != (*lay.lead, *lay.spatial):
@@ -350,15 +350,22 @@ def iter_explain(
         while pos < batch.shape[0]:
             part = batch[pos:pos + size]
             try:
-                results.append(explain_batch(module, part, method, target_layer=layer_name,
-                                             targets=class_id, amp=amp))
+                if fixed and part.shape[0] < fixed:  # pad with copies, drop their results
+                    pad = part[-1:].expand(fixed - part.shape[0], *part.shape[1:])
+                    res = explain_batch(module, torch.cat([part, pad]), method,
+                                        target_layer=layer_name, targets=class_id, amp=amp)
+                    results.append(type(res)(*(t[:part.shape[0]] for t in res)))
+                else:
+                    results.append(explain_batch(module, part, method,
+                                                 target_layer=layer_name, targets=class_id,
+                                                 amp=amp))
             except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
                 if not _is_oom(err):
                     raise
                 del err
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-                if part.shape[0] == 1:
+                if part.shape[0] == 1 or fixed:
                     raise MemoryError(
                         f"{describe_device(dev)} ran out of memory on a single image of "
                         f"{tuple(part.shape[2:])} pixels; use device='cpu', a smaller "

@@ -12,16 +12,17 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
-    ComboBox, Container, FloatSlider, FloatSpinBox, Label, PushButton, RadioButtons, Select,
-    SpinBox,
+    CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton,
+    RadioButtons, Select, SpinBox,
 )
 from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.progress import cancelable_progress
 
 from .. import find_regions
@@ -40,6 +41,7 @@ PRESENT = "every class found"
 AUTO = "auto"
 NO_MASK = "none"
 SCOPES = ("current slice", "whole stack")
+MODEL_FILES = "*.safetensors *.pt *.pth *.pt2 *.ckpt *.bin *.json"
 THRESHOLD_MODES = ("absolute", "relative", "otsu")
 
 
@@ -210,9 +212,20 @@ class GradCamWidget(Container):
 
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True,
                               tooltip="The image layer to explain (follows the selection).")
-        self.model = ComboBox(label="model", choices=["demo"],
-                              tooltip="demo = the bundled synthetic-shapes model; add your own "
-                                      "from Python with widget.set_model(...).")
+        self._model_names = ["demo"]
+        self.model = ComboBox(label="model", choices=self._model_choices,
+                              tooltip="demo = the bundled synthetic-shapes model; models "
+                                      "loaded from a file or set from Python "
+                                      "(widget.set_model) are added here.")
+        self.model_file = FileEdit(
+            label="model file", mode="r", filter=MODEL_FILES,
+            tooltip="Weights with a sidecar JSON naming the architecture (.safetensors, "
+                    ".pt/.pth state dicts), the sidecar itself, or a torch.export .pt2 "
+                    "program. See the README for the sidecar's fields.")
+        self.trust_pickle = CheckBox(
+            text="trust pickled code", value=False,
+            tooltip="Allow files that hold a whole pickled model. Unpickling runs code stored "
+                    "in the file: tick only for files from a source you trust.")
         self.methods = Select(label="methods", choices=available_methods(), value=["gradcam"],
                               tooltip="One or several (ctrl-click) to compare: one heatmap "
                                       "layer each; the regions come from the first.")
@@ -251,7 +264,7 @@ class GradCamWidget(Container):
         self.status = Label(label="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image, self.model, self.methods, self.target, self.target_layer, self.device,
+            self.image, self.model, self.model_file, self.trust_pickle, self.methods, self.target, self.target_layer, self.device,
             self.device_label, self.batch_size, self.scope, self.threshold,
             self.threshold_mode, self.min_area, self.simplify, self.mask,
             Container(widgets=[self.run_button, self.cancel_button, self.grid_button],
@@ -263,6 +276,8 @@ class GradCamWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.grid_button.changed.connect(self.toggle_grid)
         self.model.changed.connect(self._on_model)
+        self.model_file.changed.connect(self._on_model_file)
+        self.trust_pickle.changed.connect(self._on_trust)
         self.device.changed.connect(self._on_device)
         self.image.changed.connect(self._on_image)
         for w in (self.threshold, self.threshold_mode, self.min_area, self.simplify, self.mask):
@@ -360,19 +375,42 @@ class GradCamWidget(Container):
             self._models[name] = load_model(name)
         return self._models[name]
 
+    def _model_choices(self, _widget=None):
+        return list(self._model_names)
+
     def set_model(self, model, name: str | None = None) -> ModelSpec:
         """Use a model from Python: a :class:`ModelSpec`, an ``nn.Module`` or anything
         :func:`napari_gradcam.load_model` takes. It is added to the model list and chosen."""
         spec = model if isinstance(model, ModelSpec) else load_model(model)
         name = name or spec.name or "model"
         self._models[name] = spec
-        if name not in self.model.choices:
-            self.model.choices = [*self.model.choices, name]
+        if name not in self._model_names:
+            self._model_names.append(name)
+            self.model.reset_choices()
         if self.model.value == name:
             self._on_model()
         else:
             self.model.value = name
         return spec
+
+    def _on_model_file(self, _event=None):
+        """Load the picked file (weights + sidecar, sidecar, .pt2); errors leave the current
+        model chosen."""
+        path = self.model_file.value
+        if not path or not Path(path).is_file():
+            return
+        try:
+            spec = load_model(Path(path), trust_pickle=bool(self.trust_pickle.value))
+        except (ValueError, TypeError) as err:
+            show_error(f"napari-gradcam: {err}")
+            return
+        self.set_model(spec, name=f"{spec.name} ({Path(path).name})")
+
+    def _on_trust(self, _event=None):
+        if self.trust_pickle.value:
+            show_warning("napari-gradcam: pickled model files are now loaded; unpickling runs "
+                         "code stored in the file. Untick when done.")
+            self._on_model_file()
 
     # ---- reading the controls -----------------------------------------------------------------
 

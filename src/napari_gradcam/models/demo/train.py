@@ -113,7 +113,7 @@ def save(model: DemoNet, path: Path) -> Path:
     sidecar = {"architecture": "napari_gradcam.models.demo.model:DemoNet",
                "class_names": list(CLASS_NAMES), "in_channels": 1, "input_size": None,
                "mean": [0.0], "std": [1.0], "target_layer": "features",
-               "intensity": "minmax-dtype"}
+               "intensity": "dtype"}
     path.with_suffix(path.suffix + ".json").write_text(json.dumps(sidecar, indent=1))
     return path
 

@@ -1,0 +1,574 @@
+"""``load_model``: the models users have, loaded safely.
+
+Sources: ``"demo"``; an ``nn.Module``; a :class:`ModelSpec`; a torchvision or timm architecture
+name or ``"package.module:factory"`` plus a weights file; a weights file (or its sidecar JSON)
+alone, the sidecar naming the architecture; a ``torch.export`` program (``.pt2``).
+
+Weights are untrusted input: state dicts load with ``torch.load(weights_only=True)`` or
+safetensors, never by unpickling arbitrary objects. A file that holds a pickled module loads only
+with ``trust_pickle=True``. TorchScript archives are refused: their layers can't be hooked from
+Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .spec import INTENSITY, ModelSpec, normalise_intensity
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pt2")
+SIDECAR_FIELDS = {
+    "architecture": "torchvision / timm name or 'package.module:factory'",
+    "weights": "weights file, relative to the JSON (when the JSON itself is opened)",
+    "arguments": "keyword arguments for the architecture's factory",
+    "class_names": "one name per output",
+    "in_channels": "input channels",
+    "input_size": "[H, W] the model needs (images are resized to it), or null",
+    "mean": "per-channel mean subtracted after intensity scaling",
+    "std": "per-channel std divided by",
+    "target_layer": "default layer to explain (dotted name)",
+    "intensity": f"how pixels become [0, 1]: {', '.join(INTENSITY)}",
+    "name": "display name",
+}
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
+_PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def find_sidecar(weights: Path) -> Path | None:
+    """``<weights>.json``, ``<weights stem>.json`` or ``model.json`` beside the weights."""
+    for candidate in (weights.with_name(weights.name + ".json"), weights.with_suffix(".json"),
+                      weights.with_name("model.json")):
+        if candidate.is_file() and candidate != weights:
+            return candidate
+    return None
+
+
+def read_sidecar(path: Path) -> dict:
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"can't read the model description {str(path)!r}: {err}; it must be a "
+                         "JSON object (see the README's sidecar example).") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(meta).__name__}; the model "
+                         "description must be a JSON object with fields such as "
+                         "'architecture' and 'class_names'.")
+    unknown = sorted(set(meta) - set(SIDECAR_FIELDS))
+    if unknown:
+        hints = [f"{k!r} (did you mean {difflib.get_close_matches(k, SIDECAR_FIELDS, 1)[0]!r}?)"
+                 if difflib.get_close_matches(k, SIDECAR_FIELDS, 1) else repr(k) for k in unknown]
+        raise ValueError(f"{str(path)!r}: unknown field(s) {', '.join(hints)}; the fields are "
+                         f"{', '.join(SIDECAR_FIELDS)}.")
+    return meta
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
+
+
+def _unsafe_pickle_error(path: Path, detail: str) -> ValueError:
+    return ValueError(
+        f"{str(path)!r} holds pickled Python objects (a whole model, not just its weights): "
+        "loading it would run code stored in the file, so it is refused. If you trust where it "
+        "came from, pass trust_pickle=True (in the widget: tick 'trust pickled code'); better, "
+        "save model.state_dict() (or safetensors) and load it with the architecture name. "
+        f"({detail.splitlines()[0][:200]})"
+    )
+
+
+def read_weights(path, trust_pickle: bool = False):
+    """A state dict (dict of tensors), or a module (torch.export programs; pickled modules only
+    when ``trust_pickle``). Corrupt and truncated files raise ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"can't read {str(path)!r}: it is not a complete safetensors file "
+                             f"(truncated or corrupt?): {err}") from None
+    if suffix == ".pt2":
+        try:
+            program = torch.export.load(str(path))
+        except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
+            raise ValueError(f"can't read {str(path)!r} as a torch.export program (truncated "
+                             f"or corrupt, or saved by another PyTorch?): {err}") from None
+        return _from_export(program)
+    if _is_torchscript(path):
+        raise ValueError(
+            f"{str(path)!r} is a TorchScript archive: its layers can't be hooked from Python, so "
+            "CAM can't read them. Use a state dict (.pt/.pth with weights_only, or "
+            ".safetensors) with the architecture name, or a torch.export program (.pt2)."
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" not in text and "Unsupported" not in text:
+            raise _corrupt(path, text) from None
+        if not trust_pickle:
+            raise _unsafe_pickle_error(path, text) from None
+        obj = _load_trusted(path)
+    except Exception as err:  # noqa: BLE001 - truncated files fail in many ways
+        raise _corrupt(path, str(err)) from None
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        return _state_dict(obj, path)
+    raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not model weights (a state "
+                     "dict of tensors) or a model.")
+
+
+def _corrupt(path: Path, detail: str) -> ValueError:
+    first = (detail.splitlines() or [""])[0][:200]
+    return ValueError(f"can't read {str(path)!r}: it is not a complete PyTorch file "
+                      f"(truncated or corrupt?): {first}")
+
+
+def _load_trusted(path: Path):
+    log.warning("loading pickled objects from %s: trust_pickle=True", path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - the file is the user's
+        raise ValueError(f"can't unpickle {str(path)!r}: {err}") from None
+
+
+def _state_dict(obj: dict, path) -> dict:
+    """The tensors of a state dict, unwrapped from checkpoint dicts ({"state_dict": ...})."""
+    for key in _STATE_DICT_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(
+                isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{str(path)!r} holds a dict without tensors (keys: "
+                         f"{', '.join(map(str, list(obj)[:8]))}); save model.state_dict().")
+    return tensors
+
+
+def _from_export(program) -> nn.Module:
+    """A torch.export program as a module whose submodules can be hooked."""
+    module = torch.export.unflatten(program)
+    module.extra_spec = {}
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user = [n for n in placeholders if n.name in program.graph_signature.user_inputs]
+    val = user[0].meta.get("val") if user else None
+    if val is not None and hasattr(val, "shape"):
+        shape = [s if isinstance(s, int) else None for s in val.shape]
+        if len(shape) >= 4:
+            if shape[0] is not None:
+                module.extra_spec["fixed_batch"] = shape[0]
+            if all(s is not None for s in shape[2:]):
+                module.extra_spec["input_size"] = tuple(shape[2:])
+            if shape[1] is not None:
+                module.extra_spec["in_channels"] = shape[1]
+    return module
+
+
+# ---- architectures -------------------------------------------------------------------------------
+
+def _import_optional(name: str, what: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ValueError(f"{what} needs the optional package {name!r}, which is not installed: "
+                         f"pip install {name}") from None
+
+
+def _known_names() -> list[str]:
+    names = []
+    try:
+        import torchvision
+
+        names += list(torchvision.models.list_models())
+    except ImportError:
+        pass
+    try:
+        import timm
+
+        names += [f"timm:{n}" for n in timm.list_models()]
+    except ImportError:
+        pass
+    return names
+
+
+def build_architecture(arch: str, num_classes: int | None = None,
+                       in_channels: int | None = None, arguments: dict | None = None
+                       ) -> tuple[nn.Module, dict]:
+    """Instantiate ``arch`` (no pretrained weights). Returns (module, defaults) where defaults
+    may hold mean / std / input_size known for that family."""
+    arguments = dict(arguments or {})
+    if ":" in arch and not arch.startswith(("timm:", "torchvision:")):
+        module_name, _, factory = arch.partition(":")
+        try:
+            mod = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"can't import {module_name!r} for architecture {arch!r}: {err}; "
+                             "install the package that defines it.") from None
+        fn = getattr(mod, factory, None)
+        if fn is None or not callable(fn):
+            raise ValueError(f"{module_name!r} has no callable {factory!r}; give "
+                             "'package.module:factory' naming a function or class that "
+                             "returns the model.")
+        model = fn(**arguments)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{arch} returned a {type(model).__name__}, not a torch.nn.Module.")
+        return model, {}
+    family, _, name = arch.rpartition(":")
+    if family in ("", "torchvision"):
+        try:
+            import torchvision
+        except ImportError:
+            torchvision = None
+        if torchvision is not None and name in torchvision.models.list_models():
+            if num_classes is not None:
+                arguments.setdefault("num_classes", num_classes)
+            model = torchvision.models.get_model(name, weights=None, **arguments)
+            if in_channels is not None:
+                _adapt_first_conv(model, in_channels)
+            defaults = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+            if getattr(model, "image_size", None):  # ViTs: a fixed input size
+                defaults["input_size"] = (int(model.image_size),) * 2
+            return model, defaults
+        if family == "torchvision":
+            if torchvision is None:
+                _import_optional("torchvision", f"architecture {arch!r}")
+            raise _unknown(arch)
+    if family in ("", "timm"):
+        if family == "timm":
+            timm = _import_optional("timm", f"architecture {arch!r}")
+        else:
+            try:
+                import timm
+            except ImportError:
+                timm = None
+        if timm is not None and timm.is_model(name):
+            if num_classes is not None:
+                arguments.setdefault("num_classes", num_classes)
+            if in_channels is not None:
+                arguments.setdefault("in_chans", in_channels)
+            model = timm.create_model(name, pretrained=False, **arguments)
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            defaults = {k: tuple(cfg[k]) for k in ("mean", "std") if cfg.get(k)}
+            if cfg.get("fixed_input_size") and cfg.get("input_size"):
+                defaults["input_size"] = tuple(cfg["input_size"][1:])
+            return model, defaults
+    raise _unknown(arch)
+
+
+def _unknown(arch: str) -> ValueError:
+    known = _known_names()
+    close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    sources = "torchvision" + (" and timm" if any(k.startswith("timm:") for k in known) else
+                               " (install timm for its models)")
+    return ValueError(f"unknown architecture {arch!r}: not a {sources} model name nor "
+                      f"'package.module:factory'.{hint}")
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Module] | tuple[None, None]:
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            return name, m
+    return None, None
+
+
+def _last_linear(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    found = (None, None)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            found = (name, m)
+    return found
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Replace the first convolution by one taking ``in_channels`` (same geometry)."""
+    name, conv = _first_conv(model)
+    if conv is None or conv.in_channels == in_channels:
+        return
+    new = type(conv)(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                     conv.padding, conv.dilation, conv.groups if conv.groups == 1 else 1,
+                     conv.bias is not None, conv.padding_mode)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _shapes_from_weights(model: nn.Module, state: dict) -> tuple[int | None, int | None]:
+    """(num_classes, in_channels) that the weights say, from the architecture's last Linear and
+    first convolution."""
+    state = _match_prefix(state, model)
+    lin_name, _lin = _last_linear(model)
+    conv_name, _conv = _first_conv(model)
+    classes = state.get(f"{lin_name}.weight") if lin_name else None
+    conv = state.get(f"{conv_name}.weight") if conv_name else None
+    return (int(classes.shape[0]) if classes is not None else None,
+            int(conv.shape[1]) if conv is not None else None)
+
+
+def _match_prefix(state: dict, model: nn.Module) -> dict:
+    """Strip a wrapper prefix ('module.', 'model.', '_orig_mod.') when that makes keys match."""
+    own = set(model.state_dict())
+    for _ in range(2):
+        if set(state) & own:
+            break
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                break
+        else:
+            break
+    return state
+
+
+def load_weights(model: nn.Module, state: dict, label: str) -> None:
+    """``load_state_dict`` with an error that lists what doesn't fit."""
+    state = _match_prefix(state, model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+             if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("wrong shapes (file vs model)", wrong)):
+            if items:
+                more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+                parts.append(f"{title}: {', '.join(items[:5])}{more}")
+        raise ValueError(f"the weights don't fit {label}: {'; '.join(parts)}. Check the "
+                         "architecture name (and its arguments) the weights were trained with.")
+    model.load_state_dict(state, strict=False)
+
+
+# ---- the entry point ---------------------------------------------------------------------------
+
+def _spec_from_module(module: nn.Module, name: str) -> ModelSpec:
+    _lin_name, lin = _last_linear(module)
+    _conv_name, conv = _first_conv(module)
+    extra = dict(getattr(module, "extra_spec", {}) or {})
+    n = lin.out_features if lin is not None else None
+    spec = ModelSpec(module.eval(), [f"class {i}" for i in range(n or 0)],
+                     extra.pop("in_channels", conv.in_channels if conv is not None else 1),
+                     extra.pop("input_size", None), name=name)
+    spec.extra.update(extra)
+    return spec
+
+
+def load_model(
+    source,
+    *,
+    weights=None,
+    class_names: Sequence[str] | None = None,
+    in_channels: int | None = None,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    target_layer: str | None = None,
+    trust_pickle: bool = False,
+    intensity: str | None = None,
+    name: str | None = None,
+) -> ModelSpec:
+    """A :class:`ModelSpec`: the model in eval mode plus its class names and preprocessing.
+
+    ``source``:
+
+    - ``"demo"``: the bundled synthetic-shapes model (offline);
+    - an ``nn.Module`` (``weights=`` optionally loaded into it) or a ``ModelSpec``;
+    - an architecture name with ``weights=``: torchvision (``"resnet18"``, ``"densenet121"``,
+      ``"torchvision:efficientnet_b0"``), timm (``"timm:convnext_tiny"``, or a plain name
+      torchvision doesn't have) or ``"package.module:factory"``; the number of classes and
+      input channels are read from the weights;
+    - a weights file (``.safetensors``, ``.pt`` / ``.pth`` state dict, ``.pt2`` torch.export
+      program) whose sidecar JSON (``<weights>.json`` or ``model.json`` beside it) names the
+      architecture, or that sidecar JSON itself (its ``weights`` field names the file).
+
+    Keywords override the source and its sidecar. Pickled modules load only with
+    ``trust_pickle=True``: unpickling runs code from the file.
+    """
+    sidecar: dict = {}
+    spec: ModelSpec | None = None
+    if isinstance(source, ModelSpec):
+        spec = dataclasses.replace(source, extra=dict(source.extra))
+    elif isinstance(source, nn.Module):
+        if isinstance(source, torch.jit.ScriptModule):
+            raise TypeError("TorchScript models can't be hooked from Python, so CAM can't read "
+                            "their layers; load the architecture in Python with a state dict, "
+                            "or export it with torch.export (.pt2).")
+        if weights is not None:
+            load_weights(source, _weights_dict(weights, trust_pickle), type(source).__name__)
+        spec = _spec_from_module(source, type(source).__name__)
+    elif isinstance(source, (str, Path)) and str(source).lower() == "demo":
+        from . import demo_spec
+
+        spec = demo_spec()
+    elif isinstance(source, (str, Path)) and _looks_like_file(source):
+        spec, sidecar = _from_file(Path(source), weights, trust_pickle)
+    elif isinstance(source, str):
+        spec = _from_architecture(source, weights, trust_pickle, {}, in_channels)
+    else:
+        raise TypeError(f"can't load a model from a {type(source).__name__}; give 'demo', an "
+                        "architecture name with weights=, a weights or sidecar file, or an "
+                        "nn.Module.")
+    return _override(spec, sidecar, class_names=class_names, in_channels=in_channels,
+                     input_size=input_size, mean=mean, std=std, target_layer=target_layer,
+                     intensity=intensity, name=name)
+
+
+def _looks_like_file(source) -> bool:
+    path = Path(source)
+    return path.suffix.lower() in (*WEIGHT_SUFFIXES, ".json") or path.is_file()
+
+
+def _weights_dict(weights, trust_pickle: bool) -> dict:
+    if isinstance(weights, dict):
+        return weights
+    loaded = read_weights(weights, trust_pickle)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{str(weights)!r} holds a whole model, not weights for this "
+                         "architecture; load it on its own: load_model(path).")
+    return loaded
+
+
+def _from_file(path: Path, weights, trust_pickle: bool) -> tuple[ModelSpec, dict]:
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise ValueError(f"model description {str(path)!r} does not exist.")
+        sidecar = read_sidecar(path)
+        if weights is None:
+            if not sidecar.get("weights"):
+                raise ValueError(f"{str(path)!r} names no 'weights' file; add one (relative to "
+                                 "the JSON) or pass weights=.")
+            weights = path.parent / sidecar["weights"]
+        weights = Path(weights)
+    else:
+        if weights is not None:
+            raise ValueError("give the weights file once: load_model(path) or "
+                             "load_model(architecture, weights=path).")
+        weights = path
+        found = find_sidecar(path)
+        sidecar = read_sidecar(found) if found else {}
+    label = sidecar.get("name") or weights.stem
+    loaded = read_weights(weights, trust_pickle)
+    if isinstance(loaded, nn.Module):
+        spec = _spec_from_module(loaded, label)
+    elif sidecar.get("architecture"):
+        spec = _from_architecture(sidecar["architecture"], loaded, trust_pickle,
+                                  sidecar.get("arguments") or {}, sidecar.get("in_channels"))
+        spec.name = label
+    else:
+        raise ValueError(
+            f"{str(weights)!r} holds weights but nothing says which architecture they belong "
+            f"to: use load_model('resnet18', weights={str(weights)!r}) (the architecture they "
+            f"were trained with), or write {weights.name}.json beside it, e.g. "
+            '{"architecture": "resnet18", "class_names": ["normal", "tuberculosis"]}.'
+        )
+    return spec, sidecar
+
+
+def _from_architecture(arch: str, weights, trust_pickle: bool, arguments: dict,
+                       in_channels: int | None) -> ModelSpec:
+    if weights is None:
+        raise ValueError(
+            f"{arch!r} without weights= would be a randomly initialised network whose heatmaps "
+            "mean nothing (and pretrained weights can't be downloaded here); pass the file "
+            f"your model was trained into: load_model({arch!r}, weights='model.safetensors')."
+        )
+    probe, _ = build_architecture(arch, arguments=arguments)  # name errors first
+    state = _weights_dict(weights, trust_pickle)
+    classes, channels = _shapes_from_weights(probe, state)
+    if in_channels is not None:
+        channels = int(in_channels)
+    is_factory = ":" in arch and not arch.startswith(("timm:", "torchvision:"))
+    if is_factory:  # the user's own factory: its arguments say the shapes
+        model, defaults = probe, {}
+    else:
+        del probe
+        model, defaults = build_architecture(arch, classes, channels, arguments)
+    load_weights(model, state, repr(arch))
+    spec = _spec_from_module(model, arch)
+    if defaults.get("mean") and len(defaults["mean"]) == spec.in_channels:
+        spec.mean, spec.std = tuple(defaults["mean"]), tuple(defaults["std"])
+    if defaults.get("input_size"):
+        spec.input_size = tuple(defaults["input_size"])
+    spec.extra["architecture"] = arch
+    return spec
+
+
+def _override(spec: ModelSpec, sidecar: dict, **keywords) -> ModelSpec:
+    """Sidecar values, then keywords, over what the source said; validated."""
+    values: dict[str, Any] = {k: sidecar[k] for k in
+                              ("class_names", "in_channels", "input_size", "mean", "std",
+                               "target_layer", "intensity", "name") if sidecar.get(k) is not None}
+    values.update({k: v for k, v in keywords.items() if v is not None})
+    if "class_names" in values:
+        spec.class_names = [str(c) for c in values["class_names"]]
+    if "in_channels" in values:
+        spec.in_channels = int(values["in_channels"])
+    if "input_size" in values:
+        size = tuple(int(s) for s in values["input_size"])
+        if not size or any(s < 1 for s in size):
+            raise ValueError(f"input_size={values['input_size']}: give (H, W) in pixels.")
+        spec.input_size = size
+    for key in ("mean", "std"):
+        if key in values:
+            v = values[key]
+            setattr(spec, key, tuple(float(x) for x in (v if isinstance(v, (list, tuple))
+                                                        else [v])))
+    if any(s == 0 for s in spec.std):
+        raise ValueError(f"std={spec.std} has a zero; give the standard deviations used in "
+                         "training.")
+    if "target_layer" in values:
+        spec.target_layer = str(values["target_layer"])
+    if "intensity" in values:
+        spec.intensity = values["intensity"]
+    spec.intensity = normalise_intensity(spec.intensity)
+    if "name" in values:
+        spec.name = str(values["name"])
+    if len(spec.mean) not in (1, spec.in_channels) or len(spec.std) not in (1, spec.in_channels):
+        raise ValueError(f"mean has {len(spec.mean)} and std {len(spec.std)} values for a model "
+                         f"with {spec.in_channels} input channels; give one value or one per "
+                         "channel.")
+    _lin_name, lin = _last_linear(spec.module)
+    n = lin.out_features if lin is not None else None
+    if n is not None and spec.class_names and len(spec.class_names) != n:
+        raise ValueError(f"{len(spec.class_names)} class names for a model with {n} outputs; "
+                         "give one name per output.")
+    if spec.target_layer:
+        try:
+            spec.module.get_submodule(spec.target_layer)
+        except AttributeError:
+            names = [nm for nm, _ in spec.module.named_modules() if nm]
+            close = difflib.get_close_matches(spec.target_layer, names, n=5, cutoff=0.5)
+            raise ValueError(f"the model has no layer {spec.target_layer!r}"
+                             + (f"; did you mean {', '.join(map(repr, close))}?" if close
+                                else "; leave target_layer empty to find it automatically.")
+                             ) from None
+    return spec

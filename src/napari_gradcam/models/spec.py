@@ -1,0 +1,45 @@
+"""``ModelSpec``: a model and how to feed it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+# how raw pixels become the model's [0, 1] input, before mean / std:
+#   dtype  - integer images divided by their dtype's maximum (uint8 / 255, uint16 / 65535),
+#            float images used as they are (the default)
+#   minmax - each image scaled by its own minimum and maximum
+#   none   - pixel values used as they are
+INTENSITY = ("dtype", "minmax", "none")
+_ALIASES = {"minmax-dtype": "dtype", "dtype-range": "dtype", "per-image": "minmax"}
+
+
+def normalise_intensity(value: str) -> str:
+    v = _ALIASES.get(str(value).lower(), str(value).lower())
+    if v not in INTENSITY:
+        raise ValueError(f"intensity={value!r}: use one of {', '.join(INTENSITY)} (dtype: "
+                         "integers divided by their type's maximum; minmax: each image by its "
+                         "own range; none: as they are).")
+    return v
+
+
+@dataclass
+class ModelSpec:
+    """A model and what it expects.
+
+    ``intensity``: see :data:`INTENSITY`. ``input_size``: None for fully convolutional models
+    that take any size; otherwise images are resized to it and heatmaps resized back.
+    ``extra`` holds loader details (architecture, fixed batch size of exported programs, ...).
+    """
+
+    module: nn.Module
+    class_names: list[str]
+    in_channels: int = 1
+    input_size: tuple[int, ...] | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    target_layer: str | None = None  # None: found automatically
+    intensity: str = "dtype"
+    name: str = "model"
+    extra: dict = field(default_factory=dict)
