@@ -313,6 +313,19 @@ def test_chest_xray_palette_png_through_a_three_channel_imagenet_model(tmp_path)
     regions = ng.find_regions(exp.heatmaps, 0.5, mask=lungs)
     assert all(lungs[r.bbox[0]:r.bbox[2], r.bbox[1]:r.bbox[3]].any() for r in regions)
 
+    # all five radiographs, as one stack, each with its own lung mask
+    names = sorted(p.name for p in (DATA / "images").glob("*.png"))
+    assert len(names) == 5
+    stack = np.stack([iio.imread(DATA / "images" / n) for n in names])
+    masks = np.stack([iio.imread(DATA / "lung-masks" / n) > 127 for n in names])
+    exp = ng.explain(stack, spec, batch_size=2)
+    assert exp.heatmaps.shape == (5, 512, 512) and exp.class_ids.shape == (5,)
+    for k in range(5):
+        np.testing.assert_allclose(exp.heatmaps[k], ng.explain(stack[k], spec).heatmaps,
+                                   atol=1e-5)
+    regions = ng.find_regions(exp.heatmaps, "otsu", mask=masks)
+    assert {r.index[0] for r in regions} == set(range(5))
+
 
 def test_the_readme_documents_every_sidecar_field_and_its_example_loads(tmp_path):
     import re
