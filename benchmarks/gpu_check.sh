@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see DEVELOPERS notes in benchmarks/RESULTS.md):
-# the engine's tests on CUDA, then bench_engine.py in fp32 and bf16. Writes everything to $OUT.
+# the engine's tests on CUDA, bench_engine.py in fp32 and bf16, bench_batch.py. Writes to $OUT.
 # It installs nothing from the network: pytorch-grad-cam and ttach travel as wheels in .whl/
 # (pip wheel --no-deps grad-cam==1.5.7 ttach==0.0.3 -w .whl); torch, torchvision, OpenCV,
 # scikit-learn and pytest are already on the machine's image.
@@ -22,3 +22,8 @@ timeout 200 python3 benchmarks/bench_engine.py --device "$DEVICE" --repeats 10 \
     --scorecam-model resnet50 --scorecam-bf16 $EXTRA 2>&1 | tee "$OUT/bench-gpu-fp32.md"
 timeout 90 python3 benchmarks/bench_engine.py --device "$DEVICE" --repeats 10 --amp bf16 \
     --no-scorecam --no-peer $EXTRA 2>&1 | tee "$OUT/bench-gpu-bf16.md"
+# the batch pipeline vs the engine alone (issue 7), demo model and ResNet-50
+timeout 120 python3 benchmarks/bench_batch.py --device "$DEVICE" --images 256 --rounds 3 \
+    --batch-size 32 2>&1 | tee "$OUT/bench-batch-demo.md"
+timeout 120 python3 benchmarks/bench_batch.py --device "$DEVICE" --images 256 --rounds 3 \
+    --batch-size 32 --model resnet50 2>&1 | tee "$OUT/bench-batch-resnet50.md"

@@ -60,3 +60,23 @@ def hooks_left(module: nn.Module) -> int:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
         for m in module.modules()
     )
+
+
+class _Sleepy(nn.Module):
+    def __init__(self, delay: float, **kw):
+        super().__init__()
+        self.net = small_cnn(**kw)
+        self.delay = delay
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+def sleepy_cnn(delay: float = 0.1, **kw):
+    """small_cnn that sleeps ``delay`` seconds per forward pass: a slow model for the tests
+    that interrupt runs (a factory for load_model's 'conftest:sleepy_cnn')."""
+    torch.manual_seed(0)
+    return _Sleepy(delay, **kw).eval()

@@ -129,7 +129,7 @@ def layout(shape, channel_axis=None, spatial_dims: int = 2) -> Layout:
     return lay
 
 
-def _read(images, lay: Layout, start: int, stop: int) -> np.ndarray:
+def read_batch(images, lay: Layout, start: int, stop: int) -> np.ndarray:
     """Images ``start:stop`` (flat leading order) as a NumPy array (n, *spatial, channels),
     reading runs along the last leading axis as one slice (one read per run for lazy arrays)."""
     lead = lay.lead
@@ -234,6 +234,12 @@ def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.
         mode = "bilinear" if n_sp == 2 else "trilinear"
         x = F.interpolate(x, size=tuple(spec.input_size), mode=mode, align_corners=False,
                           antialias=n_sp == 2)
+    if x.ndim == 4:  # NHWC: oneDNN and cuDNN convolutions run faster (CPU: 1.2-1.5x here).
+        # Built explicitly: for one channel, .contiguous(channels_last) keeps NCHW strides
+        # (size-1 dims make both layouts "contiguous") and convolutions stay on NCHW kernels.
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+        return out.copy_(x)
     return x.contiguous()
 
 
@@ -279,6 +285,94 @@ def _is_oom(err: BaseException) -> bool:
 
 # ---- the loop -------------------------------------------------------------------------------------
 
+class Runner:
+    """The engine over batches of raw pixels (n, *spatial, channels): preprocessing on the
+    device, the target layer resolved once, out-of-memory errors halving the batch size (kept
+    small afterwards), static-batch torch.export programs padded; returns NumPy maps at the
+    images' own size. Shared by :func:`iter_explain` and the batch pipeline."""
+
+    def __init__(self, spec: ModelSpec, method: str = "gradcam", target=None,
+                 device="auto", batch_size: int | None = None, *, target_layer=None,
+                 amp=None):
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(f"spec must be a ModelSpec (from load_model), not "
+                            f"{type(spec).__name__}.")
+        get_method(method)  # unknown names fail before any work
+        if isinstance(spec.module, torch.jit.ScriptModule):
+            raise TypeError("TorchScript models can't be hooked from Python, so CAM can't read "
+                            "their layers; load the architecture in Python with a state dict "
+                            "instead.")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size}: give a positive number, or None for "
+                             "auto.")
+        self.spec, self.method, self.amp = spec, method, amp
+        self.device = resolve_device(device)
+        self.class_id = resolve_target(target, spec.class_names)
+        self.dims = model_spatial_dims(spec.module)
+        self.batch_size = int(batch_size) if batch_size else None
+        self.fixed = spec.extra.get("fixed_batch")  # exported with a static batch
+        if self.fixed:
+            self.batch_size = int(self.fixed)
+        self._layer = target_layer if target_layer is not None else spec.target_layer
+        self.layer_name: str | None = None
+        spec.module.to(self.device)
+
+    def size_for(self, spatial, count: int) -> int:
+        """The batch size (chosen on first use from the image size and device memory)."""
+        if self.batch_size is None:
+            self.batch_size = auto_batch_size(self.spec.input_size or spatial, self.device,
+                                              count)
+        return self.batch_size
+
+    def __call__(self, raw: np.ndarray):
+        """(heatmaps (n, *spatial) float32, class ids (n,), scores (n,)) for raw pixels."""
+        spatial = tuple(raw.shape[1:-1])
+        batch = preprocess(raw, self.spec, self.device)
+        if self.layer_name is None:
+            self.layer_name, _ = resolve_target_layer(self.spec.module, self._layer, batch[:1])
+        parts = self._explain(batch, self.size_for(spatial, raw.shape[0]))
+        maps = torch.cat([p.heatmaps for p in parts])
+        if tuple(maps.shape[1:]) != spatial:  # resized input: back to the image
+            mode = "bilinear" if self.dims == 2 else "trilinear"
+            maps = F.interpolate(maps[:, None], size=spatial, mode=mode,
+                                 align_corners=False)[:, 0].clamp_(0, 1)
+        return (maps.cpu().numpy(), torch.cat([p.class_ids for p in parts]).cpu().numpy(),
+                torch.cat([p.scores for p in parts]).cpu().numpy())
+
+    def _explain(self, batch: torch.Tensor, size: int) -> list:
+        module, fixed, results, pos = self.spec.module, self.fixed, [], 0
+        while pos < batch.shape[0]:
+            part = batch[pos:pos + size]
+            try:
+                if fixed and part.shape[0] < fixed:  # pad with copies, drop their results
+                    pad = part[-1:].expand(fixed - part.shape[0], *part.shape[1:])
+                    res = explain_batch(module, torch.cat([part, pad]), self.method,
+                                        target_layer=self.layer_name, targets=self.class_id,
+                                        amp=self.amp)
+                    res = type(res)(*(t[:part.shape[0]] for t in res))
+                else:
+                    res = explain_batch(module, part, self.method, target_layer=self.layer_name,
+                                        targets=self.class_id, amp=self.amp)
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
+                if not _is_oom(err):
+                    raise
+                del err
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if part.shape[0] == 1 or fixed:
+                    raise MemoryError(
+                        f"{describe_device(self.device)} ran out of memory on a single image of "
+                        f"{tuple(part.shape[2:])} pixels; use device='cpu', a smaller "
+                        "input_size, or a smaller image."
+                    ) from None
+                size = self.batch_size = max(1, part.shape[0] // 2)
+                log.warning("out of memory: batch size reduced to %d", size)
+                continue
+            results.append(res)
+            pos += part.shape[0]
+        return results
+
+
 def iter_explain(
     images,
     spec: ModelSpec,
@@ -294,29 +388,14 @@ def iter_explain(
 ) -> Iterator[Progress]:
     """:func:`explain` as a generator: yields :class:`Progress` after each batch, returns the
     :class:`Explanation` (``StopIteration.value``). Closing it stops after the current batch."""
-    if not isinstance(spec, ModelSpec):
-        raise TypeError(f"spec must be a ModelSpec (from load_model), not {type(spec).__name__}.")
-    get_method(method)  # unknown names fail before any work
-    dev = resolve_device(device)
-    module = spec.module
-    if isinstance(module, torch.jit.ScriptModule):
-        raise TypeError("TorchScript models can't be hooked from Python, so CAM can't read their "
-                        "layers; load the architecture in Python with a state dict instead.")
-    dims = model_spatial_dims(module)
+    runner = Runner(spec, method, target, device, batch_size, target_layer=target_layer,
+                    amp=amp)
     if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
         images = np.asarray(images)
-    lay = layout(images.shape, channel_axis, dims)
+    lay = layout(images.shape, channel_axis, runner.dims)
     check_channels(lay.channels, spec.in_channels)
-    class_id = resolve_target(target, spec.class_names)
-    if batch_size is not None and int(batch_size) < 1:
-        raise ValueError(f"batch_size={batch_size}: give a positive number, or None for auto.")
-    module.to(dev)
     n = lay.count if lay.lead else 1
-    size = int(batch_size) if batch_size else auto_batch_size(spec.input_size or lay.spatial,
-                                                              dev, n)
-    fixed = spec.extra.get("fixed_batch")  # torch.export programs traced with a static batch
-    if fixed:
-        size = int(fixed)
+    size = runner.size_for(lay.spatial, n)
     heat = out if out is not None else np.zeros((n, *lay.spatial), np.float32)
     if out is not None:
         if tuple(out.shape) != (*lay.lead, *lay.spatial):
@@ -325,83 +404,32 @@ def iter_explain(
         heat = out.reshape((n, *lay.spatial)) if isinstance(out, np.ndarray) else out
     class_ids = np.zeros(n, np.int64)
     scores = np.zeros(n, np.float32)
-    layer_name = None
-
-    def write(start, res):
-        stop = start + res.heatmaps.shape[0]
-        maps = res.heatmaps
-        if tuple(maps.shape[1:]) != tuple(lay.spatial):  # resized input: back to the image
-            mode = "bilinear" if dims == 2 else "trilinear"
-            maps = F.interpolate(maps[:, None], size=lay.spatial, mode=mode,
-                                 align_corners=False)[:, 0].clamp_(0, 1)
-        maps = maps.cpu().numpy()
-        if isinstance(heat, np.ndarray):
-            heat[start:stop] = maps
-        else:  # zarr / memmap with the leading shape: write image by image
-            for k in range(start, stop):
-                heat[np.unravel_index(k, lay.lead) if lay.lead else ()] = maps[k - start]
-        class_ids[start:stop] = res.class_ids.cpu().numpy()
-        scores[start:stop] = res.scores.cpu().numpy()
-
-    def run(batch):
-        """Explain ``batch`` in parts of ``size``; out of memory halves ``size`` and retries."""
-        nonlocal size
-        results, pos = [], 0
-        while pos < batch.shape[0]:
-            part = batch[pos:pos + size]
-            try:
-                if fixed and part.shape[0] < fixed:  # pad with copies, drop their results
-                    pad = part[-1:].expand(fixed - part.shape[0], *part.shape[1:])
-                    res = explain_batch(module, torch.cat([part, pad]), method,
-                                        target_layer=layer_name, targets=class_id, amp=amp)
-                    results.append(type(res)(*(t[:part.shape[0]] for t in res)))
-                else:
-                    results.append(explain_batch(module, part, method,
-                                                 target_layer=layer_name, targets=class_id,
-                                                 amp=amp))
-            except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
-                if not _is_oom(err):
-                    raise
-                del err
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                if part.shape[0] == 1 or fixed:
-                    raise MemoryError(
-                        f"{describe_device(dev)} ran out of memory on a single image of "
-                        f"{tuple(part.shape[2:])} pixels; use device='cpu', a smaller "
-                        "input_size, or a smaller image."
-                    ) from None
-                size = max(1, part.shape[0] // 2)
-                log.warning("out of memory: batch size reduced to %d", size)
-                continue
-            pos += part.shape[0]
-        return results
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="napari-gradcam-read")
     try:
         start = 0
-        pending = pool.submit(_read, images, lay, 0, min(size, n))
+        pending = pool.submit(read_batch, images, lay, 0, min(size, n))
         while start < n:
             raw = pending.result()
             stop = start + raw.shape[0]
             if stop < n:
-                pending = pool.submit(_read, images, lay, stop, min(stop + size, n))
-            batch = preprocess(raw, spec, dev)
-            if layer_name is None:
-                layer_name = target_layer if target_layer is not None else spec.target_layer
-                layer_name, _layer = resolve_target_layer(module, layer_name, batch[:1])
-            pos = start
-            for res in run(batch):
-                write(pos, res)
-                pos += res.heatmaps.shape[0]
+                pending = pool.submit(read_batch, images, lay, stop,
+                                      min(stop + runner.batch_size, n))
+            maps, class_ids[start:stop], scores[start:stop] = runner(raw)
+            if isinstance(heat, np.ndarray):
+                heat[start:stop] = maps
+            else:  # zarr / memmap with the leading shape: write image by image
+                for k in range(start, stop):
+                    heat[np.unravel_index(k, lay.lead) if lay.lead else ()] = maps[k - start]
             start = stop
-            yield Progress(start, n, method, size)
+            yield Progress(start, n, method, runner.batch_size)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if out is None:
         heat = heat.reshape((*lay.lead, *lay.spatial))
     return Explanation(heat, class_ids.reshape(lay.lead), scores.reshape(lay.lead),
-                       list(spec.class_names), method, layer_name, str(dev), size)
+                       list(spec.class_names), method, runner.layer_name, str(runner.device),
+                       runner.batch_size)
 
 
 def run_generator(gen, progress: Callable[[Progress], None] | None = None):
@@ -464,5 +492,5 @@ def explain(
     )
 
 
-__all__ = ["Explanation", "Progress", "explain", "iter_explain", "layout", "preprocess",
-           "resolve_target"]
+__all__ = ["Explanation", "Progress", "Runner", "explain", "iter_explain", "layout",
+           "preprocess", "resolve_target"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _example(args) -> int:
@@ -14,10 +15,90 @@ def _example(args) -> int:
 
 
 def _demo(args) -> int:
+    if args.headless:
+        return _demo_headless(args)
     from ._napari.demo import run_demo
 
     return run_demo(stack=args.stack, methods=args.method or None, device=args.device,
                     screenshot=args.screenshot)
+
+
+def _demo_headless(args) -> int:
+    """The main job without a display: the sample and the demo model, files in DIR."""
+    from ._napari.sample_data import synthetic_image, synthetic_stack
+    from .models import load_model
+    from .pipeline import Options, process_units, units_for_array, write_summary
+
+    data, kwargs, _ = (synthetic_stack if args.stack else synthetic_image)()[0]
+    units, arrays = units_for_array(data, kwargs["name"].replace(" ", "-"))
+    spec = load_model("demo")
+    opts = Options(method=(args.method or ["gradcam"])[0], device=args.device, overlay=True,
+                   overwrite=True)
+    records = process_units(units, spec, args.headless, opts, arrays=arrays)
+    write_summary(records, Path(args.headless), spec.class_names)
+    _report(records, args.headless, quiet=False)
+    return 0 if all(r.status == "ok" for r in records) else 1
+
+
+def _report(records, out, quiet: bool) -> None:
+    failed = [r for r in records if r.status != "ok"]
+    images = sum(len(r.images) for r in records)
+    print(f"napari-gradcam: {images} images from {len(records) - len(failed)} inputs written "
+          f"to {out} (heatmaps/, geojson/, coco.json, summary.csv)"
+          + (f"; {len(failed)} failed (see summary.csv)" if failed else ""),
+          file=sys.stderr if quiet else sys.stdout)
+    for r in failed:
+        print(f"  failed: {r.source}: {r.message}", file=sys.stderr)
+
+
+def _batch(args) -> int:
+    import logging
+
+    from .models import load_model
+    from .pipeline import Options, collect_units, iter_progress, process_units, write_summary
+
+    ours = logging.getLogger("napari_gradcam")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("napari-gradcam: %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO if args.quiet else logging.WARNING)
+    model = {"source": args.model, "trust_pickle": args.trust_pickle}
+    if args.weights:
+        model["weights"] = args.weights
+    spec = load_model(**{**model, "source": args.model})
+    opts = Options(method=args.method, target=args.target, threshold=_threshold(args.threshold),
+                   threshold_mode=args.threshold_mode, min_area=args.min_area,
+                   simplify=args.simplify, device=args.device, batch_size=args.batch_size,
+                   overlay=args.overlay, overwrite=args.overwrite, workers=args.workers)
+    from .batch import Runner
+
+    Runner(spec, opts.method, opts.target, opts.device, opts.batch_size)  # check options now
+    units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size)
+    out = Path(args.out)
+    progress = iter_progress(len(units), args.quiet)
+    if args.dask_scheduler or args.dask_local:
+        from .batch import model_spatial_dims
+        from .cluster import make_client, process_on_cluster
+
+        with make_client(args.dask_scheduler, args.dask_local, args.device) as client:
+            records = process_on_cluster(client, units, model, out, opts,
+                                         spatial_dims=model_spatial_dims(spec.module),
+                                         progress=progress)
+    else:
+        records = process_units(units, spec, out, opts, progress=progress)
+    write_summary(records, out, list(spec.class_names))
+    _report(records, out, args.quiet)
+    return 0 if all(r.status == "ok" for r in records) else 1
+
+
+def _threshold(text: str):
+    if str(text).lower() == "otsu":
+        return "otsu"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--threshold {text!r}: give a number in [0, 1] or 'otsu'.") from None
 
 
 def _method_and_device(parser, default: str) -> None:
@@ -26,6 +107,57 @@ def _method_and_device(parser, default: str) -> None:
     parser.add_argument("--method", action="append", choices=available_methods(),
                         help=f"method to run (repeatable; {default})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _batch_parser(sub) -> None:
+    from .cam import available_methods
+
+    b = sub.add_parser(
+        "batch",
+        help="explain image files, folders, TIFF stacks and zarr arrays without a display: "
+             "heatmaps, regions (QuPath GeoJSON, COCO) and a summary, resumable",
+        description="Explain every image of the inputs and write into OUT: heatmaps/ (float32 "
+                    "TIFF per input, zarr for zarr inputs), geojson/ (QuPath GeoJSON per "
+                    "input), overlays/ (with --overlay), coco.json and summary.csv. A second "
+                    "run skips finished inputs. Exit status 1 when an input failed.",
+    )
+    b.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files (PNG, JPEG, TIFF incl. multi-page and 16-bit), folders "
+                        "(searched recursively) or zarr arrays (each leading index one image)")
+    b.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    b.add_argument("--model", default="demo",
+                   help="demo, a weights file with its sidecar JSON, a sidecar JSON, a .pt2, or "
+                        "an architecture name with --weights (default: demo)")
+    b.add_argument("--weights", help="weights file for an architecture name")
+    b.add_argument("--trust-pickle", action="store_true",
+                   help="allow a model file that holds pickled code (only files you trust)")
+    b.add_argument("--method", default="gradcam", choices=available_methods())
+    b.add_argument("--target", default=None,
+                   help="class name or index to explain (default: each image's prediction)")
+    b.add_argument("--threshold", default="0.5", help="heat value in [0, 1], or otsu")
+    b.add_argument("--threshold-mode", default="absolute", choices=("absolute", "relative"))
+    b.add_argument("--min-area", type=int, default=16, help="smallest region in pixels")
+    b.add_argument("--simplify", type=float, default=1.0, help="polygon tolerance in pixels")
+    b.add_argument("--mask", metavar="PATTERN",
+                   help="mask file per image, with {dir}, {name}, {stem}: e.g. "
+                        "'{dir}/../lung-masks/{name}'; regions only where the mask is > 0")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    b.add_argument("--batch-size", type=int, default=None, help="images per pass (auto)")
+    b.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
+    b.add_argument("--overwrite", action="store_true", help="redo finished inputs")
+    b.add_argument("--workers", type=int, default=2,
+                   help="reader and writer threads each (default 2)")
+    b.add_argument("--part-size", type=int, default=256,
+                   help="images per unit of work for zarr arrays (default 256)")
+    b.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    group = b.add_mutually_exclusive_group()
+    group.add_argument("--dask-scheduler", metavar="ADDRESS",
+                       help="run on an existing dask.distributed cluster (tcp://host:8786); "
+                            "OUT must be reachable from its workers")
+    group.add_argument("--dask-local", type=int, metavar="N",
+                       help="start a local dask cluster of N worker processes (one per GPU "
+                            "with dask-cuda)")
+    b.set_defaults(func=_batch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use the 16-frame synthetic stack instead of the single image")
     demo.add_argument("--screenshot", metavar="PNG",
                       help="save a picture of the window after the run, then close")
+    demo.add_argument("--headless", metavar="DIR",
+                      help="no window: write the heatmap, overlay, GeoJSON, COCO and summary "
+                           "of the demo run to DIR")
     demo.set_defaults(func=_demo)
+    _batch_parser(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ written atomically: a temporary file in the same folder, renamed over the target
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -43,6 +44,23 @@ def _atomic_write(path, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path beside ``path``; it replaces ``path`` only when the block ends
+    without error, so an interrupted writer never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _number(v) -> bool:
@@ -291,45 +309,57 @@ def write_coco(
     segmentation from its polygon, RLE where it has holes; area; iscrowd 0). Loads with
     ``pycocotools.coco.COCO``. Hand-drawn shapes without a class go to an "unlabelled"
     category."""
-    annotations = as_annotations(items, class_names)
-    images = _images(annotations, image_shape)
-    lead = len(images[0][0]) if images else 0
-    image_ids = {idx: k + 1 for k, (idx, _, _) in enumerate(images)}
-    sizes = {idx: (h, w) for idx, h, w in images}
+    return write_coco_dataset([(image_name, image_shape, items)], path,
+                              class_names=class_names)
+
+
+def write_coco_dataset(entries: Iterable, path, *,
+                       class_names: Sequence[str] | None = None) -> Path:
+    """One COCO JSON for many sources: ``entries`` holds ``(image_name, image_shape, items)``
+    per source (a stack's leading indices are images of their own, named
+    ``<image_name>_<index>.png``); see :func:`write_coco`."""
     names = list(class_names) if class_names is not None else []
     categories = [{"id": k + 1, "name": n, "supercategory": "object"} for k, n in enumerate(names)]
-    coco_anns = []
-    for index, seg_geom, box_geom, props in _objects(annotations):
-        index = (0,) * (lead - len(index)) + index
-        if index not in image_ids:
-            raise ValueError(f"an annotation lies on plane {index}, outside image_shape "
-                             f"{tuple(image_shape) if image_shape is not None else None}.")
-        name, cid = _class_of(props, names or None)
-        if cid is None or cid >= len(names):
-            label = name if name is not None else "unlabelled"
-            if label not in names:
-                names.append(label)
-                categories.append({"id": len(names), "name": label, "supercategory": "object"})
-            cid = names.index(label)
-        x0, y0, x1, y1 = box_geom.bounds
-        ann = {"id": len(coco_anns) + 1, "image_id": image_ids[index], "category_id": cid + 1,
-               "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0}
-        parts = shapely.get_parts(seg_geom)
-        if any(len(p.interiors) for p in parts):
-            ann["segmentation"], ann["area"] = _rle(seg_geom, *sizes[index])
-        else:
-            ann["segmentation"] = [np.asarray(p.exterior.coords)[:-1].ravel().tolist()
-                                   for p in parts]
-            ann["area"] = float(seg_geom.area)
-        attrs = {k: _jsonable(props[k]) for k in ("score", "peak", "mean", "region")
-                 if props.get(k) is not None}
-        if attrs:
-            ann["attributes"] = attrs
-        coco_anns.append(ann)
+    coco_images, coco_anns = [], []
+    for image_name, image_shape, items in entries:
+        annotations = as_annotations(items, class_names)
+        images = _images(annotations, image_shape)
+        lead = len(images[0][0]) if images else 0
+        image_ids = {idx: len(coco_images) + k + 1 for k, (idx, _, _) in enumerate(images)}
+        sizes = {idx: (h, w) for idx, h, w in images}
+        coco_images += [{"id": image_ids[idx], "file_name": _image_name(image_name, idx, ".png"),
+                         "height": h, "width": w} for idx, h, w in images]
+        for index, seg_geom, box_geom, props in _objects(annotations):
+            index = (0,) * (lead - len(index)) + index
+            if index not in image_ids:
+                raise ValueError(f"an annotation lies on plane {index}, outside image_shape "
+                                 f"{tuple(image_shape) if image_shape is not None else None}.")
+            name, cid = _class_of(props, names or None)
+            if cid is None or cid >= len(names):
+                label = name if name is not None else "unlabelled"
+                if label not in names:
+                    names.append(label)
+                    categories.append({"id": len(names), "name": label,
+                                       "supercategory": "object"})
+                cid = names.index(label)
+            x0, y0, x1, y1 = box_geom.bounds
+            ann = {"id": len(coco_anns) + 1, "image_id": image_ids[index],
+                   "category_id": cid + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0}
+            parts = shapely.get_parts(seg_geom)
+            if any(len(p.interiors) for p in parts):
+                ann["segmentation"], ann["area"] = _rle(seg_geom, *sizes[index])
+            else:
+                ann["segmentation"] = [np.asarray(p.exterior.coords)[:-1].ravel().tolist()
+                                       for p in parts]
+                ann["area"] = float(seg_geom.area)
+            attrs = {k: _jsonable(props[k]) for k in ("score", "peak", "mean", "region")
+                     if props.get(k) is not None}
+            if attrs:
+                ann["attributes"] = attrs
+            coco_anns.append(ann)
     doc = {
         "info": {"description": "napari-gradcam regions", "version": "1.0"},
-        "images": [{"id": image_ids[idx], "file_name": _image_name(image_name, idx, ".png"),
-                    "height": h, "width": w} for idx, h, w in images],
+        "images": coco_images,
         "annotations": coco_anns,
         "categories": categories,
     }

@@ -1,0 +1,273 @@
+"""The headless batch CLI: inputs of every kind, outputs validated, resume after a kill, bad
+files, and the same results on a dask.distributed cluster."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import napari_gradcam as ng
+from napari_gradcam.cli import main
+from napari_gradcam.models.demo.synthetic import make_image, make_stack
+from napari_gradcam.pipeline import Options, collect_units, process_units, write_summary
+
+tifffile = pytest.importorskip("tifffile")
+iio = pytest.importorskip("imageio.v3")
+
+DATA = Path(__file__).parent / "data" / "chest-xray"
+
+
+def summary(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_geojson(path: Path, planes: bool):
+    doc = json.loads(path.read_text())
+    assert doc["type"] == "FeatureCollection"
+    for f in doc["features"]:
+        props = f["properties"]
+        assert props["objectType"] == "annotation"
+        assert props["classification"]["name"] in ("disc", "square", "triangle")
+        assert len(props["classification"]["color"]) == 3
+        for ring in [r for poly in ([f["geometry"]["coordinates"]]
+                                    if f["geometry"]["type"] == "Polygon"
+                                    else f["geometry"]["coordinates"]) for r in poly]:
+            assert ring[0] == ring[-1]  # closed
+        assert ("plane" in f["geometry"]) == planes
+    return doc
+
+
+def check_coco(path: Path, n_images: int):
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(path))
+    assert len(coco.imgs) == n_images
+    assert all(a["id"] >= 1 for a in coco.anns.values())
+    return coco
+
+
+def test_sixteen_bit_tiff_stack(tmp_path):
+    stack, labels, _ = make_stack(5, 128, seed=4)
+    u16 = (stack * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", u16)
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "stack.tif"), "--out", str(out), "--quiet",
+                 "--overlay"]) == 0
+    heat = tifffile.imread(out / "heatmaps" / "stack.tif")
+    assert heat.dtype == np.float32 and heat.shape == (5, 128, 128)
+    ref = ng.explain(u16, ng.load_model("demo"), device="cpu")
+    np.testing.assert_allclose(heat, ref.heatmaps, atol=1e-5)
+    rows = summary(out)
+    assert [r["index"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert [r["class"] for r in rows] == list(np.array(["disc", "square", "triangle"])[
+        ref.class_ids])
+    doc = check_geojson(out / "geojson" / "stack.geojson", planes=True)
+    zs = {f["geometry"]["plane"]["z"] for f in doc["features"]}
+    assert zs <= set(range(5)) and sum(int(r["regions"]) for r in rows) * 2 == len(
+        doc["features"])
+    check_coco(out / "coco.json", 5)
+    assert len(list((out / "overlays").glob("stack_*.png"))) == 5
+
+
+def test_chest_xray_palette_pngs_with_lung_masks_by_pattern(tmp_path):
+    out = tmp_path / "out"
+    code = main(["batch", str(DATA / "images"), "--out", str(out), "--quiet",
+                 "--mask", "{dir}/../lung-masks/{name}", "--threshold", "otsu",
+                 "--min-area", "4"])
+    assert code == 0
+    rows = summary(out)
+    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
+    assert sum(int(r["regions"]) for r in rows) >= 5
+    from napari_gradcam.regions import rasterize
+
+    for png in sorted((DATA / "images").glob("*.png")):
+        lungs = iio.imread(DATA / "lung-masks" / png.name) > 0
+        heat = tifffile.imread(out / "heatmaps" / f"{png.stem}.tif")
+        assert heat.shape == (512, 512)
+        annotations, _ = ng.read_geojson(out / "geojson" / f"{png.stem}.geojson")
+        for a in annotations:
+            if a.kind == "polygon":
+                assert not (rasterize(a.geometry, lungs.shape) & ~lungs).any()
+    check_coco(out / "coco.json", 5)
+    # a mask pattern that finds nothing fails those images with a sentence, not the run
+    out2 = tmp_path / "out2"
+    assert main(["batch", str(DATA / "images" / "CHNCXR_0007_0.png"), "--out", str(out2),
+                 "--quiet", "--mask", "{dir}/nowhere/{name}"]) == 1
+    assert "mask" in summary(out2)[0]["message"] and "does not exist" in summary(out2)[0][
+        "message"]
+
+
+def test_zarr_array_in_parts(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    stack, _, _ = make_stack(7, 96, seed=5)
+    z = zarr.open(str(tmp_path / "movie.zarr"), mode="w", shape=stack.shape,
+                  chunks=(1, 96, 96), dtype="f4")
+    z[:] = stack
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "movie.zarr"), "--out", str(out), "--quiet",
+                 "--part-size", "3", "--batch-size", "2"]) == 0
+    heat = zarr.open(str(out / "heatmaps" / "movie.zarr"), mode="r")[:]
+    ref = ng.explain(stack, ng.load_model("demo"), device="cpu")
+    np.testing.assert_allclose(heat, ref.heatmaps, atol=1e-5)
+    parts = sorted(p.name for p in (out / "geojson").glob("*.geojson"))
+    assert parts == ["movie_000000-000003.geojson", "movie_000003-000006.geojson",
+                     "movie_000006-000007.geojson"]
+    rows = summary(out)
+    assert [r["index"] for r in rows] == [str(i) for i in range(7)]
+    coco = check_coco(out / "coco.json", 7)
+    assert sorted(im["file_name"] for im in coco.imgs.values())[0] == "movie_0.png"
+
+
+def test_a_bad_file_is_reported_and_the_run_goes_on(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(3):
+        iio.imwrite(folder / f"img{k}.png",
+                    (make_image(128, seed=k).image * 255).astype(np.uint8))
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "empty.tif").write_bytes(b"")
+    tifffile.imwrite(folder / "colour.tif", np.random.default_rng(0).integers(
+        0, 255, (96, 96, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert main(["batch", str(folder), "--out", str(out), "--quiet"]) == 1
+    rows = {Path(r["file"]).name: r for r in summary(out)}
+    assert {n for n, r in rows.items() if r["status"] == "ok"} == {"img0.png", "img1.png",
+                                                                   "img2.png"}
+    assert "can't read it as an image" in rows["corrupt.png"]["message"]
+    assert "can't read it" in rows["empty.tif"]["message"]
+    assert "colour RGB" in rows["colour.tif"]["message"]
+    check_coco(out / "coco.json", 3)
+
+
+def _copy_tree_text(out: Path) -> dict:
+    files = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if p.is_file() and rel.parts[0] != ".napari-gradcam":
+            files[str(rel)] = p.read_bytes()
+    return files
+
+
+def test_resume_after_a_killed_run_gives_the_same_outputs(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(30):
+        iio.imwrite(folder / f"img{k:02d}.png",
+                    (make_image(96, seed=100 + k).image * 255).astype(np.uint8))
+    model = tmp_path / "slow.pt"
+    from safetensors.torch import save_file
+
+    from conftest import sleepy_cnn
+
+    save_file(sleepy_cnn(in_ch=1, classes=3).state_dict(), str(tmp_path / "slow.safetensors"))
+    (tmp_path / "slow.safetensors.json").write_text(json.dumps({
+        "architecture": "conftest:sleepy_cnn", "arguments": {"delay": 0.15},
+        "class_names": ["disc", "square", "triangle"]}))
+    del model
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    cmd = [sys.executable, "-m", "napari_gradcam", "batch", str(folder), "--model",
+           str(tmp_path / "slow.safetensors"), "--batch-size", "1", "--quiet"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    records = out / ".napari-gradcam" / "records"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.is_dir() or len(list(records.glob(
+            "*.json"))) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(records.glob("*.json")))
+    assert 5 <= done_before < 30, "the run was not interrupted in the middle"
+    assert not (out / "summary.csv").exists()
+    # the rerun does only what is missing, and ends exactly where a clean run ends
+    res = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not [p for p in out.rglob(".*.tmp*")]
+    clean = tmp_path / "clean"
+    res = subprocess.run(cmd + ["--out", str(clean)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _copy_tree_text(out) == _copy_tree_text(clean)
+    # a third run has nothing to do
+    t0 = time.perf_counter()
+    assert subprocess.run(cmd + ["--out", str(out)], env=env,
+                          capture_output=True).returncode == 0
+    assert time.perf_counter() - t0 < 30 * 0.15
+
+
+def test_dask_cluster_gives_the_single_process_results_with_one_model_per_worker(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    from napari_gradcam import cluster
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(6):
+        iio.imwrite(folder / f"img{k}.png",
+                    (make_image(128, seed=200 + k).image * 255).astype(np.uint8))
+    stack, _, _ = make_stack(4, 96, seed=9)
+    tifffile.imwrite(folder / "stack.tif", stack, photometric="minisblack")
+    units = collect_units([folder])
+    spec = ng.load_model("demo")
+    opts = Options(device="cpu")
+    single = tmp_path / "single"
+    write_summary(process_units(units, spec, single, opts), single, spec.class_names)
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as lc, \
+            distributed.Client(lc) as client:
+        out = tmp_path / "dask"
+        records = cluster.process_on_cluster(client, units, {"source": "demo"}, out, opts)
+        write_summary(records, out, spec.class_names)
+        loads = client.run(lambda: __import__("napari_gradcam.cluster").cluster.MODEL_LOADS)
+        assert all(v <= 1 for v in loads.values()) and sum(loads.values()) >= 1
+        # the CLI on the same cluster
+        cli_out = tmp_path / "cli"
+        assert main(["batch", str(folder), "--out", str(cli_out), "--quiet",
+                     "--dask-scheduler", lc.scheduler_address]) == 0
+        loads = client.run(lambda: __import__("napari_gradcam.cluster").cluster.MODEL_LOADS)
+        assert all(v <= 1 for v in loads.values())  # reused by the second job
+    for other in (out, cli_out):
+        assert summary(other) == summary(single)
+        for tif in (single / "heatmaps").glob("*.tif"):
+            np.testing.assert_allclose(tifffile.imread(other / "heatmaps" / tif.name),
+                                       tifffile.imread(tif), atol=1e-5)
+        for geo in (single / "geojson").glob("*.geojson"):
+            a, _ = ng.read_geojson(geo)
+            b, _ = ng.read_geojson(other / "geojson" / geo.name)
+            assert [x.properties["class"] for x in a] == [x.properties["class"] for x in b]
+
+
+def test_demo_headless_writes_the_main_job(tmp_path, capsys):
+    assert main(["demo", "--headless", str(tmp_path / "demo")]) == 0
+    out = tmp_path / "demo"
+    assert (out / "heatmaps" / "synthetic-shapes.tif").is_file()
+    assert (out / "overlays" / "synthetic-shapes.png").is_file()
+    check_geojson(out / "geojson" / "synthetic-shapes.geojson", planes=False)
+    check_coco(out / "coco.json", 1)
+    assert summary(out)[0]["status"] == "ok"
+    assert "written to" in capsys.readouterr().out
+
+
+def test_inputs_and_options_that_make_no_sense(tmp_path, capsys):
+    assert main(["batch", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["batch", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert main(["batch", str(DATA / "images"), "--out", str(tmp_path / "o"),
+                 "--target", "zebra"]) == 2
+    assert "no class 'zebra'" in capsys.readouterr().err
+    assert main(["batch", str(DATA / "images"), "--out", str(tmp_path / "o"),
+                 "--threshold", "high"]) == 2
+    assert "--threshold 'high'" in capsys.readouterr().err
