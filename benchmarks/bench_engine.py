@@ -30,11 +30,11 @@ import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's Score-CAM progress bars
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
+import torch
+import torchvision
 
-import napari_gradcam as ng  # noqa: E402
-from napari_gradcam._device import describe_device, resolve_device  # noqa: E402
+import napari_gradcam as ng
+from napari_gradcam._device import describe_device, resolve_device
 
 try:
     import pytorch_grad_cam as pgc

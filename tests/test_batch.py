@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import small_cnn
 
 import napari_gradcam as ng
 from napari_gradcam import batch as batch_mod
 from napari_gradcam.batch import layout, preprocess
 from napari_gradcam.models import ModelSpec
-
-from conftest import small_cnn
 
 
 def spec_for(module, in_channels=1, **kw):

@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torchvision
+from conftest import GapHead, hooks_left, small_cnn
 from torch import nn
 
 import napari_gradcam as ng
 from napari_gradcam.cam import find_target_layer, to_heatmaps
-
-from conftest import GapHead, hooks_left, small_cnn
 
 GRADIENT_METHODS = ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"]
 ALL = ng.available_methods()

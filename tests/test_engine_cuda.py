@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import hooks_left, small_cnn
 
 import napari_gradcam as ng
-
-from conftest import hooks_left, small_cnn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

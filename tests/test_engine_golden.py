@@ -14,11 +14,10 @@ import math
 
 import pytest
 import torch
+from conftest import FlatHead, GapHead
 
 import napari_gradcam as ng
 from napari_gradcam.cam.methods import eigen_projection
-
-from conftest import FlatHead, GapHead
 
 A = torch.tensor([[[1.0, 2.0], [0.0, 1.0]], [[0.0, 1.0], [2.0, 0.0]]])
 G = torch.tensor([[[1.0, 1.0], [-1.0, 2.0]], [[0.0, -1.0], [3.0, 3.0]]])

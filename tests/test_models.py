@@ -334,11 +334,11 @@ def test_the_readme_documents_every_sidecar_field_and_its_example_loads(tmp_path
     from napari_gradcam.models.loader import read_sidecar
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    example = re.search(r"```json\n(.*?)```", readme, re.S).group(1)
+    example = re.search(r"```json\n(.*?)```", readme, re.DOTALL).group(1)
     (tmp_path / "model.json").write_text(example)
     meta = read_sidecar(tmp_path / "model.json")
     assert meta["architecture"] == "densenet121"
-    table = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", readme, re.M))
+    table = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", readme, re.MULTILINE))
     documented = {name for row in table for name in row if name}
     assert documented == set(SIDECAR_FIELDS)
     # and it describes a loadable model

@@ -101,7 +101,7 @@ def test_polygon_hole_is_drawn_open(make_napari_viewer):
     viewer.reset_view()
     shot = viewer.screenshot(canvas_only=True, flash=False)
     cy, cx = shot.shape[0] // 2, shot.shape[1] // 2
-    red = lambda p: p[0] > 150 and p[1] < 80  # noqa: E731
+    red = lambda p: p[0] > 150 and p[1] < 80
     assert not red(shot[cy, cx])  # the hole's centre shows the image, not the fill
     ring_y = cy - int(shot.shape[0] * 14 / 64 * 0.9)  # 14 px above the centre, on the ring
     assert any(red(shot[y, cx]) for y in range(ring_y - 3, ring_y + 4))

@@ -24,7 +24,7 @@ from napari_gradcam.cam import to_heatmaps
 from napari_gradcam.cam.methods import eigen_projection
 
 pgc = pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection  # noqa: E402
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
 ORACLES = {
     "gradcam": pgc.GradCAM,

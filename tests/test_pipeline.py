@@ -3,7 +3,6 @@ files, and the same results on a dask.distributed cluster."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -166,9 +165,8 @@ def test_resume_after_a_killed_run_gives_the_same_outputs(tmp_path):
         iio.imwrite(folder / f"img{k:02d}.png",
                     (make_image(96, seed=100 + k).image * 255).astype(np.uint8))
     model = tmp_path / "slow.pt"
-    from safetensors.torch import save_file
-
     from conftest import sleepy_cnn
+    from safetensors.torch import save_file
 
     save_file(sleepy_cnn(in_ch=1, classes=3).state_dict(), str(tmp_path / "slow.safetensors"))
     (tmp_path / "slow.safetensors.json").write_text(json.dumps({
@@ -271,3 +269,15 @@ def test_inputs_and_options_that_make_no_sense(tmp_path, capsys):
     assert main(["batch", str(DATA / "images"), "--out", str(tmp_path / "o"),
                  "--threshold", "high"]) == 2
     assert "--threshold 'high'" in capsys.readouterr().err
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_back(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for k in range(2):
+        iio.imwrite(folder / f"img{k}.png", (make_image(96, seed=k).image * 255).astype(np.uint8))
+    out = folder / "results"
+    for _ in range(2):  # the second run would find the overlays if it looked inside
+        assert main(["batch", str(folder), "--out", str(out), "--quiet", "--overlay"]) == 0
+        assert [r["file"] for r in summary(out)] == [str(folder / "img0.png"),
+                                                     str(folder / "img1.png")]

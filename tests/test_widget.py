@@ -13,10 +13,10 @@ from napari_gradcam.models.demo.synthetic import make_image, make_stack
 
 napari = pytest.importorskip("napari")
 
-from napari_gradcam._napari import widget as widget_mod  # noqa: E402
-from napari_gradcam._napari.widget import GradCamWidget  # noqa: E402
+from conftest import small_cnn
 
-from conftest import small_cnn  # noqa: E402
+from napari_gradcam._napari import widget as widget_mod
+from napari_gradcam._napari.widget import GradCamWidget
 
 DATA = Path(__file__).parent / "data" / "chest-xray"
 SEED = 6  # the sample image: a disc, a square and a triangle
@@ -480,7 +480,7 @@ def test_devices_offered_are_the_ones_present():
 
 
 def test_edited_regions_save_through_the_file_menu_writers(viewer, qtbot, tmp_path):
-    item, w, shapes = run_every_class(viewer, qtbot)
+    item, _w, shapes = run_every_class(viewer, qtbot)
     n = len(shapes.data)
     shapes.selected_data = {0}  # the user deletes one shape and draws a rectangle
     shapes.remove_selected()

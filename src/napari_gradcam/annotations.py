@@ -19,8 +19,9 @@ twice. :func:`polygon_to_vertices` writes that form and :func:`vertices_to_polyg
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import shapely

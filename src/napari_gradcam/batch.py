@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -353,7 +354,7 @@ class Runner:
                 else:
                     res = explain_batch(module, part, self.method, target_layer=self.layer_name,
                                         targets=self.class_id, amp=self.amp)
-            except Exception as err:  # noqa: BLE001 - only out-of-memory is handled here
+            except Exception as err:
                 if not _is_oom(err):
                     raise
                 del err

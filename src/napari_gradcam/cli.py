@@ -74,8 +74,8 @@ def _batch(args) -> int:
     from .batch import Runner
 
     Runner(spec, opts.method, opts.target, opts.device, opts.batch_size)  # check options now
-    units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size)
     out = Path(args.out)
+    units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size, exclude=out)
     progress = iter_progress(len(units), args.quiet)
     if args.dask_scheduler or args.dask_local:
         from .batch import model_spatial_dims

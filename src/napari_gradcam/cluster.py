@@ -11,8 +11,8 @@ collects the records and writes summary.csv and coco.json.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .pipeline import Options, Record, Unit, prepare_outputs, process_units
 

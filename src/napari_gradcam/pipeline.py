@@ -22,10 +22,10 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -72,26 +72,42 @@ def _stem(path: Path, root: Path | None) -> str:
     return "__".join(parts) or path.stem
 
 
+def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
+    """Image files and zarr arrays below ``root``, sorted, without descending into zarr
+    arrays, hidden folders or the output folder."""
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        keep = []
+        for d in sorted(dirs):
+            sub = here / d
+            if d.startswith(".") or (exclude is not None and sub.resolve() == exclude):
+                continue
+            if _is_zarr(sub):
+                yield sub
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                yield here / f
+
+
 def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 256,
-                  channel_axis=None) -> list[Unit]:
+                  channel_axis=None, exclude=None) -> list[Unit]:
     """Units for files, folders (searched recursively for images and zarr arrays) and zarr
     arrays. ``mask`` is a pattern for each image's mask file with ``{dir}`` (the image's
     folder), ``{name}`` (file name) and ``{stem}`` (name without suffix), e.g.
-    ``"{dir}/../lung-masks/{name}"``."""
+    ``"{dir}/../lung-masks/{name}"``. ``exclude``: a folder to leave out (the output folder,
+    when it lies inside an input folder)."""
+    inputs = list(inputs)
+    exclude = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path | None]] = []
     for item in inputs:
         path = Path(item)
         if not path.exists():
             raise ValueError(f"input {str(path)!r} does not exist.")
         if path.is_dir() and not _is_zarr(path):
-            for p in sorted(path.rglob("*")):
-                if any(part.startswith(".") for part in p.relative_to(path).parts):
-                    continue
-                if _is_zarr(p):
-                    found.append((p, path))
-                elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(
-                        _is_zarr(parent) for parent in p.parents):
-                    found.append((p, path))
+            found += [(p, path) for p in sorted(_walk(path, exclude))]
         else:
             found.append((path, None))
     units, seen = [], set()
@@ -303,15 +319,14 @@ def _write_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
                     lead: tuple) -> None:
     import imageio.v3 as iio
 
-    rgb_axis = pixels.ndim > heat.ndim
     for idx in np.ndindex(*lead) if lead else [()]:
         image = pixels[idx] if idx else pixels
         suffix = "".join(f"_{i + (unit.start if k == 0 and unit.kind == 'zarr' else 0)}"
                          for k, i in enumerate(idx))
         path = out / "overlays" / f"{unit.name}{suffix}.png"
         with atomic_output(path) as tmp:
-            iio.imwrite(str(tmp), overlay_rgb(image if rgb_axis or image.ndim == 2 else image,
-                                              heat[idx] if idx else heat), extension=".png")
+            iio.imwrite(str(tmp), overlay_rgb(image, heat[idx] if idx else heat),
+                        extension=".png")
 
 
 def _failed(unit: Unit, out: Path, message: str) -> Record:

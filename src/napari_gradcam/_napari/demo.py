@@ -48,7 +48,7 @@ def run_demo(*, stack: bool = False, methods=None, device: str = "auto",
     import napari
     from qtpy.QtCore import QTimer
 
-    viewer, widget, worker = open_demo(stack=stack, methods=methods, device=device)
+    viewer, _widget, worker = open_demo(stack=stack, methods=methods, device=device)
     viewer.window.resize(*size)
     if screenshot:
         def shoot():

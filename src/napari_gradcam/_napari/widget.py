@@ -17,8 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
-    CheckBox, ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton,
-    RadioButtons, Select, SpinBox,
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    RadioButtons,
+    Select,
+    SpinBox,
 )
 from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import create_worker
@@ -125,7 +134,7 @@ def _guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return (yield from fn(*args, **kwargs))
-        except Exception as err:  # noqa: BLE001 - shown to the user as a notification
+        except Exception as err:
             raise RunFailed(str(err) or type(err).__name__) from err
 
     return wrapper
@@ -164,7 +173,7 @@ def rederive(explanations, job: Job) -> list:
     """:func:`derive_regions` for a worker thread."""
     try:
         return derive_regions(explanations, job)
-    except Exception as err:  # noqa: BLE001 - shown to the user as a notification
+    except Exception as err:
         raise RunFailed(str(err) or type(err).__name__) from err
 
 

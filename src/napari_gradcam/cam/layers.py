@@ -17,7 +17,7 @@ from ._state import explaining
 
 # model -> {input ndim: layer name}; discovery costs one forward of a single sample, so it is done
 # once per model and input rank.
-_AUTO_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[int, str]]" = weakref.WeakKeyDictionary()
+_AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
 def module_names(module: nn.Module) -> list[str]:

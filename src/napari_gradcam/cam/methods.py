@@ -11,8 +11,8 @@ score with respect to A, k = channel, sums and means run over the spatial positi
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -234,7 +234,7 @@ def eigencam(ctx: CamContext) -> torch.Tensor:
 
 # model -> {target layer name: head name}, verified once: the check needs host synchronisation,
 # and whether the logits are Linear(mean(A)) is a property of the architecture, not of the input.
-_HEADS: "weakref.WeakKeyDictionary[nn.Module, dict[str, str]]" = weakref.WeakKeyDictionary()
+_HEADS: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
 def classifier_head(ctx: CamContext) -> nn.Linear:

@@ -19,8 +19,9 @@ import json
 import logging
 import pickle
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
