@@ -33,7 +33,10 @@ def test_core_imports_no_napari_or_qt():
     code = (
         "import sys, napari_gradcam, napari_gradcam.cam, napari_gradcam.cli, "
         "napari_gradcam._example, napari_gradcam._device, napari_gradcam.regions, "
-        "napari_gradcam.annotations, napari_gradcam.export, napari_gradcam._napari.io\n"
+        "napari_gradcam.annotations, napari_gradcam.export, napari_gradcam._napari.io, "
+        "napari_gradcam.batch, napari_gradcam.models, napari_gradcam.models.loader, "
+        "napari_gradcam.pipeline, napari_gradcam.cluster, napari_gradcam._napari.sample_data\n"
+        "napari_gradcam.cli.build_parser()\n"
         "bad = {'napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'vispy'}\n"
         "loaded = sorted({m.split('.')[0] for m in sys.modules} & bad)\n"
         "assert not loaded, loaded\n"
