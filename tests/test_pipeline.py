@@ -79,6 +79,26 @@ def test_sixteen_bit_tiff_stack(tmp_path):
     assert len(list((out / "overlays").glob("stack_*.png"))) == 5
 
 
+def test_every_class_found_in_a_stack(tmp_path):
+    stack, labels, _ = make_stack(4, 128, seed=12)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "s.tif"), "--out", str(out), "--quiet",
+                 "--target", "found"]) == 0
+    spec = ng.load_model("demo")
+    per_class = [ng.explain(stack, spec, target=k, device="cpu") for k in range(3)]
+    rows = summary(out)
+    for i in range(4):
+        found = [spec.class_names[k] for k in range(3) if per_class[k].scores[i] > 0]
+        assert [r["class"] for r in rows if r["index"] == str(i)] == (found or [""])
+        # and on these frames the classes found are exactly the ones drawn
+        assert found == [spec.class_names[k] for k in np.flatnonzero(labels[i])]
+    heat = tifffile.imread(out / "heatmaps" / "s.tif")
+    merged = np.max([p.heatmaps * (p.scores > 0)[:, None, None] for p in per_class], 0)
+    np.testing.assert_allclose(heat, merged, atol=1e-5)
+    check_coco(out / "coco.json", 4)  # one COCO image per frame, however many classes
+
+
 def test_chest_xray_palette_pngs_with_lung_masks_by_pattern(tmp_path):
     out = tmp_path / "out"
     code = main(["batch", str(DATA / "images"), "--out", str(out), "--quiet",
@@ -253,8 +273,18 @@ def test_demo_headless_writes_the_main_job(tmp_path, capsys):
     assert (out / "overlays" / "synthetic-shapes.png").is_file()
     check_geojson(out / "geojson" / "synthetic-shapes.geojson", planes=False)
     check_coco(out / "coco.json", 1)
-    assert summary(out)[0]["status"] == "ok"
-    assert "written to" in capsys.readouterr().out
+    rows = summary(out)  # like the window: every class the model finds, a row each
+    assert [r["class"] for r in rows] == ["disc", "square", "triangle"]
+    assert all(r["status"] == "ok" and int(r["regions"]) == 1 for r in rows)
+    item = make_image(256, seed=6, classes=[0, 1, 2])
+    annotations, _ = ng.read_geojson(out / "geojson" / "synthetic-shapes.geojson")
+    for o in item.objects:  # each object boxed in its own class
+        boxes = [a.geometry.bounds for a in annotations
+                 if a.kind == "rectangle" and a.properties["class"] == o.class_name]
+        r0, c0, r1, c1 = o.box
+        assert any(abs(b[0] - c0) <= 3 and abs(b[1] - r0) <= 3 and abs(b[2] - c1) <= 3
+                   and abs(b[3] - r1) <= 3 for b in boxes)
+    assert "1 image from 1 input written" in capsys.readouterr().out
 
 
 def test_inputs_and_options_that_make_no_sense(tmp_path, capsys):

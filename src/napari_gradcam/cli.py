@@ -33,7 +33,7 @@ def _demo_headless(args) -> int:
     units, arrays = units_for_array(data, kwargs["name"].replace(" ", "-"))
     spec = load_model("demo")
     opts = Options(method=(args.method or ["gradcam"])[0], device=args.device, overlay=True,
-                   overwrite=True)
+                   overwrite=True, target="found")  # as the window: every object it finds
     records = process_units(units, spec, args.headless, opts, arrays=arrays)
     write_summary(records, Path(args.headless), spec.class_names)
     _report(records, args.headless, quiet=False)
@@ -42,8 +42,10 @@ def _demo_headless(args) -> int:
 
 def _report(records, out, quiet: bool) -> None:
     failed = [r for r in records if r.status != "ok"]
-    images = sum(len(r.images) for r in records)
-    print(f"napari-gradcam: {images} images from {len(records) - len(failed)} inputs written "
+    images = sum(r.image_count for r in records)
+    print(f"napari-gradcam: {images} image{'s' * (images != 1)} from "
+          f"{len(records) - len(failed)} input{'s' * (len(records) - len(failed) != 1)} "
+          f"written "
           f"to {out} (heatmaps/, geojson/, coco.json, summary.csv)"
           + (f"; {len(failed)} failed (see summary.csv)" if failed else ""),
           file=sys.stderr if quiet else sys.stdout)
@@ -71,9 +73,9 @@ def _batch(args) -> int:
                    threshold_mode=args.threshold_mode, min_area=args.min_area,
                    simplify=args.simplify, device=args.device, batch_size=args.batch_size,
                    overlay=args.overlay, overwrite=args.overwrite, workers=args.workers)
-    from .batch import Runner
+    from .pipeline import Explainer
 
-    Runner(spec, opts.method, opts.target, opts.device, opts.batch_size)  # check options now
+    Explainer(spec, opts)  # bad method, target or device: say so before reading anything
     out = Path(args.out)
     units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size, exclude=out)
     progress = iter_progress(len(units), args.quiet)
@@ -133,7 +135,9 @@ def _batch_parser(sub) -> None:
                    help="allow a model file that holds pickled code (only files you trust)")
     b.add_argument("--method", default="gradcam", choices=available_methods())
     b.add_argument("--target", default=None,
-                   help="class name or index to explain (default: each image's prediction)")
+                   help="class name or index to explain, or 'found': every class with a "
+                        "positive logit (multi-label models; a summary row per class found). "
+                        "Default: each image's prediction")
     b.add_argument("--threshold", default="0.5", help="heat value in [0, 1], or otsu")
     b.add_argument("--threshold-mode", default="absolute", choices=("absolute", "relative"))
     b.add_argument("--min-area", type=int, default=16, help="smallest region in pixels")

@@ -90,7 +90,7 @@ def process_on_cluster(client, units: list[Unit], model: dict, out, opts: Option
     for fut in as_completed(futures):
         for rec in fut.result():
             records[rec.unit] = rec
-            images += len(rec.images)
+            images += rec.image_count
             if progress is not None:
                 progress(images, len(records), rec.unit)
     return [records[u.key] for u in units if u.key in records]

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 STATE_DIR = ".napari-gradcam"  # records of finished units, inside the output folder
+FOUND = "found"  # target: every class with a positive logit (multi-label models)
 
 
 # ---- what to process ----------------------------------------------------------------------------
@@ -224,6 +225,11 @@ class Record:
     geojson: str = ""
     seconds: float = 0.0
 
+    @property
+    def image_count(self) -> int:
+        """Images in the unit (``images`` has a row per class found with target "found")."""
+        return len({tuple(img["index"]) for img in self.images})
+
 
 def record_path(out: Path, key: str) -> Path:
     return Path(out) / STATE_DIR / "records" / f"{key}.json"
@@ -263,17 +269,53 @@ def overlay_rgb(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
+class Explainer:
+    """The model over raw batches for one target, or for every class (``target="found"``):
+    returns heatmaps (n, K, *spatial), class ids (n, K) and scores (n, K); K = 1 for one
+    target."""
+
+    def __init__(self, spec, opts: Options):
+        self.found = isinstance(opts.target, str) and opts.target.lower() == FOUND
+        if self.found and not spec.class_names:
+            raise ValueError("target 'found' explains every class, and this model has no class "
+                             "names; give class_names, or a class or none as the target.")
+        targets = range(len(spec.class_names)) if self.found else [opts.target]
+        self.runners = [Runner(spec, opts.method, t, opts.device, opts.batch_size)
+                        for t in targets]
+        self.dims = self.runners[0].dims
+
+    def size_for(self, spatial, count: int) -> int:
+        size = self.runners[0].size_for(spatial, count)
+        for r in self.runners[1:]:
+            r.batch_size = size
+        return size
+
+    def __call__(self, raw: np.ndarray):
+        outs = [r(raw) for r in self.runners]
+        return tuple(np.stack([o[j] for o in outs], 1) for j in range(3))
+
+
 def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, heat: np.ndarray,
                 class_ids: np.ndarray, scores: np.ndarray, lead: tuple, mask, opts: Options,
                 class_names: list, seconds: float) -> Record:
     """Regions, heatmap file, GeoJSON, overlays, then the record (last: it marks the unit
-    done). Runs on a writer thread or a dask worker."""
+    done). ``heat`` is (n, K, *spatial): one map per target (K classes for "found", where only
+    classes with a positive logit count). Runs on a writer thread or a dask worker."""
+    found = isinstance(opts.target, str) and opts.target.lower() == FOUND
+    k_axis = len(lead)
     heat = heat.reshape((*lead, *heat.shape[1:]))
-    ids = class_ids.reshape(lead)
-    sc = scores.reshape(lead)
-    regions = find_regions(heat, opts.threshold, opts.min_area, opts.simplify, mask,
-                           threshold_mode=opts.threshold_mode, class_ids=ids, scores=sc,
-                           workers=1)
+    ids = class_ids.reshape((*lead, -1))
+    sc = scores.reshape((*lead, -1))
+    regions = []
+    for k in range(heat.shape[k_axis]):
+        maps = np.take(heat, k, axis=k_axis)
+        regions += [r for r in find_regions(maps, opts.threshold, opts.min_area, opts.simplify,
+                                            mask, threshold_mode=opts.threshold_mode,
+                                            class_ids=ids[..., k], scores=sc[..., k], workers=1)
+                    if not found or r.score > 0]
+    regions.sort(key=lambda r: (tuple(r.index), r.class_id))
+    keep = (sc > 0) if found else np.ones(sc.shape, bool)
+    heat = (heat * keep.reshape(keep.shape + (1,) * (heat.ndim - keep.ndim))).max(k_axis)
     offset = (unit.start,) if unit.kind == "zarr" and lead else ()
     if offset:
         regions = [replace(r, index=(r.index[0] + unit.start, *r.index[1:])) for r in regions]
@@ -284,15 +326,20 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, heat: np.ndarr
         _write_overlays(unit, out, pixels, heat, lead)
     counts: dict = {}
     for r in regions:
-        counts[tuple(r.index)] = counts.get(tuple(r.index), 0) + 1
+        counts[(tuple(r.index), r.class_id)] = counts.get((tuple(r.index), r.class_id), 0) + 1
     images = []
     for idx in np.ndindex(*lead) if lead else [()]:
         full = tuple(i + o for i, o in zip(idx, offset)) + tuple(idx[len(offset):])
-        cid = int(ids[idx])
-        images.append({"index": list(full),
-                       "class": class_names[cid] if 0 <= cid < len(class_names) else str(cid),
-                       "class_id": cid, "score": float(sc[idx]),
-                       "regions": counts.get(full, 0)})
+        rows = [k for k in range(ids.shape[-1]) if keep[idx][k]]
+        for k in rows:
+            cid = int(ids[idx][k])
+            images.append({"index": list(full),
+                           "class": class_names[cid] if 0 <= cid < len(class_names)
+                           else str(cid), "class_id": cid, "score": float(sc[idx][k]),
+                           "regions": counts.get((full, cid), 0)})
+        if not rows:  # "found" and nothing was: the image still gets its row
+            images.append({"index": list(full), "class": "", "class_id": -1,
+                           "score": float(sc[idx].max()), "regions": 0})
     shape = [*(lead if not offset else (unit.stop,) + tuple(lead[1:])), *heat.shape[len(lead):]]
     record = Record(unit.key, unit.path or unit.name, "ok", "", images, shape,
                     str(geo.relative_to(out)), round(seconds, 4))
@@ -407,7 +454,7 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
     returns a record per unit. ``progress(images_done, units_done, unit_key)`` after each
     unit."""
     out = Path(out)
-    runner = Runner(spec, opts.method, opts.target, opts.device, opts.batch_size)
+    runner = Explainer(spec, opts)
     dims = runner.dims
     prepare_outputs(units, out, opts.channel_axis, dims, clean)
     records: dict[str, Record] = {}
@@ -436,7 +483,7 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
     def finished(rec: Record):
         nonlocal images_done
         records[rec.unit] = rec
-        images_done += len(rec.images)
+        images_done += rec.image_count
         if progress is not None:
             progress(images_done, len(records), rec.unit)
 
@@ -486,9 +533,10 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
                 continue
             pixels, raw, lead, mask = loaded
             n = raw.shape[0]
+            k = len(runner.runners)
             p = _Pending(unit, pixels, raw, lead, mask, time.perf_counter(),
-                         np.zeros((n, *raw.shape[1:-1]), np.float32), np.zeros(n, np.int64),
-                         np.zeros(n, np.float32))
+                         np.zeros((n, k, *raw.shape[1:-1]), np.float32),
+                         np.zeros((n, k), np.int64), np.zeros((n, k), np.float32))
             size = runner.size_for(raw.shape[1:-1], n)
             same = batch and batch[0].raw.shape[1:] == raw.shape[1:] and \
                 batch[0].raw.dtype == raw.dtype
@@ -543,12 +591,12 @@ def write_summary(records: list[Record], out: Path, class_names: list) -> tuple[
         if rec.status != "ok":
             w.writerow([rec.source, "", "", "", "", rec.status, rec.message])
             continue
-        for img in rec.images:
+        for img in rec.images:  # a row per image (per class found, with --target found)
             w.writerow([rec.source, " ".join(map(str, img["index"])), img["class"],
                         f"{img['score']:.6g}", img["regions"], "ok", ""])
         annotations, _meta = read_geojson(out / rec.geojson)
         lead = len(rec.shape) - 2
-        indices = [tuple(img["index"]) for img in rec.images]
+        indices = list(dict.fromkeys(tuple(img["index"]) for img in rec.images))
         base = Path(rec.source).stem if rec.source else rec.unit
         for idx in indices:
             entries.append((base + "".join(f"_{i}" for i in idx) if lead else base,
