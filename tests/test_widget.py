@@ -294,8 +294,10 @@ def test_compare_methods_side_by_side(viewer, qtbot):
     grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
     w.grid_button.clicked()
     assert grid.enabled and w.grid_button.text == "Overlay"
+    heat = viewer.layers["img cam heatmap"]
+    assert heat.colormap.name == "turbo" and heat.opacity == 1.0  # opaque in its own cell
     w.grid_button.clicked()
-    assert not grid.enabled
+    assert not grid.enabled and heat.colormap.name == "gradcam heat" and heat.opacity == 0.7
 
 
 def test_chest_xray_rgb_palette_png_with_its_lung_mask(viewer, qtbot):

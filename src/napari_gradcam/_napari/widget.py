@@ -738,6 +738,12 @@ class GradCamWidget(Container):
             self._viewer.grid
         grid.enabled = not grid.enabled
         self.grid_button.text = "Overlay" if grid.enabled else "Side by side"
+        # alone in its cell a heatmap reads best opaque (cold = blue); over the image, it is
+        # transparent where cold
+        for layer in self._viewer.layers:
+            if layer.metadata.get(META_KEY, {}).get("role") == "heatmap":
+                layer.colormap = "turbo" if grid.enabled else heat_colormap()
+                layer.opacity = 1.0 if grid.enabled else 0.7
 
 
 __all__ = ["GradCamWidget", "available_devices", "compute", "derive_regions"]
