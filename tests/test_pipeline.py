@@ -148,6 +148,40 @@ def test_zarr_array_in_parts(tmp_path):
     assert sorted(im["file_name"] for im in coco.imgs.values())[0] == "movie_0.png"
 
 
+def test_long_tiff_stacks_and_nd_zarr_are_read_in_parts(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    stack, _, _ = make_stack(7, 96, seed=6)
+    u16 = (stack * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "long.tif", u16, photometric="minisblack")
+    tz = make_stack(6, 96, seed=7)[0].reshape(3, 2, 96, 96)
+    z = zarr.open(str(tmp_path / "tz.zarr"), mode="w", shape=tz.shape, chunks=(1, 1, 96, 96),
+                  dtype="f4")
+    z[:] = tz
+    single = make_image(96, seed=3).image
+    zarr.open(str(tmp_path / "one.zarr"), mode="w", shape=single.shape, dtype="f4")[:] = single
+    units = collect_units([tmp_path / "long.tif", tmp_path / "tz.zarr", tmp_path / "one.zarr"],
+                          part_size=2)
+    assert [(u.name, u.kind, u.start, u.stop) for u in units] == [
+        ("long", "parts", 0, 2), ("long", "parts", 2, 4), ("long", "parts", 4, 6),
+        ("long", "parts", 6, 7), ("tz", "parts", 0, 2), ("tz", "parts", 2, 3),
+        ("one", "parts", 0, 1)]
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "long.tif"), str(tmp_path / "tz.zarr"),
+                 str(tmp_path / "one.zarr"), "--out", str(out), "--quiet",
+                 "--part-size", "2"]) == 0
+    spec = ng.load_model("demo")
+    for name, data in (("long", u16), ("tz", tz), ("one", single)):
+        heat = zarr.open(str(out / "heatmaps" / f"{name}.zarr"), mode="r")[:]
+        np.testing.assert_allclose(heat, ng.explain(data, spec, device="cpu").heatmaps,
+                                   atol=1e-5)
+    rows = summary(out)
+    assert [r["index"] for r in rows if "tz" in r["file"]] == [
+        "0 0", "0 1", "1 0", "1 1", "2 0", "2 1"]
+    check_coco(out / "coco.json", 7 + 6 + 1)
+    # a short TIFF stack stays one unit with a TIFF heatmap
+    assert [u.kind for u in collect_units([tmp_path / "long.tif"])] == ["file"]
+
+
 def test_a_bad_file_is_reported_and_the_run_goes_on(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -49,7 +49,7 @@ class Unit:
 
     path: str  # the file or zarr array ('' for an in-memory array)
     name: str  # output stem, unique in the run
-    kind: str  # "file", "zarr" or "array"
+    kind: str  # "file" (read whole), "parts" (zarr / large TIFF, read lazily) or "array"
     start: int = 0
     stop: int | None = None  # zarr: end of the range (exclusive)
     mask: str | None = None  # mask file for this unit
@@ -57,7 +57,7 @@ class Unit:
     @property
     def key(self) -> str:
         """The unit's output name (a zarr range carries its indices)."""
-        if self.kind == "zarr":
+        if self.kind == "parts":
             return f"{self.name}_{self.start:06d}-{self.stop:06d}"
         return self.name
 
@@ -121,10 +121,9 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
         mask_path = None
         if mask:
             mask_path = str(Path(mask.format(dir=path.parent, name=path.name, stem=path.stem)))
-        if _is_zarr(path):
-            zarr = _zarr()
-            n = _zarr_count(zarr.open(str(path), mode="r"), channel_axis)
-            units += [Unit(str(path), name, "zarr", a, min(a + part_size, n), mask_path)
+        n = _stack_length(path, channel_axis, part_size)
+        if n is not None:  # zarr arrays, and TIFF stacks longer than a part: read in parts
+            units += [Unit(str(path), name, "parts", a, min(a + part_size, n), mask_path)
                       for a in range(0, n, part_size)]
         else:
             units.append(Unit(str(path), name, "file", mask=mask_path))
@@ -143,9 +142,39 @@ def _zarr():
     return zarr
 
 
-def _zarr_count(array, channel_axis) -> int:
-    lay = layout(array.shape, channel_axis)
-    return lay.count if lay.lead else 1
+def open_lazy(path):
+    """A zarr array, or a TIFF file's first series as a lazily read zarr array."""
+    zarr = _zarr()
+    if str(path).lower().endswith((".tif", ".tiff")):
+        import tifffile
+
+        return zarr.open(tifffile.imread(str(path), aszarr=True), mode="r")
+    return zarr.open(str(path), mode="r")
+
+
+def _stack_length(path: Path, channel_axis, part_size: int) -> int | None:
+    """The length of the first leading axis for inputs read in parts (zarr arrays, TIFF stacks
+    longer than ``part_size``), else None (read whole)."""
+    if _is_zarr(path):
+        shape = open_lazy(path).shape
+    elif path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tif:
+                shape = tif.series[0].shape
+        except Exception:  # noqa: BLE001 - unreadable: read whole, fail there with a message
+            return None
+    else:
+        return None
+    try:
+        lay = layout(shape, channel_axis)
+    except ValueError:
+        return None
+    if not lay.lead:
+        return None if not _is_zarr(path) else 1
+    n = lay.lead[0]
+    return n if _is_zarr(path) or n > part_size else None
 
 
 def read_unit(unit: Unit, arrays: dict | None = None, channel_axis=None) -> np.ndarray:
@@ -153,13 +182,10 @@ def read_unit(unit: Unit, arrays: dict | None = None, channel_axis=None) -> np.n
     if unit.kind == "array":
         return np.asarray(arrays[unit.name])
     path = Path(unit.path)
-    if unit.kind == "zarr":
-        import zarr
-
-        array = zarr.open(str(path), mode="r")
+    if unit.kind == "parts":
+        array = open_lazy(path)
         lay = layout(array.shape, channel_axis)
-        data = np.asarray(array[unit.start:unit.stop]) if lay.lead else np.asarray(array)
-        return data
+        return np.asarray(array[unit.start:unit.stop]) if lay.lead else np.asarray(array)
     try:
         data = np.asarray(_imread(path))
     except Exception as err:  # noqa: BLE001 - any decoder failure: one line for the summary
@@ -316,10 +342,10 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, heat: np.ndarr
     regions.sort(key=lambda r: (tuple(r.index), r.class_id))
     keep = (sc > 0) if found else np.ones(sc.shape, bool)
     heat = (heat * keep.reshape(keep.shape + (1,) * (heat.ndim - keep.ndim))).max(k_axis)
-    offset = (unit.start,) if unit.kind == "zarr" and lead else ()
+    offset = (unit.start,) if unit.kind == "parts" and lead else ()
     if offset:
         regions = [replace(r, index=(r.index[0] + unit.start, *r.index[1:])) for r in regions]
-    _write_heat(unit, out, heat)
+    _write_heat(unit, out, heat, bool(lead))
     geo = out / "geojson" / f"{unit.key}.geojson"
     write_geojson(regions_to_annotations(regions, class_names), geo, class_names=class_names)
     if opts.overlay and pixels is not None:
@@ -347,12 +373,13 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, heat: np.ndarr
     return record
 
 
-def _write_heat(unit: Unit, out: Path, heat: np.ndarray) -> None:
-    if unit.kind == "zarr":
-        import zarr
-
-        target = zarr.open(str(out / "heatmaps" / f"{unit.name}.zarr"), mode="r+")
-        target[unit.start:unit.stop] = heat
+def _write_heat(unit: Unit, out: Path, heat: np.ndarray, stacked: bool) -> None:
+    if unit.kind == "parts":
+        target = _zarr().open(str(out / "heatmaps" / f"{unit.name}.zarr"), mode="r+")
+        if stacked:
+            target[unit.start:unit.stop] = heat
+        else:  # a single image stored as zarr
+            target[...] = heat
         return
     import tifffile
 
@@ -368,7 +395,7 @@ def _write_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
 
     for idx in np.ndindex(*lead) if lead else [()]:
         image = pixels[idx] if idx else pixels
-        suffix = "".join(f"_{i + (unit.start if k == 0 and unit.kind == 'zarr' else 0)}"
+        suffix = "".join(f"_{i + (unit.start if k == 0 and unit.kind == 'parts' else 0)}"
                          for k, i in enumerate(idx))
         path = out / "overlays" / f"{unit.name}{suffix}.png"
         with atomic_output(path) as tmp:
@@ -396,17 +423,13 @@ def prepare_outputs(units: list[Unit], out: Path, channel_axis=None, spatial_dim
         for stale in (out / folder).glob(".*.tmp*"):  # a killed run's unfinished temp files
             if stale.is_file():
                 stale.unlink()
-    import_zarr = None
-    for unit in {u.name: u for u in units if u.kind == "zarr"}.values():
+    for unit in {u.name: u for u in units if u.kind == "parts"}.values():
         target = out / "heatmaps" / f"{unit.name}.zarr"
         if target.exists():
             continue
-        if import_zarr is None:
-            import zarr as import_zarr
-        source = import_zarr.open(unit.path, mode="r")
-        lay = layout(source.shape, channel_axis, spatial_dims)
-        import_zarr.open(str(target), mode="w", shape=(*lay.lead, *lay.spatial), dtype="f4",
-                         chunks=(1,) * len(lay.lead) + tuple(lay.spatial), fill_value=0.0)
+        lay = layout(open_lazy(unit.path).shape, channel_axis, spatial_dims)
+        _zarr().open(str(target), mode="w", shape=(*lay.lead, *lay.spatial), dtype="f4",
+                     chunks=(1,) * len(lay.lead) + tuple(lay.spatial), fill_value=0.0)
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------
