@@ -549,9 +549,7 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
             unit, fut = reads.popleft()
             fill()
             loaded = fut.result()
-            if isinstance(loaded, Exception):
-                flush(batch)
-                batch, gathered = [], 0
+            if isinstance(loaded, Exception):  # the batch being gathered goes on without it
                 finished(_failed(unit, out, f"unreadable or unusable: {loaded}"))
                 continue
             pixels, raw, lead, mask = loaded
