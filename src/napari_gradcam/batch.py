@@ -27,6 +27,7 @@ from torch import nn
 from ._device import describe_device, resolve_device
 from .cam import explain_batch, get_method, resolve_target_layer
 from .models import ModelSpec, normalise_intensity
+from .regions import find_regions
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,15 @@ def check_channels(channels: int, in_channels: int) -> None:
     )
 
 
+def colour_for_grey_model() -> ValueError:
+    """The error for a colour RGB image given to a 1-channel model (grey stored as RGB, with
+    equal channels, is accepted)."""
+    return ValueError(
+        "the model takes 1 input channel but the image is colour RGB (its channels differ); "
+        "convert it to greyscale first, or choose a model trained on colour images."
+    )
+
+
 def _scale_range(dtype: np.dtype) -> float | None:
     if np.issubdtype(dtype, np.integer):
         return float(np.iinfo(dtype).max)
@@ -205,11 +215,7 @@ def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.
     c, m = x.shape[1], spec.in_channels
     if c == 3 and m == 1:
         if not (torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])):
-            raise ValueError(
-                "the model takes 1 input channel but the image is colour RGB (its channels "
-                "differ); convert it to greyscale first, or choose a model trained on colour "
-                "images."
-            )
+            raise colour_for_grey_model()
         x = x[:, :1]
     elif c == 4 and m == 3:
         x = x[:, :3]
@@ -433,6 +439,29 @@ def iter_explain(
                        runner.batch_size)
 
 
+def combine_targets(heatmaps, class_ids, scores, *, found: bool, mask=None,
+                    regions: dict | None = None):
+    """One method's results for several targets -> (the heatmap to show, the regions).
+
+    ``heatmaps[k]`` (*lead, *spatial), ``class_ids[k]`` and ``scores[k]`` (*lead) are target
+    k's. With ``found`` ("every class found") a target counts only in the images where its
+    logit is positive; the heatmap is, per pixel, the hottest target that counts. ``regions``:
+    keyword arguments for ``find_regions`` (None: no regions); they come ordered by image,
+    then class.
+    """
+    shown, found_regions = None, []
+    for heat, ids, sc in zip(heatmaps, class_ids, scores):
+        sc = np.asarray(sc)
+        if regions is not None:
+            found_regions += [r for r in find_regions(heat, mask=mask, class_ids=ids, scores=sc,
+                                                      **regions) if not found or r.score > 0]
+        keep = sc > 0 if found else np.ones(sc.shape, bool)
+        heat = np.asarray(heat) * keep.reshape(keep.shape + (1,) * (np.ndim(heat) - keep.ndim))
+        shown = heat if shown is None else np.maximum(shown, heat)
+    found_regions.sort(key=lambda r: (tuple(r.index), -1 if r.class_id is None else r.class_id))
+    return shown, found_regions
+
+
 def run_generator(gen, progress: Callable[[Progress], None] | None = None):
     """Drive a generator to its end, handing each yielded item to ``progress``; returns its
     return value."""
@@ -493,5 +522,5 @@ def explain(
     )
 
 
-__all__ = ["Explanation", "Progress", "Runner", "explain", "iter_explain", "layout",
+__all__ = ["Explanation", "Progress", "Runner", "combine_targets", "explain", "iter_explain", "layout",
            "preprocess", "resolve_target"]

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from .annotations import regions_to_annotations
-from .batch import Runner, check_channels, layout, read_batch
+from .batch import (
+    Runner, check_channels, colour_for_grey_model, combine_targets, layout, read_batch,
+)
 from .export import _atomic_write, atomic_output, read_geojson, write_coco_dataset, write_geojson
-from .regions import find_regions
 
 log = logging.getLogger(__name__)
 
@@ -332,16 +333,14 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, heat: np.ndarr
     heat = heat.reshape((*lead, *heat.shape[1:]))
     ids = class_ids.reshape((*lead, -1))
     sc = scores.reshape((*lead, -1))
-    regions = []
-    for k in range(heat.shape[k_axis]):
-        maps = np.take(heat, k, axis=k_axis)
-        regions += [r for r in find_regions(maps, opts.threshold, opts.min_area, opts.simplify,
-                                            mask, threshold_mode=opts.threshold_mode,
-                                            class_ids=ids[..., k], scores=sc[..., k], workers=1)
-                    if not found or r.score > 0]
-    regions.sort(key=lambda r: (tuple(r.index), r.class_id))
+    k = range(heat.shape[k_axis])
+    heat, regions = combine_targets(
+        [np.take(heat, i, axis=k_axis) for i in k], [ids[..., i] for i in k],
+        [sc[..., i] for i in k], found=found, mask=mask,
+        regions={"threshold": opts.threshold, "min_area": opts.min_area,
+                 "simplify": opts.simplify, "threshold_mode": opts.threshold_mode,
+                 "workers": 1})
     keep = (sc > 0) if found else np.ones(sc.shape, bool)
-    heat = (heat * keep.reshape(keep.shape + (1,) * (heat.ndim - keep.ndim))).max(k_axis)
     offset = (unit.start,) if unit.kind == "parts" and lead else ()
     if offset:
         regions = [replace(r, index=(r.index[0] + unit.start, *r.index[1:])) for r in regions]
@@ -458,8 +457,7 @@ def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
             data = np.moveaxis(pixels, lay.channel_axis, -1)
             if not (np.array_equal(data[..., 0], data[..., 1])
                     and np.array_equal(data[..., 0], data[..., 2])):
-                raise ValueError("it is a colour RGB image but the model takes 1 channel; "
-                                 "convert it to greyscale or use a colour model")
+                raise colour_for_grey_model()  # per file, before it joins a batch
         raw = read_batch(pixels, lay, 0, lay.count if lay.lead else 1)
         mask = _read_mask(unit)
         if mask is not None and tuple(mask.shape) != tuple(lay.spatial):

@@ -34,10 +34,11 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.progress import cancelable_progress
 
-from .. import find_regions
 from .._device import describe_device, resolve_device
 from ..annotations import annotations_to_shapes, class_color, regions_to_annotations
-from ..batch import check_channels, iter_explain, layout, model_spatial_dims, resolve_target
+from ..batch import (
+    check_channels, combine_targets, iter_explain, layout, model_spatial_dims, resolve_target,
+)
 from ..cam import available_methods
 from ..models import ModelSpec, load_model
 from .io import META_KEY
@@ -180,12 +181,7 @@ def rederive(explanations, job: Job) -> list:
 def derive_regions(explanations, job: Job) -> list:
     """Regions of one method's heatmaps (one Explanation per target), indexed in the layer's
     leading axes; in ``present`` mode only where the class's logit is positive."""
-    found = []
-    for exp in explanations:
-        regions = find_regions(exp.heatmaps, mask=job.mask, class_ids=exp.class_ids,
-                               scores=exp.scores, **job.regions)
-        found += [r for r in regions if not job.present or r.score > 0]
-    found.sort(key=lambda r: (tuple(r.index), r.class_id if r.class_id is not None else -1))
+    _shown, found = _combine(explanations, job.present, job.mask, job.regions)
     if job.offset:
         found = [replace(r, index=job.offset + tuple(r.index)) for r in found]
     return found
@@ -196,12 +192,14 @@ def merged_heatmaps(explanations, present: bool) -> np.ndarray:
     found in each image."""
     if len(explanations) == 1 and not present:
         return explanations[0].heatmaps
-    out = None
-    for exp in explanations:
-        keep = (np.asarray(exp.scores) > 0) if present else np.ones(exp.scores.shape, bool)
-        heat = exp.heatmaps * keep.reshape(keep.shape + (1,) * (exp.heatmaps.ndim - keep.ndim))
-        out = heat if out is None else np.maximum(out, heat)
-    return out
+    return _combine(explanations, present)[0]
+
+
+def _combine(explanations, present: bool, mask=None, regions: dict | None = None):
+    return combine_targets([e.heatmaps for e in explanations],
+                           [e.class_ids for e in explanations],
+                           [e.scores for e in explanations], found=present, mask=mask,
+                           regions=regions)
 
 
 class GradCamWidget(Container):
