@@ -26,6 +26,7 @@ from torch import nn
 
 from ._device import describe_device, resolve_device
 from .cam import explain_batch, get_method, resolve_target_layer
+from .cam.engine import size_errors
 from .models import ModelSpec, normalise_intensity
 from .regions import find_regions
 
@@ -104,19 +105,26 @@ def model_spatial_dims(module: nn.Module) -> int:
     return 3 if isinstance(first, nn.Conv3d) else 2
 
 
-def layout(shape, channel_axis=None, spatial_dims: int = 2) -> Layout:
+def layout(shape, channel_axis=None, spatial_dims: int = 2,
+           in_channels: int | None = None) -> Layout:
     """Work out the axes of an image array.
 
-    ``channel_axis``: an axis index; ``None`` guesses (the last axis when it has 3 or 4 entries
-    and the array has more than ``spatial_dims`` axes: RGB / RGBA); ``False`` says there is no
-    channel axis.
+    ``channel_axis``: an axis index; ``None`` guesses; ``False`` says there is no channel axis.
+
+    The guess, for an array with more than ``spatial_dims`` axes: a last axis of 3 or 4 entries
+    is RGB / RGBA. Any other last axis that is small (at most a quarter of each axis before it
+    that would be its neighbour in the image) may hold channels: it does when it has 1 entry or
+    exactly the model's ``in_channels``; otherwise, when ``in_channels`` is given, the array is
+    ambiguous (an (H, W, 5) array could be 5 channels or H images 5 pixels
+    wide) and a ValueError says how to pass ``channel_axis``. Without ``in_channels`` such an
+    axis stays a pixel axis, as before.
     """
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
     if channel_axis is False:
         ca = None
     elif channel_axis is None:
-        ca = ndim - 1 if ndim > spatial_dims and shape[-1] in (3, 4) else None
+        ca = _guess_channel_axis(shape, spatial_dims, in_channels)
     else:
         if not -ndim <= int(channel_axis) < ndim:
             raise ValueError(f"channel_axis={channel_axis} is outside an array of shape {shape}.")
@@ -129,6 +137,28 @@ def layout(shape, channel_axis=None, spatial_dims: int = 2) -> Layout:
     if 0 in shape:
         raise ValueError(f"the image is empty (shape {shape}); load an image with pixels.")
     return lay
+
+
+def _guess_channel_axis(shape: tuple[int, ...], spatial_dims: int,
+                        in_channels: int | None) -> int | None:
+    ndim = len(shape)
+    if ndim <= spatial_dims or 0 in shape:
+        return None
+    last = shape[-1]
+    if last in (3, 4):
+        return ndim - 1
+    neighbours = shape[-1 - spatial_dims:-1]
+    if not all(4 * last <= s for s in neighbours):
+        return None  # a long last axis is the image's width
+    if last == 1 or last == in_channels:
+        return ndim - 1
+    if in_channels is None:
+        return None
+    raise ValueError(
+        f"the array has shape {shape}: its last axis ({last} entries) could hold {last} "
+        f"channels or be the images' width; pass channel_axis=-1 if the last axis holds "
+        f"channels (this model takes {in_channels}), or channel_axis=False if it is the width."
+    )
 
 
 def read_batch(images, lay: Layout, start: int, stop: int) -> np.ndarray:
@@ -336,7 +366,9 @@ class Runner:
         spatial = tuple(raw.shape[1:-1])
         batch = preprocess(raw, self.spec, self.device)
         if self.layer_name is None:
-            self.layer_name, _ = resolve_target_layer(self.spec.module, self._layer, batch[:1])
+            with size_errors(self.spec.module, batch[:1]):  # the first forward runs here
+                self.layer_name, _ = resolve_target_layer(self.spec.module, self._layer,
+                                                          batch[:1])
         parts = self._explain(batch, self.size_for(spatial, raw.shape[0]))
         maps = torch.cat([p.heatmaps for p in parts])
         if tuple(maps.shape[1:]) != spatial:  # resized input: back to the image
@@ -399,7 +431,7 @@ def iter_explain(
                     amp=amp)
     if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
         images = np.asarray(images)
-    lay = layout(images.shape, channel_axis, runner.dims)
+    lay = layout(images.shape, channel_axis, runner.dims, in_channels=spec.in_channels)
     check_channels(lay.channels, spec.in_channels)
     n = lay.count if lay.lead else 1
     size = runner.size_for(lay.spatial, n)
@@ -502,8 +534,10 @@ def explain(
         memory. On out-of-memory errors the batch is halved and retried.
     device : "auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:N", "mps". The model is
         moved there.
-    channel_axis : None guesses (a last axis of 3 or 4 = RGB / RGBA), an int names it, False
-        says there is none. Grey images feed 3-channel models by repetition, RGBA loses alpha,
+    channel_axis : None guesses (a last axis of 3 or 4 = RGB / RGBA; a small last axis of the
+        model's ``in_channels``, e.g. (H, W, 5) for a 5-channel model; an ambiguous one is an
+        error that asks for channel_axis, see :func:`layout`), an int names it, False says
+        there is none. Grey images feed 3-channel models by repetition, RGBA loses alpha,
         grey stored as RGB feeds 1-channel models.
     progress : called with a :class:`Progress` after every batch.
     target_layer : overrides ``spec.target_layer`` (dotted name, module, None = auto).

@@ -3,7 +3,9 @@
 Every writer takes a list of :class:`~napari_gradcam.regions.Region` (each becomes a rectangle
 and a polygon) or of :class:`~napari_gradcam.annotations.Annotation` (what a napari Shapes layer
 holds, edits included), in pixel-corner image coordinates (see annotations.py). Files are
-written atomically: a temporary file in the same folder, renamed over the target when complete.
+written atomically: a temporary file in the same folder, renamed over the target when complete,
+with the mode a plain ``open()`` gives (0666 less the umask). JSON is strict: no NaN / Infinity
+tokens (a missing number is null).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import json
 import math
 import os
+import reprlib
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -24,11 +27,34 @@ import shapely
 import shapely.affinity
 from shapely.geometry import mapping, shape
 
-from .annotations import Annotation, as_annotations, class_color
+from .annotations import KINDS, Annotation, as_annotations, class_color
 from .regions import rasterize
 
 FORMAT_KEY = "napari_gradcam"  # our round-trip information inside otherwise standard files
 MEASUREMENTS = ("score", "peak", "mean", "area")
+
+
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc without changing it; elsewhere it is set
+    and restored at once (to 0o077, so a file another thread creates meanwhile is no more
+    open than the umask allows for the owner's group and others)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _open_mode(path) -> None:
+    """Give a file made by ``mkstemp`` (always 0600) the mode ``open()`` would have given it,
+    0666 less the umask: shared folders and other processes (dask workers) read our outputs."""
+    with contextlib.suppress(OSError):  # a file system without modes (some mounts)
+        os.chmod(path, 0o666 & ~_umask())
 
 
 def _atomic_write(path, text: str) -> Path:
@@ -38,6 +64,7 @@ def _atomic_write(path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        _open_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -49,7 +76,8 @@ def _atomic_write(path, text: str) -> Path:
 @contextlib.contextmanager
 def atomic_output(path):
     """Yield a temporary path beside ``path``; it replaces ``path`` only when the block ends
-    without error, so an interrupted writer never leaves a half-written file."""
+    without error, so an interrupted writer never leaves a half-written file. The result has
+    the mode a plain ``open()`` would give (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
@@ -57,6 +85,7 @@ def atomic_output(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        _open_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -120,14 +149,24 @@ def write_geojson(
     annotations = as_annotations(items, class_names)
     lead = max((len(a.index) for a in annotations), default=0)
     axes = _plane_axes(lead, plane_axes)
+    if scale is not None:  # napari's layer scale: recorded, and applied with physical_units
+        try:
+            scale = _check_scale([float(v) for v in scale], "scale")
+        except (TypeError, ValueError):
+            raise ValueError(f"scale={scale!r}: give the pixel size per axis as numbers "
+                             "(napari's layer scale).") from None
+        except _Malformed as err:
+            raise ValueError(f"{err}.") from None
     sx, sy = _scale_xy(scale) if physical_units else (1.0, 1.0)
     features = []
-    for a in annotations:
+    for i, a in enumerate(annotations):
         geom = a.geometry
+        if not np.isfinite(shapely.get_coordinates(geom)).all():
+            raise ValueError(f"shape {i} has coordinates that are not finite (NaN or "
+                             "infinity); fix or delete that shape before exporting.")
         if (sx, sy) != (1.0, 1.0):
             geom = shapely.affinity.scale(geom, sx, sy, origin=(0, 0))
-        g = mapping(geom)
-        g = json.loads(json.dumps(g))  # tuples -> lists
+        g = _strict(mapping(geom))  # tuples -> lists
         index = (0,) * (lead - len(a.index)) + tuple(a.index)
         if index:
             plane = {"c": -1, "z": 0, "t": 0}
@@ -145,7 +184,7 @@ def write_geojson(
         if measurements:
             props["measurements"] = measurements
         ours = {"kind": a.kind, "index": list(index),
-                "features": {k: _jsonable(v) for k, v in a.properties.items()
+                "features": {k: _strict(v) for k, v in a.properties.items()
                              if k != FORMAT_KEY}}
         ours.update(a.properties.get(FORMAT_KEY, {}))
         props[FORMAT_KEY] = ours
@@ -154,10 +193,9 @@ def write_geojson(
         "type": "FeatureCollection",
         "features": features,
         FORMAT_KEY: {"version": 1, "physical_units": bool(physical_units),
-                     "scale": None if scale is None else [float(v) for v in scale],
-                     "plane_axes": list(axes)},
+                     "scale": scale, "plane_axes": list(axes)},
     }
-    return _atomic_write(path, json.dumps(doc, indent=1))
+    return _atomic_write(path, _dumps(doc, indent=1))
 
 
 def _jsonable(v):
@@ -168,59 +206,367 @@ def _jsonable(v):
     return v
 
 
+def _strict(v):
+    """A value strict JSON can hold: NumPy scalars and arrays as Python numbers and lists,
+    tuples as lists, non-finite floats as null (a missing value: strict JSON has no NaN, and
+    other readers reject a bare NaN token), keys as text, other objects as their text."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    elif isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if v is None or isinstance(v, (str, int)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return str(v)
+
+
+def _dumps(doc, **kwargs) -> str:
+    """Strict JSON (no NaN / Infinity tokens), whatever the document held."""
+    return json.dumps(_strict(doc), allow_nan=False, **kwargs)
+
+
+# GeoJSON geometry types -> how deep their "coordinates" nest above a position
+_DEPTH = {"Point": 0, "MultiPoint": 1, "LineString": 1, "MultiLineString": 2, "Polygon": 2,
+          "MultiPolygon": 3}
+# a pixel coordinate beyond 2**53 is no longer an exact float and lies far outside any image
+_MAX_COORD = float(2 ** 53)
+
+
+class _Malformed(Exception):
+    """What is wrong with one part of a GeoJSON file (read_geojson adds the file's name and
+    the feature's position)."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 4, 40, 40
+
+
+def _short(v) -> str:
+    """repr of a value from the file, cut short (it may be huge or deeply nested)."""
+    text = _REPR.repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _type_name(v) -> str:
+    return "null" if v is None else {dict: "an object", list: "a list", str: "a string",
+                                     bool: "a boolean", int: "a number", float: "a number",
+                                     }.get(type(v), f"a {type(v).__name__}")
+
+
+def _int_value(v, what: str, minimum: int | None = None) -> int:
+    """An integer (integer-valued floats such as 2.0 included) or _Malformed."""
+    ok = isinstance(v, int) and not isinstance(v, bool)
+    if not ok and isinstance(v, float) and math.isfinite(v) and v == int(v):
+        v, ok = int(v), True
+    if not ok or (minimum is not None and v < minimum):
+        need = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise _Malformed(f"{what} is {_short(v)}; it must be {need}")
+    return int(v)
+
+
+def _positions(coords, depth: int, what: str) -> None:
+    """Check nested coordinate lists down to positions of 2 or 3 finite numbers."""
+    stack = [(coords, depth, what)]
+    while stack:
+        c, d, w = stack.pop()
+        if not isinstance(c, list):
+            need = "a position [x, y]" if d == 0 else "a list"
+            raise _Malformed(f"{w} is {_type_name(c)}; it must be {need}")
+        if d == 0:
+            for v in c:
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise _Malformed(f"{w} holds {_type_name(v)} {_short(v)}; coordinates "
+                                     "must be numbers")
+            if len(c) not in (2, 3):
+                raise _Malformed(f"{w} has {len(c)} number(s); a position is [x, y] (or "
+                                 "[x, y, z])")
+            for v in c:
+                try:
+                    f = float(v)
+                except OverflowError:
+                    f = math.inf
+                if not math.isfinite(f) or abs(f) > _MAX_COORD:
+                    raise _Malformed(f"{w} holds {_short(v)}; coordinates must be finite pixel "
+                                     f"positions (at most {_MAX_COORD:.0f} in size)")
+        else:
+            stack.extend((c[k], d - 1, f"{w}[{k}]") for k in range(len(c)))
+
+
+def _rings(rings, what: str) -> None:
+    for k, ring in enumerate(rings):
+        if len(ring) < 4:
+            raise _Malformed(f"{what}'s ring {k} has {len(ring)} position(s); a polygon ring needs "
+                             "at least 4, the last equal to the first")
+        if [float(v) for v in ring[0][:2]] != [float(v) for v in ring[-1][:2]]:
+            raise _Malformed(f"{what}'s ring {k} is not closed; repeat its first position at its "
+                             "end (GeoJSON rings are closed)")
+
+
+def _check_geometry(gj, what: str = "its geometry", level: int = 0) -> None:
+    if not isinstance(gj, dict):
+        raise _Malformed(f"{what} is {_type_name(gj)}; it must be a GeoJSON geometry object "
+                         "such as {\"type\": \"Polygon\", \"coordinates\": [...]} (or null)")
+    kind = gj.get("type")
+    if kind == "GeometryCollection":
+        parts = gj.get("geometries")
+        if not isinstance(parts, list):
+            raise _Malformed(f"{what} is a GeometryCollection whose 'geometries' is "
+                             f"{_type_name(parts)}; it must be a list of geometries")
+        if level > 0:
+            raise _Malformed(f"{what} nests a GeometryCollection in another; flatten it")
+        for k, part in enumerate(parts):
+            _check_geometry(part, f"{what}'s geometry {k}", level + 1)
+        return
+    if kind not in _DEPTH:
+        raise _Malformed(f"{what} has type {_short(kind)}; use one of {', '.join(_DEPTH)} or "
+                         "GeometryCollection")
+    coords = gj.get("coordinates")
+    _positions(coords, _DEPTH[kind], f"{what}'s coordinates")
+    if kind in ("LineString", "MultiLineString"):
+        for k, line in enumerate(coords if kind == "MultiLineString" else [coords]):
+            if len(line) == 1:
+                raise _Malformed(f"{what} has a line {k} of one position; a line needs at "
+                                 "least 2")
+    if kind == "Polygon":
+        _rings(coords, what)
+    elif kind == "MultiPolygon":
+        for k, poly in enumerate(coords):
+            _rings(poly, f"{what}'s polygon {k}")
+
+
+def _polygonal(geom):
+    """A valid geometry: invalid polygons (self-intersecting rings, bow ties) are repaired with
+    ``make_valid`` and keep their polygonal part; one that encloses no area at all is
+    refused."""
+    if geom.is_valid or geom.geom_type not in ("Polygon", "MultiPolygon"):
+        return geom
+    fixed = shapely.make_valid(geom)
+    parts = [p for p in shapely.get_parts(fixed) if p.geom_type in ("Polygon", "MultiPolygon")
+             and not p.is_empty]
+    if not parts:
+        raise _Malformed("its polygon encloses no area (its rings cross or fold onto "
+                         "themselves); redraw it")
+    return parts[0] if len(parts) == 1 else shapely.union_all(parts)
+
+
+def _check_scale(scale, what: str = "the file's scale") -> list[float] | None:
+    if scale is None:
+        return None
+    if (not isinstance(scale, list) or len(scale) < 2
+            or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in scale)):
+        raise _Malformed(f"{what} is {_short(scale)}; it must be a list of at least 2 numbers (one "
+                         "per axis) or null")
+    try:
+        values = [float(v) for v in scale]
+    except OverflowError:  # an integer too large for a float
+        values = [math.inf]
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise _Malformed(f"{what} is {_short(scale)}; every entry must be a finite number > 0 (the "
+                         "size of a pixel)")
+    return values
+
+
+def _metadata(meta) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise _Malformed(f"its '{FORMAT_KEY}' block is {_type_name(meta)}; it must be an "
+                         "object")
+    meta = dict(meta)
+    if "scale" in meta:
+        meta["scale"] = _check_scale(meta["scale"], f"its '{FORMAT_KEY}' scale")
+    units = meta.get("physical_units", False)
+    if not isinstance(units, bool):
+        raise _Malformed(f"its '{FORMAT_KEY}' physical_units is {_short(units)}; it must be "
+                         "true or false")
+    if units and meta.get("scale") is None:
+        raise _Malformed(f"its '{FORMAT_KEY}' block says physical_units but gives no scale; "
+                         "add the pixel size as scale, or set physical_units to false")
+    axes = meta.get("plane_axes")
+    if axes is not None and (not isinstance(axes, list)
+                             or any(a not in (None, "z", "t") for a in axes)):
+        raise _Malformed(f"its '{FORMAT_KEY}' plane_axes is {_short(axes)}; it must be a list of "
+                         "'z', 't' or null")
+    return meta
+
+
+def _our_block(ours) -> tuple[str, tuple[int, ...], dict]:
+    if not isinstance(ours, dict):
+        raise _Malformed(f"its '{FORMAT_KEY}' property is {_type_name(ours)}; it must be an "
+                         "object with kind, index and features")
+    kind = ours.get("kind", "polygon")
+    if kind not in KINDS:
+        raise _Malformed(f"its '{FORMAT_KEY}' kind is {_short(kind)}; it must be one of "
+                         f"{', '.join(KINDS)}")
+    index = ours.get("index", [])
+    if not isinstance(index, list):
+        raise _Malformed(f"its '{FORMAT_KEY}' index is {_type_name(index)}; it must be a "
+                         "list of plane indices (integers >= 0)")
+    index = tuple(_int_value(i, f"its '{FORMAT_KEY}' index entry {k}", 0)
+                  for k, i in enumerate(index))
+    features = ours.get("features", {})
+    if not isinstance(features, dict):
+        raise _Malformed(f"its '{FORMAT_KEY}' features is {_type_name(features)}; it must be "
+                         "an object of feature names and values")
+    features = dict(features)
+    extra = {k: v for k, v in ours.items() if k not in ("kind", "index", "features")}
+    if extra:
+        features[FORMAT_KEY] = extra
+    return kind, index, features
+
+
+def _plane_index(gj) -> tuple[int, ...]:
+    plane = gj.get("plane")
+    if plane is None:
+        return ()
+    if not isinstance(plane, dict):
+        raise _Malformed(f"its geometry's plane is {_type_name(plane)}; it must be an object "
+                         "{\"c\": -1, \"z\": z, \"t\": t}")
+    z = _int_value(plane.get("z", 0), "its plane's z", 0)
+    t = _int_value(plane.get("t", 0), "its plane's t", 0)
+    _int_value(plane.get("c", -1), "its plane's c", -1)
+    if t:
+        return (t, z)
+    return (z,) if "z" in plane else ()
+
+
+def _qupath_features(props: dict, kind: str) -> dict:
+    features = {"kind": kind}
+    cls = props.get("classification")
+    if cls is not None:
+        if not isinstance(cls, dict):
+            raise _Malformed(f"its classification is {_type_name(cls)}; it must be an object "
+                             "{\"name\": ..., \"color\": [r, g, b]}")
+        name = cls.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _Malformed(f"its classification name is {_short(name)}; it must be text")
+        if name is not None:
+            features["class"] = name
+    meas = props.get("measurements")
+    if meas is None:
+        meas = {}
+    if isinstance(meas, list):  # older QuPath: [{"name": ..., "value": ...}]
+        if not all(isinstance(m, dict) for m in meas):
+            raise _Malformed("its measurements list holds entries that are not objects; give "
+                             "{\"name\": ..., \"value\": ...} entries or one object")
+        meas = {m.get("name"): m.get("value") for m in meas}
+    if not isinstance(meas, dict):
+        raise _Malformed(f"its measurements are {_type_name(meas)}; they must be an object of "
+                         "names and numbers")
+    # QuPath writes NaN for measurements it could not compute: those (and any value that is
+    # not a finite number) are left out rather than refused
+    features.update({k: v for k, v in meas.items() if isinstance(k, str) and _number(v)})
+    return features
+
+
+def _read_feature(f) -> Annotation | None:
+    if not isinstance(f, dict):
+        raise _Malformed(f"it is {_type_name(f)}; a feature must be an object "
+                         "{\"type\": \"Feature\", \"geometry\": ..., \"properties\": ...}")
+    gj = f.get("geometry")
+    if gj is None or gj == {}:
+        return None  # GeoJSON allows features without geometry: nothing to draw
+    _check_geometry(gj)
+    props = f.get("properties")
+    if props is None:
+        props = {}
+    if not isinstance(props, dict):
+        raise _Malformed(f"its properties are {_type_name(props)}; they must be an object")
+    try:
+        geom = shape(gj)
+    except (shapely.errors.GEOSException, ValueError, TypeError) as err:
+        raise _Malformed(f"its geometry can't be built ({err}); check its coordinates") from None
+    if geom.geom_type in ("Point", "MultiPoint") or geom.is_empty:
+        return None  # points are not shapes we can hold
+    if geom.geom_type == "GeometryCollection":
+        parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")]
+        if not parts:
+            return None
+        geom = shapely.union_all(parts) if len(parts) > 1 else parts[0]
+    geom = _polygonal(geom)
+    ours = props.get(FORMAT_KEY)
+    if ours is not None:
+        kind, index, features = _our_block(ours)
+        return Annotation(geom, kind, index, features)
+    kind = "path" if geom.geom_type in ("LineString", "MultiLineString") else "polygon"
+    return Annotation(geom, kind, _plane_index(gj), _qupath_features(props, kind))
+
+
 def read_geojson(path) -> tuple[list[Annotation], dict]:
     """Annotations from a GeoJSON file (ours, QuPath's, or any FeatureCollection of polygons and
-    lines), in pixel coordinates, and the file's metadata (``scale``, ``physical_units``)."""
+    lines), in pixel coordinates, and the file's metadata (``scale``, ``physical_units``).
+
+    The file is untrusted: anything malformed raises one ``ValueError`` that names the file, the
+    feature (its position in ``features``) and what is wrong. Refused: text that is not UTF-8
+    JSON or nests too deeply; a top level, feature, geometry, properties, classification,
+    plane or our own round-trip block of the wrong type; coordinates that are not finite
+    numbers (``NaN``, ``Infinity``, text, or beyond 2**53); polygon rings with fewer than 4
+    positions or not closed; a scale that is not a list of finite positive numbers.
+    Repaired and kept: self-intersecting polygons (``make_valid``, polygonal part; one that
+    encloses no area is refused). Skipped: features without geometry, points, and
+    measurements that are not finite numbers (QuPath writes NaN for those it could not
+    compute).
+    """
+    def fail(where: str, what: str) -> ValueError:
+        return ValueError(f"can't read {path} as GeoJSON: {where}{what}.")
+
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"can't read {path} as GeoJSON: {err}; is it a .geojson file?") from err
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"can't read {path}: {err.strerror or err}; check the path and its "
+                         "permissions.") from err
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise fail("", f"byte {err.start} is not UTF-8 text; GeoJSON files are UTF-8 "
+                   "(re-save it as UTF-8)") from None
+    if not text.strip():
+        raise fail("", "the file is empty; export the annotations again")
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise fail("", "its JSON nests too deeply to hold annotations; check that it is a "
+                   ".geojson file") from None
+    except ValueError as err:  # JSONDecodeError, or an integer of too many digits
+        raise fail("", f"it is not valid JSON ({err}); check that it is a .geojson file") from None
     if isinstance(doc, list):
         feats, meta = doc, {}
-    elif doc.get("type") == "FeatureCollection":
-        feats, meta = doc.get("features", []), doc.get(FORMAT_KEY, {})
-    elif doc.get("type") == "Feature":
+    elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+        feats, meta = doc.get("features", []), doc.get(FORMAT_KEY)
+        if not isinstance(feats, list):
+            raise fail("", f"its 'features' is {_type_name(feats)}; a FeatureCollection's "
+                       "features must be a list")
+    elif isinstance(doc, dict) and doc.get("type") == "Feature":
         feats, meta = [doc], {}
     else:
-        raise ValueError(f"{path} is not a GeoJSON FeatureCollection or Feature.")
+        raise fail("", "it is not a GeoJSON FeatureCollection or Feature (its top level is "
+                   f"{_type_name(doc)}"
+                   + (f" of type {_short(doc.get('type'))}" if isinstance(doc, dict) else "")
+                   + "); export annotations as a FeatureCollection")
+    try:
+        meta = _metadata(meta)
+    except _Malformed as err:
+        raise fail("", str(err)) from None
     sx, sy = _scale_xy(meta.get("scale")) if meta.get("physical_units") else (1.0, 1.0)
     out = []
-    for f in feats:
-        gj = f.get("geometry")
-        if not gj:
+    for i, f in enumerate(feats):
+        try:
+            a = _read_feature(f)
+        except _Malformed as err:
+            raise fail(f"feature {i}: ", str(err)) from None
+        except RecursionError:
+            raise fail(f"feature {i}: ", "it nests too deeply") from None
+        if a is None:
             continue
-        geom = shape(gj)
         if (sx, sy) != (1.0, 1.0):
-            geom = shapely.affinity.scale(geom, 1 / sx, 1 / sy, origin=(0, 0))
-        props = f.get("properties") or {}
-        ours = props.get(FORMAT_KEY)
-        if ours:
-            features = dict(ours.get("features", {}))
-            extra = {k: v for k, v in ours.items() if k not in ("kind", "index", "features")}
-            if extra:
-                features[FORMAT_KEY] = extra
-            out.append(Annotation(geom, ours.get("kind", "polygon"),
-                                  tuple(int(i) for i in ours.get("index", [])), features))
-            continue
-        kind = "path" if geom.geom_type in ("LineString", "MultiLineString") else "polygon"
-        if geom.geom_type == "Point" or geom.geom_type == "MultiPoint":
-            continue  # points are not shapes we can hold
-        features = {"kind": kind}
-        cls = props.get("classification") or {}
-        if cls.get("name") is not None:
-            features["class"] = cls["name"]
-        meas = props.get("measurements") or {}
-        if isinstance(meas, list):  # older QuPath: [{"name": ..., "value": ...}]
-            meas = {m.get("name"): m.get("value") for m in meas}
-        features.update({k: v for k, v in meas.items() if _number(v)})
-        plane = gj.get("plane") or {}
-        index = ()
-        if plane.get("t", 0):
-            index = (int(plane.get("t", 0)), int(plane.get("z", 0)))
-        elif "z" in plane:
-            index = (int(plane["z"]),)
-        out.append(Annotation(geom, kind, index, features))
-    return out, dict(meta)
+            a.geometry = shapely.affinity.scale(a.geometry, 1 / sx, 1 / sy, origin=(0, 0))
+        out.append(a)
+    return out, meta
 
 
 # ---- objects (COCO, YOLO): a region's rectangle and polygon are one object ------------------
@@ -234,6 +580,9 @@ def _objects(annotations: list[Annotation]):
         if a.geometry.geom_type not in ("Polygon", "MultiPolygon") or a.geometry.is_empty:
             skipped += 1
             continue
+        if not np.isfinite(shapely.get_coordinates(a.geometry)).all():
+            raise ValueError(f"shape {i} has coordinates that are not finite (NaN or "
+                             "infinity); fix or delete that shape before exporting.")
         region = a.properties.get("region")
         key = (tuple(a.index), region) if region is not None else ("shape", i)
         if key not in groups:
@@ -352,7 +701,7 @@ def write_coco_dataset(entries: Iterable, path, *,
                 ann["segmentation"] = [np.asarray(p.exterior.coords)[:-1].ravel().tolist()
                                        for p in parts]
                 ann["area"] = float(seg_geom.area)
-            attrs = {k: _jsonable(props[k]) for k in ("score", "peak", "mean", "region")
+            attrs = {k: _strict(props[k]) for k in ("score", "peak", "mean", "region")
                      if props.get(k) is not None}
             if attrs:
                 ann["attributes"] = attrs
@@ -363,7 +712,7 @@ def write_coco_dataset(entries: Iterable, path, *,
         "annotations": coco_anns,
         "categories": categories,
     }
-    return _atomic_write(path, json.dumps(doc))
+    return _atomic_write(path, _dumps(doc))
 
 
 # ---- CSV ---------------------------------------------------------------------------------------

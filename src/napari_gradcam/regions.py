@@ -30,6 +30,8 @@ A stack (..., H, W) is processed map by map in a thread pool.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,11 +81,17 @@ def find_regions(
     ----------
     heatmaps : (H, W) or (..., H, W) array (NumPy, dask, zarr or a torch tensor), heat in
         [0, 1]. Every leading index is one map (a stack, or the z-planes of a 3D heatmap).
+        NaN or infinite heat is refused (ValueError naming the map): it comes from a broken
+        model or input, and would otherwise give silently empty or unbounded regions.
     threshold : a number, or ``"otsu"`` (Otsu's threshold of each map's own histogram).
         Pixels with heat >= threshold belong to a region.
-    min_area : regions with fewer pixels are dropped.
-    simplify : tolerance in pixels for the topology-preserving simplification of the polygons;
-        0 keeps the exact pixel outline.
+    min_area : regions with fewer pixels are dropped; a whole number >= 0 (an integer-valued
+        float such as 16.0 is accepted).
+    simplify : tolerance in pixels (finite, >= 0) for the topology-preserving simplification
+        of the polygons; 0 keeps the exact pixel outline.
+
+    Arguments of the wrong type (None, booleans, text where a number belongs) raise
+    ``TypeError``, values out of range (NaN, infinity, negative) ``ValueError``.
     mask : optional boolean or label array, (H, W) for every map or the heatmaps' full shape:
         regions only where mask > 0 (e.g. the lungs on a chest X-ray).
     threshold_mode : ``"absolute"`` (threshold is a heat value) or ``"relative"`` (a fraction of
@@ -99,7 +107,7 @@ def find_regions(
     -------
     list of :class:`Region`, ordered by map index, then by position (top to bottom).
     """
-    if threshold_mode not in ("absolute", "relative"):
+    if not isinstance(threshold_mode, str) or threshold_mode not in ("absolute", "relative"):
         raise ValueError(
             f"threshold_mode={threshold_mode!r}: use 'absolute' (a heat value) or 'relative' "
             "(a fraction of each map's maximum)."
@@ -108,20 +116,39 @@ def find_regions(
         if threshold.lower() != "otsu":
             raise ValueError(f"threshold={threshold!r}: give a number in [0, 1] or 'otsu'.")
         threshold = "otsu"
-    elif not (0.0 <= float(threshold) <= 1.0):
-        raise ValueError(f"threshold={threshold}: give a number in [0, 1] or 'otsu'.")
-    if connectivity not in (1, 2):
+    else:
+        threshold = _real(threshold, "threshold", "a number in [0, 1] or 'otsu'")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold={threshold}: give a number in [0, 1] (a heat value, "
+                             "or with threshold_mode='relative' a fraction of the maximum) or "
+                             "'otsu'.")
+    if isinstance(connectivity, bool) or connectivity not in (1, 2):
         raise ValueError(f"connectivity={connectivity}: use 1 (edges) or 2 (edges and corners).")
-    if min_area < 0 or simplify < 0:
-        raise ValueError("min_area and simplify must be >= 0.")
+    # min_area counts pixels: an integer-valued float (16.0, from a config file or a slider)
+    # is accepted, a fractional one is not
+    area = _real(min_area, "min_area", "a whole number of pixels >= 0")
+    if not (math.isfinite(area) and area >= 0 and area == int(area)):
+        raise ValueError(f"min_area={min_area!r}: give a whole number of pixels >= 0.")
+    min_area = int(area)
+    simplify = _real(simplify, "simplify", "a tolerance in pixels >= 0 (0 keeps the exact "
+                     "outline)")
+    if not (math.isfinite(simplify) and simplify >= 0):
+        raise ValueError(f"simplify={simplify!r}: give a finite tolerance in pixels >= 0 (0 "
+                         "keeps the exact pixel outline).")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ValueError(f"workers={workers!r}: give a number of threads >= 1, or None for "
+                         "all CPUs.")
 
     heatmaps = _as_array(heatmaps)
+    _check_dtype(heatmaps, "heatmaps", "heat values (floats in [0, 1])")
     if heatmaps.ndim < 2:
         raise ValueError(f"heatmaps has shape {tuple(heatmaps.shape)}; give (H, W) or (..., H, W).")
     lead = tuple(heatmaps.shape[:-2])
     spatial = tuple(heatmaps.shape[-2:])
     if mask is not None:
         mask = _as_array(mask)
+        _check_dtype(mask, "mask", "booleans or labels (True / > 0 = regions allowed)")
         if tuple(mask.shape) not in (spatial, tuple(heatmaps.shape)):
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}; it must be the heatmap's spatial shape "
@@ -132,6 +159,12 @@ def find_regions(
 
     def one(index):
         heat = np.asarray(heatmaps[index], dtype=np.float32)
+        # one fast reduction; the exact check only when it is not finite (or overflowed)
+        if not np.isfinite(heat.sum()) and not np.isfinite(heat).all():
+            where = f"heatmaps[{', '.join(map(str, index))}]" if index else "the heatmap"
+            raise ValueError(f"{where} holds NaN or infinite values; heat must be finite "
+                             "numbers in [0, 1]: fix what produced them, or replace them "
+                             "(np.nan_to_num) before finding regions.")
         m = None
         if mask is not None:
             m = np.asarray(mask if mask.ndim == 2 else mask[index]) > 0
@@ -153,9 +186,28 @@ def find_regions(
 def _as_array(a):
     if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch tensor
         return a.detach().cpu().numpy()
-    if hasattr(a, "shape") and hasattr(a, "__getitem__"):  # numpy, dask, zarr: stay lazy
-        return a
-    return np.asarray(a)
+    if hasattr(a, "shape") and hasattr(a, "__getitem__") and hasattr(a, "dtype"):
+        return a  # numpy, dask, zarr: stay lazy
+    try:
+        return np.asarray(a)
+    except (TypeError, ValueError):  # ragged nested lists and the like
+        return np.asarray(None)  # refused by _check_dtype with the expected type
+
+
+def _check_dtype(a, name: str, expected: str) -> None:
+    kind = np.dtype(a.dtype).kind
+    if kind not in "biuf":
+        raise TypeError(f"{name} has dtype {a.dtype}; give an array of {expected}.")
+
+
+def _real(value, name: str, expected: str) -> float:
+    """A real number from a Python / NumPy number or a one-element array or tensor;
+    booleans, text, None and anything else are a TypeError."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}): give {expected}.")
+    return float(value)
 
 
 def _per_map(values, lead, name, cast):

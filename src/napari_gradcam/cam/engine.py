@@ -18,6 +18,7 @@ How it stays close to the cost of inference (see DESIGN.md):
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -79,6 +80,11 @@ def explain_batch(
     if batch.is_inference():  # made under inference_mode: such tensors can't enter a graph
         with torch.inference_mode(False):
             batch = batch.clone()
+    with size_errors(module, batch):
+        return _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size)
+
+
+def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size) -> CamBatch:
     name, layer = resolve_target_layer(module, target_layer, batch)
 
     with torch.inference_mode(False), explaining(module):
@@ -287,6 +293,64 @@ def _check_inputs(module, batch) -> None:
             f"the model is on {ref.device} but the batch is on {batch.device}; move one of "
             f"them (model.to(device) or batch.to(device))."
         )
+
+
+# What PyTorch says when an input is smaller than a layer's kernel, padding or pooling window
+_TOO_SMALL = re.compile(
+    r"padding size should be less than|kernel size can't be greater|output size is too small"
+    r"|sizes should be greater than 0|smaller than kernel size|output size .* too small",
+    re.IGNORECASE,
+)
+_PROBE_LIMIT = {2: 2048, 3: 256}  # largest side tried when looking for the minimum size
+
+
+@contextlib.contextmanager
+def size_errors(module: nn.Module, batch: torch.Tensor):
+    """Turn PyTorch's padding / kernel-size errors for an input smaller than the model can
+    take into a ValueError that says the smallest size it can take. That size is found by
+    running the model on blank inputs of growing side (1, 2, 4, ... then a bisection): only
+    after such an error, so explaining costs nothing extra."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError) or not _TOO_SMALL.search(str(err)):
+            raise
+        side = minimum_side(module, batch)
+        spatial = tuple(int(s) for s in batch.shape[2:])
+        if side is None or min(spatial) >= side:
+            raise
+        raise ValueError(
+            f"the image is {' x '.join(map(str, spatial))} pixels, smaller than this model can "
+            f"take: it needs at least {' x '.join([str(side)] * len(spatial))} pixels (its "
+            "convolutions, padding and pooling need that much); resize or pad the image to at "
+            "least that size, or give the model a fixed input_size."
+        ) from err
+
+
+def minimum_side(module: nn.Module, batch: torch.Tensor) -> int | None:
+    """The smallest side s for which the model runs on a blank (1, C, s, s[, s]) input, or None
+    when no side up to a limit does (the failure is then not about size)."""
+    dims = batch.ndim - 2
+
+    def runs(side: int) -> bool:
+        x = torch.zeros((1, batch.shape[1]) + (side,) * dims, dtype=batch.dtype,
+                        device=batch.device)
+        try:
+            with torch.inference_mode(), explaining(module):
+                module(x)
+        except Exception:  # noqa: BLE001 - any failure means "not at this size"
+            return False
+        return True
+
+    fail, side = 0, 1
+    while not runs(side):
+        fail, side = side, side * 2
+        if side > _PROBE_LIMIT[dims]:
+            return None
+    while side - fail > 1:  # the smallest working side lies in (fail, side]
+        mid = (fail + side) // 2
+        fail, side = (fail, mid) if runs(mid) else (mid, side)
+    return side
 
 
 _AMP = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
