@@ -532,8 +532,13 @@ def test_a_model_file_with_its_sidecar_is_one_pick(viewer, qtbot, tmp_path, erro
         "class_names": ["normal", "tuberculosis"], "name": "TB"}))
     viewer.add_image(np.random.default_rng(0).random((96, 96), dtype=np.float32), name="x")
     w = dock(viewer)
+    assert w.trust_code.text == "trust code in model files" and not w.trust_code.value
+    # a sidecar naming a Python factory runs code: refused until the user trusts the file
     w.model_file.value = weights
-    assert w.model.value == "TB (tb.safetensors)" and not errors
+    assert "trust code in model files" in errors[-1] and w.model.value == "demo"
+    w.trust_code.value = True  # ticking reloads the picked file
+    assert w.model.value == "TB (tb.safetensors)" and len(errors) == 1
+    w.trust_code.value = False
     assert w.target.choices[-2:] == ("normal", "tuberculosis")
     viewer.add_image(np.zeros((8, 8), np.float32), name="another layer")  # choices refresh
     assert w.model.value == "TB (tb.safetensors)"
@@ -546,6 +551,7 @@ def test_a_model_file_with_its_sidecar_is_one_pick(viewer, qtbot, tmp_path, erro
     # a whole pickled model: refused with the reason, loaded once trusted
     torch.save(model, tmp_path / "whole.pt")
     w.model_file.value = tmp_path / "whole.pt"
-    assert "trust_pickle" in errors[-1] and w.model.value == "TB (tb.safetensors)"
+    assert "trust_code=True" in errors[-1] and w.model.value == "TB (tb.safetensors)"
+    assert w.trust_pickle is w.trust_code  # the old name still works for scripts
     w.trust_pickle.value = True
     assert w.model.value.endswith("(whole.pt)")

@@ -229,10 +229,12 @@ class GradCamWidget(Container):
             tooltip="Weights with a sidecar JSON naming the architecture (.safetensors, "
                     ".pt/.pth state dicts), the sidecar itself, or a torch.export .pt2 "
                     "program. See the README for the sidecar's fields.")
-        self.trust_pickle = CheckBox(
-            text="trust pickled code", value=False,
-            tooltip="Allow files that hold a whole pickled model. Unpickling runs code stored "
-                    "in the file: tick only for files from a source you trust.")
+        self.trust_code = CheckBox(
+            text="trust code in model files", value=False,
+            tooltip="Allow model files that run code when loaded: whole pickled models "
+                    "(.pt / .pth), sidecars naming a Python factory ('package.module:factory') "
+                    "and pickled payloads in .pt2 programs. Tick only for files from a source "
+                    "you trust.")
         self.methods = Select(label="methods", choices=available_methods(), value=["gradcam"],
                               tooltip="One or several (ctrl-click) to compare: one heatmap "
                                       "layer each; the regions come from the first.")
@@ -271,7 +273,8 @@ class GradCamWidget(Container):
         self.status = Label(label="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image, self.model, self.model_file, self.trust_pickle, self.methods, self.target, self.target_layer, self.device,
+            self.image, self.model, self.model_file, self.trust_code, self.methods, self.target,
+            self.target_layer, self.device,
             self.device_label, self.batch_size, self.scope, self.threshold,
             self.threshold_mode, self.min_area, self.simplify, self.mask,
             Container(widgets=[self.run_button, self.cancel_button, self.grid_button],
@@ -284,7 +287,7 @@ class GradCamWidget(Container):
         self.grid_button.changed.connect(self.toggle_grid)
         self.model.changed.connect(self._on_model)
         self.model_file.changed.connect(self._on_model_file)
-        self.trust_pickle.changed.connect(self._on_trust)
+        self.trust_code.changed.connect(self._on_trust)
         self.device.changed.connect(self._on_device)
         self.image.changed.connect(self._on_image)
         for w in (self.threshold, self.threshold_mode, self.min_area, self.simplify, self.mask):
@@ -407,16 +410,23 @@ class GradCamWidget(Container):
         if not path or not Path(path).is_file():
             return
         try:
-            spec = load_model(Path(path), trust_pickle=bool(self.trust_pickle.value))
+            spec = load_model(Path(path), trust_code=bool(self.trust_code.value))
         except (ValueError, TypeError) as err:
             show_error(f"napari-gradcam: {err}")
             return
         self.set_model(spec, name=f"{spec.name} ({Path(path).name})")
 
+    @property
+    def trust_pickle(self) -> CheckBox:
+        """The trust checkbox under its old name (it covers more than pickles now), for scripts
+        written against it."""
+        return self.trust_code
+
     def _on_trust(self, _event=None):
-        if self.trust_pickle.value:
-            show_warning("napari-gradcam: pickled model files are now loaded; unpickling runs "
-                         "code stored in the file. Untick when done.")
+        if self.trust_code.value:
+            show_warning("napari-gradcam: model files that run code (pickled models, Python "
+                         "factories, pickled .pt2 payloads) are now loaded; tick only for files "
+                         "you trust, untick when done.")
             self._on_model_file()
 
     # ---- reading the controls -----------------------------------------------------------------
