@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import napari_gradcam as ng
-from napari_gradcam.models.loader import IMAGENET_MEAN, IMAGENET_STD
+from napari_gradcam.models.loader import IMAGENET_MEAN, IMAGENET_STD, read_weights
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -125,9 +125,15 @@ def test_a_users_own_factory_with_arguments(tmp_path):
     (tmp_path / "mine.pt.json").write_text(json.dumps({
         "architecture": "conftest:small_cnn", "arguments": {"in_ch": 2, "classes": 5, "width": 6},
         "class_names": list("abcde")}))
-    spec = ng.load_model(path)
+    # a callable named by a file runs only when the user trusts the file ...
+    with pytest.raises(ValueError, match="'conftest:small_cnn'.*trust_code=True"):
+        ng.load_model(path)
+    spec = ng.load_model(path, trust_code=True)
     assert spec.in_channels == 2 and spec.class_names == list("abcde")
     assert same_outputs(model, spec.module, in_ch=2)
+    # ... while the one the user types is their own code
+    plain = save(small_cnn().state_dict(), tmp_path / "plain.pt")
+    assert ng.load_model("conftest:small_cnn", weights=plain).in_channels == 1
     with pytest.raises(ValueError, match="has no callable 'nope'"):
         ng.load_model("conftest:nope", weights=path)
     with pytest.raises(ValueError, match="can't import 'no_such_pkg.models'"):
@@ -167,12 +173,12 @@ def test_a_crafted_pickle_runs_nothing_unless_trusted(fmt, tmp_path):
         path.write_bytes(pickle.dumps({"x": Payload(marker)}))
     assert not marker.exists()
     for source in (path, "resnet18"):
-        with pytest.raises(ValueError, match="pickled Python objects.*trust_pickle=True"):
+        with pytest.raises(ValueError, match="pickled Python objects.*trust_code=True"):
             ng.load_model(source, **({} if source == path else {"weights": path}))
         assert not marker.exists()
     if fmt == "torch":  # the explicit opt-in does unpickle (and finds no model in it)
         with pytest.raises(ValueError):
-            ng.load_model(path, trust_pickle=True)
+            ng.load_model(path, trust_code=True)
         assert marker.exists()
 
 
@@ -180,10 +186,23 @@ def test_a_pickled_whole_module_needs_trust(tmp_path):
     model = tv("resnet18", num_classes=2)
     path = tmp_path / "whole.pt"
     torch.save(model, path)
-    with pytest.raises(ValueError, match="trust_pickle=True"):
+    with pytest.raises(ValueError, match="trust_code=True.*--trust-code.*trust code in model"):
         ng.load_model(path)
-    spec = ng.load_model(path, trust_pickle=True, class_names=["a", "b"])
+    spec = ng.load_model(path, trust_code=True, class_names=["a", "b"])
     assert same_outputs(model, spec.module)
+
+
+def test_trust_pickle_is_the_deprecated_name_of_trust_code(tmp_path):
+    model = tv("resnet18", num_classes=2)
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    with pytest.warns(DeprecationWarning, match="trust_code"):
+        spec = ng.load_model(path, trust_pickle=True)
+    assert same_outputs(model, spec.module)
+    with pytest.warns(DeprecationWarning, match="trust_code"):
+        assert isinstance(read_weights(path, trust_pickle=True), torch.nn.Module)
+    with pytest.raises(TypeError, match="trust_code=True and trust_pickle=False"):
+        ng.load_model(path, trust_code=True, trust_pickle=False)
 
 
 def test_torchscript_is_refused_with_the_formats_that_work(tmp_path):
@@ -235,7 +254,7 @@ def test_corrupt_and_truncated_files(suffix, tmp_path):
     junk = tmp_path / f"junk{suffix}"
     junk.write_bytes(b"this is not a model" * 10)
     for bad in (cut, junk):
-        with pytest.raises(ValueError, match="truncated or corrupt"):
+        with pytest.raises(ValueError, match="truncated or corrupt|corrupt or another format"):
             ng.load_model("resnet18", weights=bad)
 
 
@@ -270,7 +289,7 @@ def test_other_mistakes_say_what_to_do(tmp_path):
         ng.load_model("resnet18", weights=path, target_layer="layer5")
     with pytest.raises(ValueError, match="mean has 2"):
         ng.load_model("resnet18", weights=path, mean=[0.1, 0.2])
-    with pytest.raises(ValueError, match="intensity='sideways'"):
+    with pytest.raises(ValueError, match="intensity must be one of .* not 'sideways'"):
         ng.load_model("resnet18", weights=path, intensity="sideways")
     with pytest.raises(ValueError, match="does not exist"):
         ng.load_model(tmp_path / "missing.safetensors")

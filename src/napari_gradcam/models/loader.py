@@ -4,20 +4,34 @@ Sources: ``"demo"``; an ``nn.Module``; a :class:`ModelSpec`; a torchvision or ti
 name or ``"package.module:factory"`` plus a weights file; a weights file (or its sidecar JSON)
 alone, the sidecar naming the architecture; a ``torch.export`` program (``.pt2``).
 
-Weights are untrusted input: state dicts load with ``torch.load(weights_only=True)`` or
-safetensors, never by unpickling arbitrary objects. A file that holds a pickled module loads only
-with ``trust_pickle=True``. TorchScript archives are refused: their layers can't be hooked from
-Python.
+Model files are untrusted input, and nothing in them runs unless the user passes
+``trust_code=True`` (CLI ``--trust-code``, the widget's 'trust code in model files'):
+
+- state dicts load with ``torch.load(weights_only=True)`` or safetensors; a file holding pickled
+  Python objects (a whole ``torch.save(model)``) is refused;
+- a sidecar may name only architectures of the known families (:data:`KNOWN_FAMILIES`); a
+  ``"package.module:factory"`` in a file is refused before anything is imported, while the same
+  string typed by the user as ``source`` is the user's own code and stays allowed;
+- a ``.pt2`` archive is inspected (``_pt2``) before ``torch.export.load``, which would unpickle
+  some of its members and evaluate its shape expressions;
+- sidecar values and the keywords of ``load_model`` are checked against one table (``schema``)
+  before any model is built.
+
+TorchScript archives are refused: their layers can't be hooked from Python. Files that are not
+regular files (folders, devices, pipes) are refused before anything is read from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import json
 import logging
+import os
 import pickle
+import pickletools
+import stat
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,26 +40,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .spec import INTENSITY, ModelSpec, normalise_intensity
+from . import _optional, _pt2
+from .schema import FIELDS, MAX_SIDECAR_BYTES, check_fields, file_argument_names
+from .spec import ModelSpec, normalise_intensity
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pt2")
-SIDECAR_FIELDS = {
-    "architecture": "torchvision / timm name or 'package.module:factory'",
-    "weights": "weights file, relative to the JSON (when the JSON itself is opened)",
-    "arguments": "keyword arguments for the architecture's factory",
-    "class_names": "one name per output",
-    "in_channels": "input channels",
-    "input_size": "[H, W] the model needs (images are resized to it), or null",
-    "mean": "per-channel mean subtracted after intensity scaling",
-    "std": "per-channel std divided by",
-    "target_layer": "default layer to explain (dotted name)",
-    "intensity": f"how pixels become [0, 1]: {', '.join(INTENSITY)}",
-    "name": "display name",
-}
+SIDECAR_FIELDS = {name: what for name, (_check, what) in FIELDS.items()}
+# architecture families a model file may name without trust_code: building them runs only the
+# library's own constructors (add a model-zoo family here once build_architecture knows it)
+KNOWN_FAMILIES = ("torchvision", "timm")
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
 _PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
 
@@ -61,12 +68,36 @@ def find_sidecar(weights: Path) -> Path | None:
     return None
 
 
-def read_sidecar(path: Path) -> dict:
+def _regular_file(path: Path, what: str) -> int:
+    """The size of ``path``; ValueError unless it is a regular file (a folder, device or pipe
+    would block or never end when read)."""
     try:
-        meta = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"can't read the model description {str(path)!r}: {err}; it must be a "
-                         "JSON object (see the README's sidecar example).") from None
+        info = path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {str(path)!r} does not exist.") from None
+    except OSError as err:
+        raise ValueError(f"can't open {what} {str(path)!r}: {err.strerror}.") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else (
+            "a pipe" if stat.S_ISFIFO(info.st_mode) else "a device or socket")
+        raise ValueError(f"{what} {str(path)!r} is not a regular file (it is {kind}); give the "
+                         "file itself.")
+    return info.st_size
+
+
+def read_sidecar(path: Path) -> dict:
+    """The checked fields of a model description (sidecar JSON)."""
+    path = Path(path)
+    size = _regular_file(path, "model description")
+    if size > MAX_SIDECAR_BYTES:
+        raise ValueError(f"model description {str(path)!r} is {size} bytes; a description is "
+                         f"at most {MAX_SIDECAR_BYTES} bytes (is it the right file?).")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"can't read the model description {str(path)!r}: "
+                         f"{str(err)[:200]}; it must be a JSON object (see the README's "
+                         "sidecar example).") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{str(path)!r} holds a JSON {type(meta).__name__}; the model "
                          "description must be a JSON object with fields such as "
@@ -77,7 +108,7 @@ def read_sidecar(path: Path) -> dict:
                  if difflib.get_close_matches(k, SIDECAR_FIELDS, 1) else repr(k) for k in unknown]
         raise ValueError(f"{str(path)!r}: unknown field(s) {', '.join(hints)}; the fields are "
                          f"{', '.join(SIDECAR_FIELDS)}.")
-    return meta
+    return check_fields(meta, repr(str(path)))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -88,22 +119,44 @@ def _is_torchscript(path: Path) -> bool:
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
+TRUST_HINT = ("pass trust_code=True (CLI: --trust-code; in the widget: tick 'trust code in "
+              "model files')")
+
+
 def _unsafe_pickle_error(path: Path, detail: str) -> ValueError:
     return ValueError(
         f"{str(path)!r} holds pickled Python objects (a whole model, not just its weights): "
         "loading it would run code stored in the file, so it is refused. If you trust where it "
-        "came from, pass trust_pickle=True (in the widget: tick 'trust pickled code'); better, "
-        "save model.state_dict() (or safetensors) and load it with the architecture name. "
-        f"({detail.splitlines()[0][:200]})"
+        f"came from, {TRUST_HINT}; better, save model.state_dict() (or safetensors) and load "
+        f"it with the architecture name. ({detail.splitlines()[0][:200]})"
     )
 
 
-def read_weights(path, trust_pickle: bool = False):
+def resolve_trust(trust_code: bool, trust_pickle: bool | None) -> bool:
+    """``trust_code``, honouring ``trust_pickle``, its old name (deprecated: it covers more than
+    pickles now, since sidecars and ``.pt2`` archives can name code too)."""
+    if trust_pickle is None:
+        return bool(trust_code)
+    if trust_code and not trust_pickle:
+        raise TypeError("trust_code=True and trust_pickle=False disagree; trust_pickle is the old "
+                        "name of trust_code: give only trust_code.")
+    warnings.warn("trust_pickle= is deprecated: use trust_code= (same meaning).",
+                  DeprecationWarning, stacklevel=3)
+    return bool(trust_pickle)
+
+
+def read_weights(path, trust_code: bool = False, *, trust_pickle: bool | None = None):
     """A state dict (dict of tensors), or a module (torch.export programs; pickled modules only
-    when ``trust_pickle``). Corrupt and truncated files raise ValueError."""
+    when ``trust_code``). Corrupt and truncated files raise ValueError."""
+    trust_code = resolve_trust(trust_code, trust_pickle)
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist.")
+    _regular_file(path, "weights file")
+    with path.open("rb") as f:
+        head = f.read(64)
+    if head.lstrip()[:1] in (b"{", b"["):
+        raise ValueError(f"{str(path)!r} is JSON text, not weights: if it describes the model "
+                         "(a sidecar), open it as the model itself, load_model(path), and let "
+                         "its 'weights' field name the weights file.")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -115,25 +168,23 @@ def read_weights(path, trust_pickle: bool = False):
             raise ValueError(f"can't read {str(path)!r}: it is not a complete safetensors file "
                              f"(truncated or corrupt?): {err}") from None
     if suffix == ".pt2":
-        try:
-            program = torch.export.load(str(path))
-        except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
-            raise ValueError(f"can't read {str(path)!r} as a torch.export program (truncated "
-                             f"or corrupt, or saved by another PyTorch?): {err}") from None
-        return _from_export(program)
+        return _read_export(path, trust_code)
     if _is_torchscript(path):
         raise ValueError(
             f"{str(path)!r} is a TorchScript archive: its layers can't be hooked from Python, so "
             "CAM can't read them. Use a state dict (.pt/.pth with weights_only, or "
             ".safetensors) with the architecture name, or a torch.export program (.pt2)."
         )
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a pickle
+        raise ValueError(f"{str(path)!r} is not a PyTorch file (corrupt or another format): "
+                         "give a state dict saved with torch.save, or a .safetensors file.")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Weights only load failed" not in text and "Unsupported" not in text:
+        if not _names_objects(path):
             raise _corrupt(path, text) from None
-        if not trust_pickle:
+        if not trust_code:
             raise _unsafe_pickle_error(path, text) from None
         obj = _load_trusted(path)
     except Exception as err:  # noqa: BLE001 - truncated files fail in many ways
@@ -146,14 +197,57 @@ def read_weights(path, trust_pickle: bool = False):
                      "dict of tensors) or a model.")
 
 
+_OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _names_objects(path: Path) -> bool:
+    """Whether the pickle in ``path`` (a bare pickle, or torch.save's zip) parses completely and
+    builds Python objects: only then is trusting the file an answer, rather than bytes that are
+    no pickle at all. Parsed with pickletools, which runs nothing."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith("data.pkl")]
+                data = z.read(names[0]) if names else b""
+        else:
+            data = path.read_bytes()
+        ops = {op.name for op, _arg, _pos in pickletools.genops(data)}
+    except Exception:  # noqa: BLE001 - anything that doesn't parse is not a pickle
+        return False
+    return bool(ops & _OBJECT_OPCODES)
+
+
+def _read_export(path: Path, trust_code: bool) -> nn.Module:
+    """A torch.export program, inspected first: torch.export.load unpickles parts of it."""
+    if not trust_code:
+        try:
+            _pt2.check_pt2(path)
+        except _pt2.Unsafe as err:
+            raise ValueError(
+                f"{str(path)!r} is a torch.export archive that would run code stored in it when "
+                f"loaded ({err}), so it is refused. If you trust where it came from, "
+                f"{TRUST_HINT}; better, export it again with plain tensors.") from None
+        except _pt2.Corrupt as err:
+            raise ValueError(f"can't read {str(path)!r} as a torch.export program (truncated "
+                             f"or corrupt?): {err}.") from None
+    try:
+        program = torch.export.load(str(path))
+    except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ValueError(f"can't read {str(path)!r} as a torch.export program (truncated "
+                         f"or corrupt, or saved by another PyTorch?): {first}") from None
+    return _from_export(program)
+
+
 def _corrupt(path: Path, detail: str) -> ValueError:
     first = (detail.splitlines() or [""])[0][:200]
     return ValueError(f"can't read {str(path)!r}: it is not a complete PyTorch file "
-                      f"(truncated or corrupt?): {first}")
+                      f"(truncated or corrupt?); save it again with torch.save(model."
+                      f"state_dict()): {first}")
 
 
 def _load_trusted(path: Path):
-    log.warning("loading pickled objects from %s: trust_pickle=True", path)
+    log.warning("loading pickled objects from %s: trust_code=True", path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - the file is the user's
@@ -197,7 +291,7 @@ def _from_export(program) -> nn.Module:
 
 def _import_optional(name: str, what: str):
     try:
-        return importlib.import_module(name)
+        return _optional.import_library(name)
     except ImportError:
         raise ValueError(f"{what} needs the optional package {name!r}, which is not installed: "
                          f"pip install {name}") from None
@@ -206,13 +300,13 @@ def _import_optional(name: str, what: str):
 def _known_names() -> list[str]:
     names = []
     try:
-        import torchvision
+        torchvision = _optional.import_library("torchvision")
 
         names += list(torchvision.models.list_models())
     except ImportError:
         pass
     try:
-        import timm
+        timm = _optional.import_library("timm")
 
         names += [f"timm:{n}" for n in timm.list_models()]
     except ImportError:
@@ -229,7 +323,7 @@ def build_architecture(arch: str, num_classes: int | None = None,
     if ":" in arch and not arch.startswith(("timm:", "torchvision:")):
         module_name, _, factory = arch.partition(":")
         try:
-            mod = importlib.import_module(module_name)
+            mod = _optional.import_library(module_name)
         except ImportError as err:
             raise ValueError(f"can't import {module_name!r} for architecture {arch!r}: {err}; "
                              "install the package that defines it.") from None
@@ -245,7 +339,7 @@ def build_architecture(arch: str, num_classes: int | None = None,
     family, _, name = arch.rpartition(":")
     if family in ("", "torchvision"):
         try:
-            import torchvision
+            torchvision = _optional.import_library("torchvision")
         except ImportError:
             torchvision = None
         if torchvision is not None and name in torchvision.models.list_models():
@@ -267,7 +361,7 @@ def build_architecture(arch: str, num_classes: int | None = None,
             timm = _import_optional("timm", f"architecture {arch!r}")
         else:
             try:
-                import timm
+                timm = _optional.import_library("timm")
             except ImportError:
                 timm = None
         if timm is not None and timm.is_model(name):
@@ -393,9 +487,10 @@ def load_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     target_layer: str | None = None,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
     intensity: str | None = None,
     name: str | None = None,
+    trust_pickle: bool | None = None,
 ) -> ModelSpec:
     """A :class:`ModelSpec`: the model in eval mode plus its class names and preprocessing.
 
@@ -411,9 +506,18 @@ def load_model(
       program) whose sidecar JSON (``<weights>.json`` or ``model.json`` beside it) names the
       architecture, or that sidecar JSON itself (its ``weights`` field names the file).
 
-    Keywords override the source and its sidecar. Pickled modules load only with
-    ``trust_pickle=True``: unpickling runs code from the file.
+    Keywords override the source and its sidecar. ``trust_code=True`` allows what would run
+    code stored in a file: pickled modules, pickled payloads in ``.pt2`` archives, and a
+    ``"package.module:factory"`` architecture named by a sidecar. ``trust_pickle`` is its old,
+    deprecated name.
     """
+    trust_code = resolve_trust(trust_code, trust_pickle)
+    # the same rules as a sidecar's fields, checked before anything is loaded
+    keywords = check_fields({"class_names": class_names, "in_channels": in_channels,
+                             "input_size": input_size, "mean": mean, "std": std,
+                             "target_layer": target_layer, "intensity": intensity,
+                             "name": name}, "load_model")
+    in_channels = keywords["in_channels"]
     sidecar: dict = {}
     spec: ModelSpec | None = None
     if isinstance(source, ModelSpec):
@@ -424,45 +528,45 @@ def load_model(
                             "their layers; load the architecture in Python with a state dict, "
                             "or export it with torch.export (.pt2).")
         if weights is not None:
-            load_weights(source, _weights_dict(weights, trust_pickle), type(source).__name__)
+            load_weights(source, _weights_dict(weights, trust_code), type(source).__name__)
         spec = _spec_from_module(source, type(source).__name__)
     elif isinstance(source, (str, Path)) and str(source).lower() == "demo":
         from . import demo_spec
 
         spec = demo_spec()
     elif isinstance(source, (str, Path)) and _looks_like_file(source):
-        spec, sidecar = _from_file(Path(source), weights, trust_pickle)
+        spec, sidecar = _from_file(Path(source), weights, trust_code)
     elif isinstance(source, str):
-        spec = _from_architecture(source, weights, trust_pickle, {}, in_channels)
+        spec = _from_architecture(source, weights, trust_code, {}, in_channels)
     else:
         raise TypeError(f"can't load a model from a {type(source).__name__}; give 'demo', an "
                         "architecture name with weights=, a weights or sidecar file, or an "
                         "nn.Module.")
-    return _override(spec, sidecar, class_names=class_names, in_channels=in_channels,
-                     input_size=input_size, mean=mean, std=std, target_layer=target_layer,
-                     intensity=intensity, name=name)
+    return _override(spec, sidecar, **keywords)
 
 
 def _looks_like_file(source) -> bool:
+    """A path rather than an architecture name (names never hold a path separator)."""
     path = Path(source)
-    return path.suffix.lower() in (*WEIGHT_SUFFIXES, ".json") or path.is_file()
+    return (path.suffix.lower() in (*WEIGHT_SUFFIXES, ".json") or os.path.exists(path)
+            or isinstance(source, Path) or any(sep and sep in str(source)
+                                               for sep in (os.sep, os.altsep)))
 
 
-def _weights_dict(weights, trust_pickle: bool) -> dict:
+def _weights_dict(weights, trust_code: bool) -> dict:
     if isinstance(weights, dict):
         return weights
-    loaded = read_weights(weights, trust_pickle)
+    loaded = read_weights(weights, trust_code)
     if not isinstance(loaded, dict):
         raise ValueError(f"{str(weights)!r} holds a whole model, not weights for this "
                          "architecture; load it on its own: load_model(path).")
     return loaded
 
 
-def _from_file(path: Path, weights, trust_pickle: bool) -> tuple[ModelSpec, dict]:
+def _from_file(path: Path, weights, trust_code: bool) -> tuple[ModelSpec, dict]:
     if path.suffix.lower() == ".json":
-        if not path.is_file():
-            raise ValueError(f"model description {str(path)!r} does not exist.")
         sidecar = read_sidecar(path)
+        _check_named_code(sidecar, path, trust_code)
         if weights is None:
             if not sidecar.get("weights"):
                 raise ValueError(f"{str(path)!r} names no 'weights' file; add one (relative to "
@@ -476,12 +580,14 @@ def _from_file(path: Path, weights, trust_pickle: bool) -> tuple[ModelSpec, dict
         weights = path
         found = find_sidecar(path)
         sidecar = read_sidecar(found) if found else {}
+        if found:
+            _check_named_code(sidecar, found, trust_code)
     label = sidecar.get("name") or weights.stem
-    loaded = read_weights(weights, trust_pickle)
+    loaded = read_weights(weights, trust_code)
     if isinstance(loaded, nn.Module):
         spec = _spec_from_module(loaded, label)
     elif sidecar.get("architecture"):
-        spec = _from_architecture(sidecar["architecture"], loaded, trust_pickle,
+        spec = _from_architecture(sidecar["architecture"], loaded, trust_code,
                                   sidecar.get("arguments") or {}, sidecar.get("in_channels"))
         spec.name = label
     else:
@@ -494,7 +600,33 @@ def _from_file(path: Path, weights, trust_pickle: bool) -> tuple[ModelSpec, dict
     return spec, sidecar
 
 
-def _from_architecture(arch: str, weights, trust_pickle: bool, arguments: dict,
+def _is_factory(arch: str) -> bool:
+    """``"package.module:factory"``, as opposed to a name of a known family."""
+    return ":" in arch and arch.partition(":")[0] not in KNOWN_FAMILIES
+
+
+def _check_named_code(sidecar: dict, path: Path, trust_code: bool) -> None:
+    """A model file may name only known families: a ``package.module:factory`` in it would
+    import and call any Python the file names (``subprocess:run``), and factory arguments that
+    name files would load them (timm's ``checkpoint_path`` unpickles). Checked before anything
+    is imported or read."""
+    if trust_code:
+        return
+    arch = sidecar.get("architecture")
+    if arch and _is_factory(arch):
+        raise ValueError(
+            f"{str(path)!r} names the Python callable {arch!r} as its architecture: building "
+            "it would run code chosen by the file, so it is refused. Use a torchvision or timm "
+            f"architecture name, or, if you trust the file, {TRUST_HINT}.")
+    risky = file_argument_names(sidecar.get("arguments") or {})
+    if risky:
+        raise ValueError(
+            f"{str(path)!r}: arguments {', '.join(map(repr, risky))} would make the "
+            "architecture load another file, so they are refused; the weights come from the "
+            f"weights file. Remove them, or, if you trust the file, {TRUST_HINT}.")
+
+
+def _from_architecture(arch: str, weights, trust_code: bool, arguments: dict,
                        in_channels: int | None) -> ModelSpec:
     if weights is None:
         raise ValueError(
@@ -503,12 +635,11 @@ def _from_architecture(arch: str, weights, trust_pickle: bool, arguments: dict,
             f"your model was trained into: load_model({arch!r}, weights='model.safetensors')."
         )
     probe, _ = build_architecture(arch, arguments=arguments)  # name errors first
-    state = _weights_dict(weights, trust_pickle)
+    state = _weights_dict(weights, trust_code)
     classes, channels = _shapes_from_weights(probe, state)
     if in_channels is not None:
         channels = int(in_channels)
-    is_factory = ":" in arch and not arch.startswith(("timm:", "torchvision:"))
-    if is_factory:  # the user's own factory: its arguments say the shapes
+    if _is_factory(arch):  # the user's own factory: its arguments say the shapes
         model, defaults = probe, {}
     else:
         del probe
