@@ -1,4 +1,4 @@
-"""Everything that faces napari: readers, writers (and later the widget and sample data).
+"""Everything that faces napari: the widget, the demo window, sample data, readers and writers.
 
 The readers and writers work on napari's layer-data tuples and call the Qt-free core; they
 import neither napari nor Qt themselves.

@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import _optional
 from .loader import SIDECAR_FIELDS, build_architecture, load_model, read_weights
 from .spec import INTENSITY, ModelSpec, normalise_intensity
 
 DEMO_DIR = Path(__file__).with_name("demo")
+
+# Models are loaded from napari's console and from scripts that opened a viewer, not only through
+# the plugin: wherever the core is imported, triton is refused rather than allowed to crash a
+# process whose OpenGL driver holds another LLVM (see _optional).
+_optional.install_import_guard()
 
 
 def demo_spec() -> ModelSpec:
