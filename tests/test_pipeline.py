@@ -212,13 +212,27 @@ def _copy_tree_text(out: Path) -> dict:
     return files
 
 
-def test_resume_after_a_killed_run_gives_the_same_outputs(tmp_path):
+def _holder(out: Path) -> int | None:
+    """The pid written in the output folder's lock file (while a run holds it)."""
+    try:
+        return json.loads((out / ".napari-gradcam" / "lock").read_text() or "{}").get("pid")
+    except (OSError, ValueError):
+        return None
+
+
+def _files(root: Path, skip=()) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def test_resume_after_a_killed_run_gives_the_same_outputs(tmp_path, capsys):
+    """Killed, resumed, run alongside another run, rerun with other settings and with a
+    same-named input from another folder: the folder ends as a clean run leaves it."""
     folder = tmp_path / "in"
     folder.mkdir()
-    for k in range(30):
+    for k in range(20):
         iio.imwrite(folder / f"img{k:02d}.png",
                     (make_image(96, seed=100 + k).image * 255).astype(np.uint8))
-    model = tmp_path / "slow.pt"
     from conftest import sleepy_cnn
     from safetensors.torch import save_file
 
@@ -226,37 +240,67 @@ def test_resume_after_a_killed_run_gives_the_same_outputs(tmp_path):
     (tmp_path / "slow.safetensors.json").write_text(json.dumps({
         "architecture": "conftest:sleepy_cnn", "arguments": {"delay": 0.15},
         "class_names": ["disc", "square", "triangle"]}))
-    del model
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
-    cmd = [sys.executable, "-m", "napari_gradcam", "batch", str(folder), "--model",
-           str(tmp_path / "slow.safetensors"), "--batch-size", "1", "--quiet"]
+    args = ["batch", str(folder), "--model", str(tmp_path / "slow.safetensors"), "--trust-code",
+            "--batch-size", "1", "--quiet"]
+    cmd = [sys.executable, "-m", "napari_gradcam", *args]
     out = tmp_path / "out"
     proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     records = out / ".napari-gradcam" / "records"
     deadline = time.time() + 120
     while time.time() < deadline and (not records.is_dir() or len(list(records.glob(
-            "*.json"))) < 5):
+            "*.json"))) < 4):
         time.sleep(0.05)
+    # a second run into the folder while the first writes: stopped at once, naming the first
+    assert main(args + ["--out", str(out)]) == 2
+    assert f"in use by another napari-gradcam run (process {proc.pid} on " in \
+        capsys.readouterr().err
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(list(records.glob("*.json")))
-    assert 5 <= done_before < 30, "the run was not interrupted in the middle"
+    assert 4 <= done_before < 20, "the run was not interrupted in the middle"
     assert not (out / "summary.csv").exists()
-    # the rerun does only what is missing, and ends exactly where a clean run ends
-    res = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    # the rerun does only what is missing; a run started meanwhile is refused, the rerun
+    # completes undisturbed
+    rerun = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    while rerun.poll() is None and _holder(out) != rerun.pid:
+        time.sleep(0.01)
+    assert _holder(out) == rerun.pid, "the rerun finished before the second run could start"
+    assert main(args + ["--out", str(out)]) == 2
+    assert f"(process {rerun.pid} on " in capsys.readouterr().err
+    _, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
     assert not [p for p in out.rglob(".*.tmp*")]
     clean = tmp_path / "clean"
-    res = subprocess.run(cmd + ["--out", str(clean)], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    assert main(args + ["--out", str(clean)]) == 0
     assert _copy_tree_text(out) == _copy_tree_text(clean)
     # a third run has nothing to do: no unit's files or record is written again
-    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()
-               and p.name not in ("summary.csv", "coco.json")}
-    assert subprocess.run(cmd + ["--out", str(out)], env=env,
-                          capture_output=True).returncode == 0
-    assert {p: p.stat().st_mtime_ns for p in written} == written
+    written = _files(out, skip=("summary.csv", "coco.json", "lock"))
+    assert main(args + ["--out", str(out)]) == 0
+    assert _files(out, skip=("summary.csv", "coco.json", "lock")) == written
+    # other settings: refused before anything runs or changes
+    before = _files(out, skip=("lock",))
+    assert main(args + ["--out", str(out), "--threshold", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "--threshold 0.5 -> 0.3" in err and "--overwrite" in err
+    assert _files(out, skip=("lock",)) == before
+    # a same-named input from another folder is an input of its own, not one already done
+    kept = {k: v for k, v in written.items() if not k.endswith("names.json")}
+    other = tmp_path / "other" / "img00.png"
+    other.parent.mkdir()
+    iio.imwrite(other, (make_image(96, seed=7).image * 255).astype(np.uint8))
+    assert main([*args[:1], str(other), *args[2:], "--out", str(out)]) == 0
+    assert [r["file"] for r in summary(out)] == [str(other)]
+    assert (out / "heatmaps" / "img00-2.tif").is_file()
+    assert _files(out, skip=("summary.csv", "coco.json", "lock", "names.json")) == {
+        **kept, **{k: v for k, v in _files(out).items() if "img00-2" in k}}
+    # and the folder's own inputs still find their records
+    assert main(args + ["--out", str(out)]) == 0
+    assert _files(out, skip=("summary.csv", "coco.json", "lock", "names.json")) == {
+        **kept, **{k: v for k, v in _files(out).items() if "img00-2" in k}}
+    assert len(summary(out)) == 20
 
 
 def test_dask_cluster_gives_the_single_process_results_with_one_model_per_worker(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import sys
 from pathlib import Path
 
@@ -53,54 +55,149 @@ def _report(records, out, quiet: bool) -> None:
         print(f"  failed: {r.source}: {r.message}", file=sys.stderr)
 
 
-def _batch(args) -> int:
-    import logging
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a line is logged, not as it was when the handler
+    was made (callers and tests swap it)."""
 
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _batch(args) -> int:
+    """The batch command; Ctrl-C ends it with one line saying what finished (each finished
+    input's files and record are complete, so the same command resumes), exit status 130."""
+    state: dict = {}
+    try:
+        return _batch_run(args, state)
+    except KeyboardInterrupt:
+        from .pipeline import count_done
+
+        units, run = state.get("units"), state.get("run")
+        if units and run is not None:
+            what = "inputs" if all(u.kind == "file" for u in units) else "units of work"
+            done = f"{count_done(units, run.out, run.digest)} of {len(units)} {what} finished"
+        else:
+            done = "nothing was written"
+        if not args.quiet:
+            sys.stderr.write("\n")  # past the progress bar
+        print(f"napari-gradcam: interrupted: {done}; rerun the same command to resume.",
+              file=sys.stderr)
+        return 130
+
+
+def _batch_run(args, state: dict) -> int:
     from .models import load_model
-    from .pipeline import Options, collect_units, iter_progress, process_units, write_summary
+    from .pipeline import (
+        Explainer, Options, check_output, claim_output, collect_units, iter_progress,
+        process_units, run_settings, write_summary,
+    )
 
     ours = logging.getLogger("napari_gradcam")
     if not ours.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("napari-gradcam: %(message)s"))
         ours.addHandler(handler)
     ours.setLevel(logging.INFO if args.quiet else logging.WARNING)
-    model = {"source": args.model, "trust_pickle": args.trust_pickle}
+    _check_batch_options(args)  # every option, before the model loads or anything is written
+    # an --out that is a file, can't be written or holds an input: before anything is loaded
+    out = check_output(args.out, args.inputs)
+    model = {"source": args.model, "trust_code": args.trust_code}
     if args.weights:
         model["weights"] = args.weights
-    spec = load_model(**{**model, "source": args.model})
+    spec = load_model(**model)
     opts = Options(method=args.method, target=args.target, threshold=_threshold(args.threshold),
                    threshold_mode=args.threshold_mode, min_area=args.min_area,
                    simplify=args.simplify, device=args.device, batch_size=args.batch_size,
                    overlay=args.overlay, overwrite=args.overwrite, workers=args.workers)
-    from .pipeline import Explainer
-
     Explainer(spec, opts)  # bad method, target or device: say so before reading anything
-    out = Path(args.out)
     units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size, exclude=out)
-    progress = iter_progress(len(units), args.quiet)
-    if args.dask_scheduler or args.dask_local:
-        from .batch import model_spatial_dims
-        from .cluster import make_client, process_on_cluster
+    settings = run_settings(opts, model, spec, args.mask)  # hashes the model files once
+    # the lock, then other settings refused, before any model runs
+    with claim_output(out, settings, overwrite=args.overwrite) as run:
+        state["run"] = run
+        units = state["units"] = run.name(units)
+        progress = iter_progress(len(units), args.quiet)
+        if args.dask_scheduler or args.dask_local:
+            from .batch import model_spatial_dims
+            from .cluster import make_client, process_on_cluster
 
-        with make_client(args.dask_scheduler, args.dask_local, args.device) as client:
-            records = process_on_cluster(client, units, model, out, opts,
-                                         spatial_dims=model_spatial_dims(spec.module),
-                                         progress=progress)
-    else:
-        records = process_units(units, spec, out, opts, progress=progress)
-    write_summary(records, out, list(spec.class_names))
+            with make_client(args.dask_scheduler, args.dask_local, args.device) as client:
+                records = process_on_cluster(client, units, model, out, opts,
+                                             spatial_dims=model_spatial_dims(spec.module),
+                                             progress=progress)
+        else:
+            records = process_units(units, spec, out, opts, progress=progress)
+        write_summary(records, out, list(spec.class_names))
     _report(records, out, args.quiet)
     return 0 if all(r.status == "ok" for r in records) else 1
 
 
-def _threshold(text: str):
-    if str(text).lower() == "otsu":
+def _threshold(text):
+    if str(text).strip().lower() == "otsu":
         return "otsu"
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise ValueError(f"--threshold {text!r}: give a number in [0, 1] or 'otsu'.") from None
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"--threshold {str(text)!r}: give a number in [0, 1] (a heat value, or "
+                         "with --threshold-mode relative a fraction of each map's maximum) or "
+                         "'otsu'.")
+    return value
+
+
+def _whole(text, flag: str, least: int, what: str) -> int:
+    """``text`` as a whole number >= ``least``, else a one-line ValueError naming the flag."""
+    try:
+        value = float(str(text).strip())
+        ok = math.isfinite(value) and value == int(value) and value >= least
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{flag} {str(text)!r}: give {what}.")
+    return int(value)
+
+
+def _check_batch_options(args) -> None:
+    """Check and convert every option of ``batch`` before any model is loaded or any file
+    written, so that a typo costs one line (exit status 2) instead of a run over every input.
+    Numbers are parsed here rather than by argparse, whose errors add a usage block."""
+    from ._device import resolve_device
+    from .pipeline import mask_pattern_problem
+
+    args.threshold = _threshold(args.threshold)
+    args.min_area = _whole(args.min_area, "--min-area", 0, "a whole number of pixels >= 0")
+    try:
+        simplify = float(str(args.simplify).strip())
+    except ValueError:
+        simplify = math.nan
+    if not (math.isfinite(simplify) and simplify >= 0):
+        raise ValueError(f"--simplify {str(args.simplify)!r}: give a tolerance in pixels >= 0 "
+                         "(0 keeps the exact pixel outline).")
+    args.simplify = simplify
+    args.part_size = _whole(args.part_size, "--part-size", 1,
+                            "a whole number of images per unit >= 1")
+    if args.batch_size is not None:
+        args.batch_size = _whole(args.batch_size, "--batch-size", 1,
+                                 "a whole number of images per pass >= 1, or leave it out "
+                                 "(automatic)")
+    args.workers = _whole(args.workers, "--workers", 1, "a whole number of threads >= 1")
+    if getattr(args, "dask_local", None) is not None:
+        args.dask_local = _whole(args.dask_local, "--dask-local", 1,
+                                 "a whole number of worker processes >= 1")
+    if args.mask is not None:
+        problem = mask_pattern_problem(args.mask)
+        if problem:
+            raise ValueError(f"--mask {args.mask!r}: {problem}.")
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"--device {args.device!r}: {err}") from None
 
 
 def _method_and_device(parser, default: str) -> None:
@@ -131,8 +228,12 @@ def _batch_parser(sub) -> None:
                    help="demo, a weights file with its sidecar JSON, a sidecar JSON, a .pt2, or "
                         "an architecture name with --weights (default: demo)")
     b.add_argument("--weights", help="weights file for an architecture name")
-    b.add_argument("--trust-pickle", action="store_true",
-                   help="allow a model file that holds pickled code (only files you trust)")
+    b.add_argument("--trust-code", action="store_true",
+                   help="allow a model file to run code: pickled objects, or an architecture "
+                        "named in its sidecar outside the known families (only files you "
+                        "trust)")
+    b.add_argument("--trust-pickle", action="store_true", dest="trust_code",
+                   help=argparse.SUPPRESS)  # the old name of --trust-code
     b.add_argument("--method", default="gradcam", choices=available_methods())
     b.add_argument("--target", default=None,
                    help="class name or index to explain, or 'found': every class with a "
@@ -140,25 +241,26 @@ def _batch_parser(sub) -> None:
                         "Default: each image's prediction")
     b.add_argument("--threshold", default="0.5", help="heat value in [0, 1], or otsu")
     b.add_argument("--threshold-mode", default="absolute", choices=("absolute", "relative"))
-    b.add_argument("--min-area", type=int, default=16, help="smallest region in pixels")
-    b.add_argument("--simplify", type=float, default=1.0, help="polygon tolerance in pixels")
+    # numbers are checked by _check_batch_options: one line per mistake, no usage block
+    b.add_argument("--min-area", default="16", help="smallest region in pixels")
+    b.add_argument("--simplify", default="1.0", help="polygon tolerance in pixels")
     b.add_argument("--mask", metavar="PATTERN",
                    help="mask file per image, with {dir}, {name}, {stem}: e.g. "
                         "'{dir}/../lung-masks/{name}'; regions only where the mask is > 0")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    b.add_argument("--batch-size", type=int, default=None, help="images per pass (auto)")
+    b.add_argument("--batch-size", default=None, help="images per pass (auto)")
     b.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
     b.add_argument("--overwrite", action="store_true", help="redo finished inputs")
-    b.add_argument("--workers", type=int, default=2,
+    b.add_argument("--workers", default="2",
                    help="reader and writer threads each (default 2)")
-    b.add_argument("--part-size", type=int, default=256,
+    b.add_argument("--part-size", default="256",
                    help="images per unit of work for zarr arrays (default 256)")
     b.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     group = b.add_mutually_exclusive_group()
     group.add_argument("--dask-scheduler", metavar="ADDRESS",
                        help="run on an existing dask.distributed cluster (tcp://host:8786); "
                             "OUT must be reachable from its workers")
-    group.add_argument("--dask-local", type=int, metavar="N",
+    group.add_argument("--dask-local", metavar="N",
                        help="start a local dask cluster of N worker processes (one per GPU "
                             "with dask-cuda)")
     b.set_defaults(func=_batch)

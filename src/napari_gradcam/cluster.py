@@ -14,7 +14,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .pipeline import Options, Record, Unit, prepare_outputs, process_units
+from .pipeline import (
+    Options, Record, Unit, claim_output, held_run, prepare_outputs, process_units, run_settings,
+)
 
 _MODELS: dict = {}  # per worker process: model key -> ModelSpec
 _LOCK = threading.Lock()
@@ -22,7 +24,7 @@ MODEL_LOADS = 0  # how many times this process loaded a model (tests read it on 
 
 
 def model_key(model: dict) -> tuple:
-    """The same model however its defaults were spelled ({"trust_pickle": False} = {})."""
+    """The same model however its defaults were spelled ({"trust_code": False} = {})."""
     return tuple(sorted((k, str(v)) for k, v in model.items() if v not in (None, False)))
 
 
@@ -40,9 +42,13 @@ def worker_model(model: dict):
         return _MODELS[key]
 
 
-def run_group(units: list[Unit], model: dict, out: str, opts: Options) -> list[Record]:
-    """One dask task: the single-process pipeline on a group of units."""
-    return process_units(units, worker_model(model), Path(out), opts, clean=False)
+def run_group(units: list[Unit], model: dict, out: str, opts: Options,
+              settings: str = "") -> list[Record]:
+    """One dask task: the single-process pipeline on a group of units. The client holds the
+    output folder (its lock, its settings, its names), so the task neither locks nor cleans;
+    its records carry the client's ``settings`` digest."""
+    return process_units(units, worker_model(model), Path(out), opts, clean=False,
+                         settings=settings)
 
 
 def make_client(scheduler: str | None = None, local_workers: int | None = None,
@@ -77,14 +83,22 @@ def groups_of(units: list[Unit], n_workers: int) -> list[list[Unit]]:
 def process_on_cluster(client, units: list[Unit], model: dict, out, opts: Options, *,
                        spatial_dims: int = 2,
                        progress: Callable[[int, int, str], None] | None = None) -> list[Record]:
-    """Map groups of units over the cluster; records in the units' order."""
+    """Map groups of units over the cluster; records in the units' order. The client holds
+    the output folder for the whole job (:func:`~napari_gradcam.pipeline.claim_output`),
+    claiming it here unless this process already does (as the CLI)."""
+    out = Path(out).resolve()
+    run = held_run(out)
+    if run is None:
+        settings = run_settings(opts, model, worker_model(model))
+        with claim_output(out, settings, overwrite=opts.overwrite) as run:
+            return process_on_cluster(client, run.name(units), model, out, opts,
+                                      spatial_dims=spatial_dims, progress=progress)
     from distributed import as_completed
 
-    out = Path(out).resolve()
     prepare_outputs(units, out, opts.channel_axis, spatial_dims)
     n_workers = len(client.scheduler_info().get("workers", {})) or 1
     futures = client.map(run_group, groups_of(units, n_workers), model=model, out=str(out),
-                         opts=opts, pure=False)
+                         opts=opts, settings=run.digest, pure=False)
     records: dict = {}
     images = 0
     for fut in as_completed(futures):
