@@ -7,7 +7,6 @@ which are printed next to the generator's true boxes.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def _iou(a, b) -> float:
@@ -27,29 +26,28 @@ def run_example(methods=None, device="auto", seed: int = 6, size: int = 256,
     95 of 100 such three-object 256 px images; benchmarks/RESULTS.md has the unbiased numbers);
     pass another seed to see other cases.
     """
-    from . import available_methods, explain_batch, find_regions
+    from . import available_methods, find_regions
     from ._device import describe_device, resolve_device
+    from .job import ExplainJob
     from .models import load_model
     from .models.demo.synthetic import make_image
 
     dev = resolve_device(device)
     spec = load_model("demo")
-    model = spec.module.to(dev)
     item = make_image(size, seed=seed, classes=[0, 1, 2])
-    k = len(spec.class_names)
-    batch = torch.from_numpy(item.image)[None, None].to(dev).expand(k, -1, -1, -1).contiguous()
-    with torch.inference_mode():
-        probs = torch.sigmoid(model(batch[:1]))[0].cpu().numpy()
+    methods = list(methods or available_methods())
+    # "found" explains every class from one forward per method; its per-target maps hold
+    # each class's heatmap whether or not the model finds the class
+    res = ExplainJob(spec, methods, "found", device=dev).run(item.image)
+    probs = 1 / (1 + np.exp(-res.scores.astype(np.float64)))
     out(f"napari-gradcam example: the bundled demo model on a synthetic {size} x {size} image; "
         f"device: {describe_device(dev)}")
     for o in item.objects:
         out(f"  true {o.class_name:<8} box (min_row, min_col, max_row, max_col) = {o.box}")
     out("  model says: " + ", ".join(f"{n} {p:.2f}" for n, p in zip(spec.class_names, probs)))
     results = {}
-    for method in methods or available_methods():
-        res = explain_batch(model, batch, method, target_layer=spec.target_layer,
-                            targets=list(range(k)))
-        maps = res.heatmaps.cpu().numpy()
+    for method in methods:
+        maps = res.per_target[method]
         for cid, name in enumerate(spec.class_names):
             truth = [o.box for o in item.objects if o.class_id == cid]
             boxes = [r.bbox for r in find_regions(maps[cid], 0.5)]
@@ -61,7 +59,7 @@ def run_example(methods=None, device="auto", seed: int = 6, size: int = 256,
             out(f"  {method:<9} {name:<8} peak at {peak}: {'on' if on else 'NOT on'} the "
                 f"{name}; {len(boxes)} box(es) at heat >= 0.5 {boxes}, "
                 f"IoU with the true box: {', '.join(f'{v:.2f}' for v in ious)}")
-    if "eigencam" in (methods or available_methods()):
+    if "eigencam" in methods:
         out("  (eigencam is class-agnostic: it maps the activations' dominant pattern, whatever "
             "the class)")
     return results

@@ -1,6 +1,6 @@
 """The lean CAM engine: one forward pass, gradients only from the target layer up.
 
-How it stays close to the cost of inference (see DESIGN.md):
+How it stays close to the cost of inference:
 
 - the forward runs under ``torch.no_grad`` up to the target layer, so no graph is built below it
   and no parameter there is touched;
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import NamedTuple
 
@@ -29,15 +30,27 @@ from torch import nn
 
 from ._state import explaining
 from .layers import resolve_target_layer
+from ..models.spec import refuse_torchscript
 from .methods import CamContext, get_method
 
 
 class CamBatch(NamedTuple):
-    """Result of :func:`explain_batch`; all tensors live on the batch's device."""
+    """Result of :func:`explain_batch`; all tensors live on the batch's device.
 
-    heatmaps: torch.Tensor  # float32 (N, H, W) or (N, D, H, W), each map min-max scaled to [0, 1]
-    class_ids: torch.Tensor  # int64 (N,): the explained class of each sample
-    scores: torch.Tensor  # float32 (N,): the model's output (logit) for that class
+    For one target per sample: heatmaps (N, *spatial), class_ids and scores (N,). For K target
+    slots per sample (targets (N, K), or a callable returning that): heatmaps (N, K, *spatial),
+    class_ids and scores (N, K); a slot whose class id is -1 holds no target (its map is zeros,
+    its score NaN), and :attr:`valid` says which slots hold one.
+    """
+
+    heatmaps: torch.Tensor  # float32 (N[, K], H, W) or (N[, K], D, H, W), each map in [0, 1]
+    class_ids: torch.Tensor  # int64 (N[, K]): the explained class of each sample (slot)
+    scores: torch.Tensor  # float32 (N[, K]): the model's output (logit) for that class
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Boolean, the shape of ``class_ids``: True where the slot holds a target."""
+        return self.class_ids >= 0
 
 
 def explain_batch(
@@ -61,14 +74,20 @@ def explain_batch(
     method : one of :func:`napari_gradcam.cam.available_methods` (case, ``-`` and ``_`` ignored).
     target_layer : dotted module name, the module itself, or None for the last layer with a
         spatial output (see :func:`napari_gradcam.cam.find_target_layer`).
-    targets : None (each sample's predicted class), one class index for all samples, or N indices.
+    targets : None (each sample's predicted class), one class index for all samples, N indices,
+        an (N, K) array of K class indices per sample (-1: no target in that slot), or a
+        callable ``targets(logits) -> (N,) or (N, K)`` that picks them from the logits of this
+        same forward pass (e.g. every class with a positive logit). K targets cost one forward:
+        gradient methods take one ``autograd.grad`` per slot over the same graph, which only
+        re-traverses the layers after the target layer.
     amp : None/False (full precision), True, ``"bf16"`` or ``"fp16"``: run the model under
         ``torch.autocast``; the CAM arithmetic is float32 regardless.
     chunk_size : masked inputs per forward for Score-CAM (default: bounded by memory).
 
     Returns
     -------
-    CamBatch(heatmaps, class_ids, scores) on the batch's device. A map that is flat after the
+    CamBatch(heatmaps, class_ids, scores) on the batch's device, with a K axis after N when the
+    targets are (N, K). A map that is flat after the
     ReLU (nothing contributes to the class) comes out as zeros, never NaN.
 
     The model is left exactly as it was: train/eval flags, ``requires_grad`` flags, no ``.grad``,
@@ -92,17 +111,18 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size) 
         with capture, torch.no_grad(), _autocast(batch.device, amp_dtype):
             output = module(batch)
         logits = _logits(output, batch.shape[0])
-        activations = capture.result(batch)
-        class_ids = _class_ids(targets, logits)
-        scores = logits.gather(1, class_ids[:, None])[:, 0]
-        gradients = None
-        if spec.needs_gradients:
-            gradients = _gradient(scores, activations, name)
         del output
+        activations = capture.result(batch)
+        class_ids, slots = _class_ids(targets, logits)  # (N, K); slots: False for 1-D targets
+        valid = class_ids >= 0
+        safe = class_ids.clamp(min=0)
+        scores = logits.gather(1, safe)
+        gradients = (_gradients(scores, valid if slots else None, activations, name)
+                     if spec.needs_gradients else None)
         ctx = CamContext(
             activations=activations.detach().float(),
-            gradients=None if gradients is None else gradients.float(),
-            class_ids=class_ids,
+            gradients=None,
+            class_ids=safe,
             scores=scores.detach().float(),
             num_classes=logits.shape[1],
             batch=batch,
@@ -111,9 +131,49 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size) 
             forward=partial(_forward_logits, module, amp_dtype),
             options={"chunk_size": chunk_size, "amp": amp_dtype},
         )
-        del logits
-        raw = spec.fn(ctx)
-    return CamBatch(to_heatmaps(raw, batch.shape[2:]), class_ids, ctx.scores)
+        del logits, scores
+        raw = _per_slot(spec, ctx, gradients)  # (N, K, *S)
+    n, k = class_ids.shape
+    heat = to_heatmaps(raw.flatten(0, 1), batch.shape[2:]).view(n, k, *batch.shape[2:])
+    heat = heat * valid.view(n, k, *([1] * (heat.ndim - 2)))
+    out_scores = torch.where(valid, ctx.scores, torch.full_like(ctx.scores, float("nan")))
+    if not slots:
+        return CamBatch(heat[:, 0], class_ids[:, 0], out_scores[:, 0])
+    return CamBatch(heat, class_ids, out_scores)
+
+
+def _gradients(scores, valid, activations, name) -> list:
+    """One ``autograd.grad`` per target slot over the same graph (kept until the last slot).
+    ``valid`` (None: every slot holds a target) masks empty slots: their samples add nothing,
+    and a slot empty in every sample costs nothing and gets zeros."""
+    cols = list(range(scores.shape[1]))
+    if valid is not None:
+        cols = [k for k in cols if bool(valid[:, k].any())]
+    grads: list = [None] * scores.shape[1]
+    for i, k in enumerate(cols):
+        chosen = scores[:, k]
+        if valid is not None:
+            chosen = torch.where(valid[:, k], chosen, torch.zeros_like(chosen))
+        grads[k] = _gradient(chosen, activations, name, retain=i < len(cols) - 1).float()
+    return [torch.zeros_like(activations, dtype=torch.float32) if g is None else g
+            for g in grads]
+
+
+def _per_slot(spec, ctx: CamContext, gradients) -> torch.Tensor:
+    """The method's raw maps for every slot, (N, K, *S): a class-free method (Eigen-CAM) once,
+    a batched one (Score-CAM: all slots scored from the same masked forwards) in one call,
+    any other slot by slot."""
+    ids, scores = ctx.class_ids, ctx.scores
+    k = ids.shape[1]
+    if spec.class_free:
+        raw = spec.fn(replace(ctx, class_ids=ids[:, 0], scores=scores[:, 0]))
+        return raw[:, None].expand(-1, k, *raw.shape[1:])
+    if spec.batched:
+        return spec.fn(ctx)
+    maps = [spec.fn(replace(ctx, class_ids=ids[:, j], scores=scores[:, j],
+                            gradients=None if gradients is None else gradients[j]))
+            for j in range(k)]
+    return torch.stack(maps, 1)
 
 
 def to_heatmaps(raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -187,14 +247,16 @@ class _Capture(contextlib.AbstractContextManager):
         return act
 
 
-def _gradient(scores: torch.Tensor, activations: torch.Tensor, name: str) -> torch.Tensor:
+def _gradient(scores: torch.Tensor, activations: torch.Tensor, name: str,
+              retain: bool = False) -> torch.Tensor:
     if not scores.requires_grad:
         raise ValueError(
             f"the class scores are not differentiable from the target layer {name!r} (does the "
             "model detach it or run it under torch.no_grad?); choose another target_layer or a "
             "gradient-free method ('scorecam', 'eigencam')."
         )
-    (grad,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+    (grad,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True,
+                                  retain_graph=retain)
     if grad is None:
         raise ValueError(
             f"the class scores do not depend on the target layer {name!r}; choose a layer on "
@@ -238,36 +300,39 @@ def _logits(output, n: int) -> torch.Tensor:
     return logits
 
 
-def _class_ids(targets, logits: torch.Tensor) -> torch.Tensor:
+def _class_ids(targets, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The classes to explain as (N, K), and whether the caller asked for slots (an (N, K)
+    form; otherwise K = 1 and the result drops that axis)."""
     n, num_classes = logits.shape
     if targets is None:
-        return logits.detach().argmax(1)
+        return logits.detach().argmax(1)[:, None], False
+    if callable(targets):
+        targets = targets(logits.detach())
     t = torch.as_tensor(targets)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"targets must be integer class indices, not {t.dtype}.")
     t = t.to(device=logits.device, dtype=torch.long)
     if t.ndim == 0:
         t = t.expand(n)
-    if t.shape != (n,):
+    if t.ndim not in (1, 2) or t.shape[0] != n:
         raise ValueError(
-            f"targets has shape {tuple(t.shape)}; give None, one class index, or {n} indices "
-            "(one per sample)."
+            f"targets has shape {tuple(t.shape)}; give None, one class index, {n} indices "
+            f"(one per sample), or ({n}, K) indices (K per sample)."
         )
-    bad = (t < 0) | (t >= num_classes)
+    slots = t.ndim == 2
+    lowest = -1 if slots else 0  # -1 marks an empty slot
+    bad = (t < lowest) | (t >= num_classes)
     if bool(bad.any()):
         raise ValueError(
             f"class index {int(t[bad][0])} is out of range: this model has {num_classes} "
-            f"classes (0 to {num_classes - 1})."
+            f"classes (0 to {num_classes - 1}"
+            + ("; -1 marks an empty slot)." if slots else ").")
         )
-    return t
+    return (t if slots else t[:, None]), slots
 
 
 def _check_inputs(module, batch) -> None:
-    if isinstance(module, torch.jit.ScriptModule):
-        raise TypeError(
-            "TorchScript models can't be hooked from Python, so CAM can't read their layers; "
-            "load the architecture in Python with a state dict instead."
-        )
+    refuse_torchscript(module)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}.")
     if not isinstance(batch, torch.Tensor):

@@ -4,7 +4,7 @@ Every method receives a :class:`CamContext` and returns the raw class activation
 target layer's resolution, shape (N, *spatial), float32, on the activations' device. The engine
 then rectifies (ReLU), upsamples to the input size and min-max normalises each map.
 
-Notation (as in FIELD-NOTES): A = activations (N, K, *S), G = gradient of the explained class
+Notation: A = activations (N, K, *S), G = gradient of the explained class
 score with respect to A, k = channel, sums and means run over the spatial positions.
 """
 
@@ -23,8 +23,8 @@ from torch import nn
 class CamContext:
     activations: torch.Tensor  # (N, K, *S) float32
     gradients: torch.Tensor | None  # same shape, or None for gradient-free methods
-    class_ids: torch.Tensor  # (N,) int64
-    scores: torch.Tensor  # (N,) float32, the model's logit for class_ids
+    class_ids: torch.Tensor  # (N,) int64; (N, K) for a batched method (every target slot)
+    scores: torch.Tensor  # the model's logit for class_ids, same shape, float32
     num_classes: int  # the model's number of outputs
     batch: torch.Tensor  # the model input (N, C, *S_in)
     module: nn.Module
@@ -39,6 +39,8 @@ class Method:
     fn: Callable[[CamContext], torch.Tensor]
     needs_gradients: bool
     summary: str
+    class_free: bool = False  # the map ignores the class: computed once for all target slots
+    batched: bool = False  # takes class_ids (N, K) and returns (N, K, *S) in one call
 
 
 METHODS: dict[str, Method] = {}
@@ -50,11 +52,17 @@ def _key(name: str) -> str:
     return key[:-2] + "++" if key.endswith("pp") else key
 
 
-def register_method(name: str, *, needs_gradients: bool):
-    """Decorator: make ``fn(ctx) -> (N, *S) map`` available as ``method=name``."""
+def register_method(name: str, *, needs_gradients: bool, class_free: bool = False,
+                    batched: bool = False):
+    """Decorator: make ``fn(ctx) -> (N, *S) map`` available as ``method=name``.
+
+    The engine calls ``fn`` once per target slot with (N,) class ids, unless ``class_free``
+    (the map does not depend on the class: one call serves every slot) or ``batched`` (``fn``
+    takes ctx.class_ids (N, K) and returns (N, K, *S), sharing work between the slots)."""
 
     def deco(fn):
-        METHODS[name] = Method(name, fn, needs_gradients, (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = Method(name, fn, needs_gradients,
+                               (fn.__doc__ or "").strip().split("\n")[0], class_free, batched)
         return fn
 
     return deco
@@ -132,20 +140,24 @@ def layercam(ctx: CamContext) -> torch.Tensor:
     return (F.relu(ctx.gradients) * ctx.activations).sum(1)
 
 
-@register_method("scorecam", needs_gradients=False)
+@register_method("scorecam", needs_gradients=False, batched=True)
 def scorecam(ctx: CamContext) -> torch.Tensor:
     """Score-CAM (Wang et al. 2020): mask the input with each min-max scaled, upsampled channel,
-    score the masked inputs, softmax over channels, w_k = that softmax."""
+    score the masked inputs, softmax over channels, w_k = that softmax.
+
+    Every target slot is scored from the same masked forwards (they return every class's
+    logit), so K targets cost what one does."""
     A, x = ctx.activations, ctx.batch
+    ids = ctx.class_ids if ctx.class_ids.ndim == 2 else ctx.class_ids[:, None]  # (N, T)
     n, k = A.shape[:2]
     flat = A.flatten(2)
     # A constant channel scales to all zeros (as (up - min) / (max - min + eps) does), so every
     # such channel masks the input to zeros: one forward of a zero image scores them all.
     constant = flat.amax(-1) == flat.amin(-1)
-    scores = torch.empty(n, k, device=A.device, dtype=torch.float32)
+    scores = torch.empty(n, k, ids.shape[1], device=A.device, dtype=torch.float32)
     if bool(constant.any()):
         zero_logits = ctx.forward(torch.zeros_like(x[:1]))[0].float()
-        scores[:] = zero_logits[ctx.class_ids][:, None]
+        scores[:] = zero_logits[ids][:, None]
     pairs = (~constant).nonzero()
     chunk = ctx.options.get("chunk_size") or _default_chunk(x)
     mode = "bilinear" if A.ndim == 4 else "trilinear"
@@ -157,8 +169,10 @@ def scorecam(ctx: CamContext) -> torch.Tensor:
         hi = up_flat.amax(1).view(-1, *([1] * (up.ndim - 1)))
         masked = x[ni] * ((up - lo) / (hi - lo + 1e-8)).to(x.dtype)
         logits = ctx.forward(masked).float()
-        scores[ni, ki] = logits.gather(1, ctx.class_ids[ni][:, None])[:, 0]
-    return _weighted_sum(torch.softmax(scores, dim=1), A)
+        scores[ni, ki] = logits.gather(1, ids[ni])
+    weights = torch.softmax(scores, dim=1)  # (N, channels, T)
+    maps = torch.einsum("nkt,nkp->ntp", weights, flat).view(n, ids.shape[1], *A.shape[2:])
+    return maps if ctx.class_ids.ndim == 2 else maps[:, 0]
 
 
 def _default_chunk(x: torch.Tensor) -> int:
@@ -226,7 +240,7 @@ def eigen_projection(activations: torch.Tensor) -> torch.Tensor:
     return (proj * sign[:, None]).view(n, *activations.shape[2:])
 
 
-@register_method("eigencam", needs_gradients=False)
+@register_method("eigencam", needs_gradients=False, class_free=True)
 def eigencam(ctx: CamContext) -> torch.Tensor:
     """Eigen-CAM (Muhammad & Yeasin 2020): first principal component of the activations."""
     return eigen_projection(torch.nan_to_num(ctx.activations))

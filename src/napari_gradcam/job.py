@@ -1,0 +1,281 @@
+"""One explain job for every front end: methods x targets x images -> heatmaps, the combined
+heatmap, regions and summary rows.
+
+The widget, the ``batch`` command, its dask workers and ``example`` all describe what they want
+as an :class:`ExplainJob` (model, methods, target, region options, mask) and leave the target
+and method bookkeeping to it:
+
+- ``target`` is each image's predicted class (None), one class (index or name), or ``"found"``:
+  every class, counting in an image only where its logit is positive (multi-label models);
+- every target of a batch is explained from one forward pass per method (the engine takes the
+  gradient of each class's score over the same graph), so "every class found" costs about what
+  one class does;
+- :meth:`ExplainJob.explain` explains one batch of raw pixels, :meth:`ExplainJob.summarise`
+  turns results into the heatmap to show, regions and rows, and :meth:`ExplainJob.iter_run`
+  does both over a whole (lazy) array, yielding progress and stopping when closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .cam import get_method
+from .explain_arrays import Progress, Runner, check_channels, layout, read_ahead, run_generator
+from .regions import find_regions
+
+FOUND = "found"
+REGION_DEFAULTS = {"threshold": 0.5, "min_area": 16, "simplify": 1.0}
+
+
+def _every_class(logits: torch.Tensor) -> torch.Tensor:
+    """Targets for "found": every class in its own slot (slot k = class k), for every image;
+    which of them count is decided from their logits afterwards."""
+    n, classes = logits.shape
+    return torch.arange(classes, device=logits.device).expand(n, classes)
+
+
+class BatchResult(NamedTuple):
+    """One batch of n images explained for K targets each (K = 1 unless the target is
+    "found", where K is the model's number of classes and slot k is class k)."""
+
+    heatmaps: dict  # method -> float32 (n, K, *spatial) in [0, 1]
+    class_ids: np.ndarray  # int64 (n, K)
+    scores: np.ndarray  # float32 (n, K): the model's logit for that class
+    kept: np.ndarray  # bool (n, K): the target counts ("found": its logit > 0; else always)
+
+
+class Summary(NamedTuple):
+    heatmaps: dict  # method -> (*lead, *spatial): the one target's map, or the hottest kept class
+    regions: list  # first method's regions of kept targets, ordered by image, then class
+    rows: list  # dicts: index, class, class_id, score, regions (one per kept target or image)
+
+
+@dataclass
+class JobResult:
+    """A whole array explained: what :meth:`ExplainJob.iter_run` returns."""
+
+    heatmaps: dict  # method -> (*lead, *spatial), the combined heatmap
+    per_target: dict  # method -> (*lead, K, *spatial)
+    class_ids: np.ndarray  # (*lead, K)
+    scores: np.ndarray  # (*lead, K)
+    kept: np.ndarray  # (*lead, K)
+    regions: list
+    rows: list
+    class_names: list
+    methods: list
+    target_layer: str | None
+    device: str
+    batch_size: int
+    region_options: dict = field(default_factory=dict)
+    mask: np.ndarray | None = None
+    offset: tuple = ()
+
+    def rederive(self, mask=..., **region_options) -> JobResult:
+        """Regions and rows again from the stored maps, without the model: new region options
+        (merged into the old ones) and optionally a new mask (None: no mask)."""
+        options = _check_regions({**self.region_options, **region_options})
+        mask = self.mask if mask is ... else mask
+        lead = self.class_ids.shape[:-1]
+        first = self.per_target[self.methods[0]]
+        regions, rows = find_targets(first, self.class_ids, self.scores, self.kept, lead,
+                                     self.class_names, options, mask, self.offset)
+        return replace(self, regions=regions, rows=rows, region_options=options, mask=mask)
+
+
+class ExplainJob:
+    """What to explain and how; the model runs only in :meth:`explain`.
+
+    Parameters
+    ----------
+    spec : a ModelSpec (``load_model(...)``).
+    methods : one CAM method name or several (``available_methods()``); regions come from the
+        first.
+    target : None (each image's predicted class), a class index or name, or ``"found"`` (every
+        class with a positive logit in the image).
+    regions : keyword arguments for :func:`find_regions` (defaults: threshold 0.5, min_area
+        16, simplify 1.0).
+    mask : regions only where mask > 0: (H, W) for every image, or the leading shape plus
+        (H, W).
+    device, batch_size, target_layer, amp : as for :func:`napari_gradcam.explain`.
+
+    Bad methods, targets, devices or region options raise ValueError / TypeError here, before
+    any image is read.
+    """
+
+    def __init__(self, spec, methods=("gradcam",), target=None, *, regions=None, mask=None,
+                 device="auto", batch_size=None, target_layer=None, amp=None):
+        self.methods = [methods] if isinstance(methods, str) else list(methods)
+        if not self.methods:
+            raise ValueError("no method given; name at least one, e.g. methods=('gradcam',).")
+        for m in self.methods:
+            get_method(m)
+        self.found = isinstance(target, str) and target.strip().lower() == FOUND
+        self.runner = Runner(spec, self.methods[0], None if self.found else target, device,
+                             batch_size, target_layer=target_layer, amp=amp)
+        self.spec = spec
+        self.region_options = _check_regions({**REGION_DEFAULTS, **(regions or {})})
+        self.mask = mask
+
+    @property
+    def target(self):
+        """"found", or the class index explained (None: each image's prediction)."""
+        return FOUND if self.found else self.runner.class_id
+
+    def explain(self, raw: np.ndarray) -> BatchResult:
+        """Raw pixels (n, *spatial, channels) -> every method's maps for every target, one
+        forward pass per method."""
+        runner, spatial = self.runner, tuple(raw.shape[1:-1])
+        batch = runner.prepare(raw)
+        targets = _every_class if self.found else runner.class_id
+        maps, ids, scores = {}, None, None
+        for method in self.methods:
+            heat, method_ids, method_scores = runner.explain(batch, spatial, method, targets)
+            if not self.found:  # one target: give it its slot axis
+                heat, method_ids, method_scores = heat[:, None], method_ids[:, None], \
+                    method_scores[:, None]
+            maps[method] = heat
+            if ids is None:
+                ids, scores = method_ids, method_scores
+        kept = scores > 0 if self.found else np.ones(ids.shape, bool)
+        return BatchResult(maps, ids, scores, kept)
+
+    def summarise(self, result: BatchResult, lead=(), mask=..., offset=()) -> Summary:
+        """Per image the combined heatmap per method, the first method's regions and the
+        summary rows. ``lead`` is the images' leading shape (() for one image); ``mask``
+        defaults to the job's; ``offset`` is added to each image's index (see
+        :func:`shift_index`)."""
+        lead = tuple(lead)
+        mask = self.mask if mask is ... else mask
+        ids = result.class_ids.reshape(*lead, -1)
+        scores = result.scores.reshape(*lead, -1)
+        kept = result.kept.reshape(*lead, -1)
+        per_target = {m: h.reshape(*lead, *h.shape[1:]) for m, h in result.heatmaps.items()}
+        shown = {m: combine(h, kept) for m, h in per_target.items()}
+        regions, rows = find_targets(per_target[self.methods[0]], ids, scores, kept, lead,
+                                     list(self.spec.class_names), self.region_options, mask,
+                                     offset)
+        return Summary(shown, regions, rows)
+
+    def iter_run(self, images, channel_axis=None, offset=()):
+        """Explain every image of a NumPy / dask / zarr array, reading the next batch while
+        this one runs; yields a Progress per batch and returns a :class:`JobResult`. Closing
+        the generator stops after the current batch."""
+        if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
+            images = np.asarray(images)
+        runner = self.runner
+        lay = layout(images.shape, channel_axis, runner.dims, in_channels=self.spec.in_channels)
+        check_channels(lay.channels, self.spec.in_channels)
+        n = lay.count if lay.lead else 1
+        parts = []
+        with contextlib.closing(read_ahead(images, lay, runner)) as batches:
+            for _start, stop, raw in batches:
+                parts.append(self.explain(raw))
+                yield Progress(stop, n, "+".join(self.methods), runner.batch_size)
+        return self._result(_concat(parts), lay.lead, offset)
+
+    def run(self, images, channel_axis=None, offset=(), progress=None) -> JobResult:
+        """:meth:`iter_run` to its end; ``progress`` is called with each Progress."""
+        return run_generator(self.iter_run(images, channel_axis, offset), progress)
+
+    def _result(self, result: BatchResult, lead, offset) -> JobResult:
+        summary = self.summarise(result, lead, offset=offset)
+        per_target = {m: h.reshape(*lead, *h.shape[1:]) for m, h in result.heatmaps.items()}
+        return JobResult(
+            heatmaps=summary.heatmaps, per_target=per_target,
+            class_ids=result.class_ids.reshape(*lead, -1),
+            scores=result.scores.reshape(*lead, -1), kept=result.kept.reshape(*lead, -1),
+            regions=summary.regions, rows=summary.rows, class_names=list(self.spec.class_names),
+            methods=list(self.methods), target_layer=self.runner.layer_name,
+            device=str(self.runner.device), batch_size=int(self.runner.batch_size),
+            region_options=dict(self.region_options), mask=self.mask, offset=tuple(offset))
+
+
+def combine(per_target: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """(*lead, K, *spatial) maps -> (*lead, *spatial): the one target's map, or per pixel the
+    hottest target that counts (zeros where none does)."""
+    k_axis = kept.ndim - 1
+    if per_target.shape[k_axis] == 1 and kept.all():
+        return np.take(per_target, 0, axis=k_axis)
+    spatial = per_target.ndim - kept.ndim
+    weights = kept.reshape(kept.shape + (1,) * spatial).astype(per_target.dtype)
+    return (per_target * weights).max(axis=k_axis)
+
+
+def find_targets(per_target, class_ids, scores, kept, lead, class_names, options, mask=None,
+                 offset=()):
+    """Regions of the targets that count, ordered by image then class, and one summary row per
+    counted target (an image where none counts gets a row with class '' and id -1)."""
+    lead = tuple(lead)
+    regions = []
+    for k in range(class_ids.shape[-1]):
+        heat = np.take(per_target, k, axis=len(lead))
+        found = find_regions(heat, mask=mask, class_ids=class_ids[..., k],
+                             scores=scores[..., k], **options)
+        regions += [r for r in found if kept[tuple(r.index[:len(lead)])][k]]
+    regions.sort(key=lambda r: (tuple(r.index), -1 if r.class_id is None else r.class_id))
+    regions = [replace(r, index=shift_index(r.index, offset)) for r in regions] if offset \
+        else regions
+    return regions, summary_rows(class_ids, scores, kept, lead, class_names, regions, offset)
+
+
+def summary_rows(class_ids, scores, kept, lead, class_names, regions, offset=()) -> list:
+    """One row per counted target per image: index, class, class_id, score, regions."""
+    counts: dict = {}
+    for r in regions:
+        key = (tuple(r.index), r.class_id)
+        counts[key] = counts.get(key, 0) + 1
+    rows = []
+    for idx in np.ndindex(*lead):
+        full = shift_index(idx, offset)
+        slots = [k for k in range(class_ids.shape[-1]) if kept[idx][k]]
+        for k in slots:
+            cid = int(class_ids[idx][k])
+            rows.append({"index": list(full), "class": _name(class_names, cid),
+                         "class_id": cid, "score": float(scores[idx][k]),
+                         "regions": counts.get((full, cid), 0)})
+        if not slots:  # nothing found: the image still gets its row, with its best logit
+            rows.append({"index": list(full), "class": "", "class_id": -1,
+                         "score": float(np.max(scores[idx])), "regions": 0})
+    return rows
+
+
+def shift_index(index, offset) -> tuple:
+    """An image's index in the whole array: ``offset`` added on the leading axes (a part
+    ``data[start:stop]`` has offset (start,)); an index with fewer axes than ``offset`` (one
+    slice ``data[t, z]``, offset (t, z)) is first padded on the left with zeros."""
+    index, offset = tuple(int(i) for i in index), tuple(int(o) for o in offset)
+    if len(index) < len(offset):
+        index = (0,) * (len(offset) - len(index)) + index
+    return tuple(i + o for i, o in zip(index, offset)) + index[len(offset):]
+
+
+def _name(class_names, cid: int) -> str:
+    return class_names[cid] if 0 <= cid < len(class_names) else str(cid)
+
+
+def _check_regions(options: dict) -> dict:
+    """Fail on bad region options now, not after the model ran (find_regions says what is
+    wrong with which argument)."""
+    if "mask" in options or "class_ids" in options or "scores" in options:
+        raise ValueError("region options take find_regions settings (threshold, min_area, "
+                         "simplify, threshold_mode, connectivity, workers); pass the mask as "
+                         "mask=.")
+    find_regions(np.zeros((2, 2), np.float32), **options)
+    return options
+
+
+def _concat(parts: list) -> BatchResult:
+    if len(parts) == 1:
+        return parts[0]
+    return BatchResult({m: np.concatenate([p.heatmaps[m] for p in parts])
+                        for m in parts[0].heatmaps},
+                       *(np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)))
+
+
+__all__ = ["FOUND", "BatchResult", "ExplainJob", "JobResult", "Summary", "combine",
+           "find_targets", "shift_index", "summary_rows"]

@@ -1,0 +1,146 @@
+"""The one explain job: targets, methods, regions and rows for every front end."""
+
+import numpy as np
+import pytest
+
+import napari_gradcam as ng
+from napari_gradcam.job import ExplainJob, shift_index
+from napari_gradcam.models.demo.synthetic import make_image
+
+SIZE = 160
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return ng.load_model("demo")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """Three images holding the three classes, then one holding nothing."""
+    images = [make_image(SIZE, seed=s, classes=[0, 1, 2]).image for s in (6, 7, 8)]
+    return np.stack(images + [make_image(SIZE, seed=3, n_objects=0).image])
+
+
+def _old_found(images, spec, method, regions):
+    """'Every class found' as it was built before the job: one explain per class, then the
+    hottest class that counts per pixel, and the regions of the classes with a positive logit."""
+    per_class = [ng.explain(images, spec, method, k, device="cpu") for k in range(3)]
+    kept = np.stack([e.scores > 0 for e in per_class], -1)
+    shown = np.max([e.heatmaps * kept[:, k, None, None] for k, e in enumerate(per_class)], 0)
+    found = []
+    for k, e in enumerate(per_class):
+        found += [r for r in ng.find_regions(e.heatmaps, class_ids=e.class_ids, scores=e.scores,
+                                             **regions) if r.score > 0]
+    found.sort(key=lambda r: (r.index, r.class_id))
+    return shown, found
+
+
+def _boxes(regions):
+    return [(r.index, r.class_id, r.bbox, r.area) for r in regions]
+
+
+def test_found_equals_each_class_explained_separately(spec, stack):
+    job = ExplainJob(spec, ["gradcam", "gradcam++"], "found", device="cpu", batch_size=4)
+    res = job.run(stack)
+    assert res.per_target["gradcam"].shape == (4, 3, SIZE, SIZE)
+    assert res.class_ids.tolist() == [[0, 1, 2]] * 4
+    for method in job.methods:
+        shown, regions = _old_found(stack, spec, method, job.region_options)
+        np.testing.assert_allclose(res.heatmaps[method], shown, atol=1e-5)
+        if method == "gradcam":
+            assert _boxes(res.regions) == _boxes(regions)
+    assert res.kept[:3].any() and not res.kept[3].any()
+
+
+def test_one_forward_per_method_per_batch(spec, stack):
+    calls = []
+    handle = spec.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        job = ExplainJob(spec, ["gradcam", "hirescam"], "found", device="cpu", batch_size=2)
+        job.run(stack)
+    finally:
+        handle.remove()
+    # 2 batches x 2 methods (the demo model names its target layer: no probe forward)
+    assert len(calls) == 2 * 2
+
+
+def test_closing_the_generator_cancels_after_the_current_batch(spec, stack):
+    calls = []
+    handle = spec.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        gen = ExplainJob(spec, "gradcam", device="cpu", batch_size=1).iter_run(stack)
+        first = next(gen)
+        gen.close()
+    finally:
+        handle.remove()
+    assert (first.done, first.total) == (1, 4)
+    assert len(calls) == 1  # the first batch; nothing after
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_rederive_equals_a_fresh_run(spec, stack):
+    job = ExplainJob(spec, "gradcam", "found", device="cpu")
+    res = job.run(stack)
+    other = {"threshold": 0.3, "min_area": 40, "simplify": 2.0}
+    fresh = ExplainJob(spec, "gradcam", "found", device="cpu", regions=other).run(stack)
+    again = res.rederive(**other)
+    assert _boxes(again.regions) == _boxes(fresh.regions) != _boxes(res.regions)
+    assert again.rows == fresh.rows
+    assert res.region_options["threshold"] == 0.5  # the original result is unchanged
+
+
+def test_rows_for_images_with_nothing_found(spec, stack):
+    res = ExplainJob(spec, "gradcam", "found", device="cpu").run(stack)
+    last = [r for r in res.rows if r["index"] == [3]]
+    assert last == [{"index": [3], "class": "", "class_id": -1,
+                     "score": float(res.scores[3].max()), "regions": 0}]
+    first = [r for r in res.rows if r["index"] == [0]]
+    assert [r["class"] for r in first] == [spec.class_names[k] for k in range(3)
+                                           if res.kept[0, k]]
+    assert sum(r["regions"] for r in res.rows) == len(res.regions)
+
+
+def test_one_target_keeps_every_image(spec, stack):
+    res = ExplainJob(spec, "gradcam", "disc", device="cpu").run(stack)
+    assert res.heatmaps["gradcam"].shape == (4, SIZE, SIZE)
+    np.testing.assert_array_equal(res.heatmaps["gradcam"], res.per_target["gradcam"][:, 0])
+    assert [r["class"] for r in res.rows] == ["disc"] * 4 and res.kept.all()
+    single = ExplainJob(spec, "gradcam", None, device="cpu").run(stack[0])
+    assert single.heatmaps["gradcam"].shape == (SIZE, SIZE) and single.rows[0]["index"] == []
+
+
+def test_mask_restricts_regions(spec, stack):
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[:, : SIZE // 2] = True
+    free = ExplainJob(spec, "gradcam", "found", device="cpu").run(stack)
+    masked = ExplainJob(spec, "gradcam", "found", device="cpu", mask=mask).run(stack)
+    assert masked.regions and all(r.bbox[3] <= SIZE // 2 for r in masked.regions)
+    assert any(r.bbox[3] > SIZE // 2 for r in free.regions)
+    assert _boxes(free.rederive(mask=mask).regions) == _boxes(masked.regions)
+
+
+def test_offset_shifts_indices(spec, stack):
+    part = ExplainJob(spec, "gradcam", "found", device="cpu").run(stack[2:4], offset=(2,))
+    whole = ExplainJob(spec, "gradcam", "found", device="cpu").run(stack)
+    assert _boxes(part.regions) == [b for b in _boxes(whole.regions) if b[0][0] >= 2]
+    assert [r["index"][0] for r in part.rows] == [r["index"][0] for r in whole.rows
+                                                  if r["index"][0] >= 2]
+    one = ExplainJob(spec, "gradcam", "found", device="cpu").run(stack[1], offset=(5, 1))
+    assert {r.index for r in one.regions} == {(5, 1)}
+    assert shift_index((3, 4), (10,)) == (13, 4) and shift_index((), (2, 3)) == (2, 3)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"methods": "gradkam"}, ValueError, "unknown CAM method 'gradkam'; choose one of"),
+    ({"methods": []}, ValueError, "no method given"),
+    ({"target": "zebra"}, ValueError, "no class 'zebra'; its classes are"),
+    ({"target": 7}, ValueError, "class index 7 is out of range"),
+    ({"device": "tpu"}, ValueError, "tpu"),
+    ({"regions": {"threshold": -1}}, ValueError, "threshold"),
+    ({"regions": {"mask": np.ones((2, 2))}}, ValueError, "pass the mask as mask="),
+])
+def test_bad_settings_say_what_to_change(spec, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        ExplainJob(spec, **kwargs)
