@@ -366,3 +366,22 @@ def test_the_readme_documents_every_sidecar_field_and_its_example_loads(tmp_path
     spec = ng.load_model(tmp_path / "weights.safetensors")
     assert spec.class_names == ["normal", "tuberculosis"] and spec.input_size == (224, 224)
     assert spec.target_layer == "features.denseblock4"
+
+
+def test_first_conv_and_the_torchscript_refusal_are_one_function_each():
+    from torch import nn
+
+    from napari_gradcam.explain_arrays import is_grey_rgb, model_spatial_dims
+    from napari_gradcam.models.spec import first_conv, refuse_torchscript
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Conv3d(2, 4, 3)), nn.Conv2d(4, 4, 1))
+    name, conv = first_conv(net)
+    assert name == "1.0" and isinstance(conv, nn.Conv3d) and model_spatial_dims(net) == 3
+    assert first_conv(nn.Linear(2, 2)) == (None, None)
+    refuse_torchscript(net)  # a Python module passes
+    with pytest.raises(TypeError, match="TorchScript.*state dict.*torch.export"):
+        refuse_torchscript(torch.jit.script(nn.Conv2d(1, 1, 1)))
+    grey = np.repeat(np.arange(12).reshape(3, 4, 1), 3, -1)
+    assert is_grey_rgb(grey) and is_grey_rgb(torch.from_numpy(grey).permute(2, 0, 1), axis=0)
+    grey[0, 0, 2] += 1
+    assert not is_grey_rgb(grey)

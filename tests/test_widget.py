@@ -15,6 +15,7 @@ napari = pytest.importorskip("napari")
 
 from conftest import small_cnn
 
+from napari_gradcam._device import describe_device, resolve_device
 from napari_gradcam._napari import widget as widget_mod
 from napari_gradcam._napari.widget import GradCamWidget
 
@@ -49,7 +50,20 @@ def viewer(make_napari_viewer_proxy):
 def dock(viewer) -> GradCamWidget:
     _dock, w = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM")
     assert isinstance(w, GradCamWidget)
+    assert w.wait_until_ready(), "the demo model did not load"
     return w
+
+
+def use(w, model, name):
+    """``set_model`` and wait for the layer probe (it runs on a worker)."""
+    spec = w.set_model(model, name=name)
+    assert w.wait_until_ready(), "the layer probe did not finish"
+    return spec
+
+
+def auto_device() -> str:
+    """The device the widget's 'auto' picks here (CPU, or the GPU when there is one)."""
+    return str(resolve_device("auto"))
 
 
 def finish(qtbot, w, timeout=60_000):
@@ -104,7 +118,7 @@ def test_run_on_the_synthetic_sample(viewer, qtbot):
                              units=("um", "um"), axis_labels=("y", "x"))
     w = dock(viewer)
     assert raw(w.image.value) is raw(image) and w.model.value == "demo"
-    assert w.device_label.value == "CPU"
+    assert w.device_label.value == describe_device(resolve_device("auto"))
     run(qtbot, w)
     assert layer_names(viewer) == ["sample", "sample gradcam heatmap", "sample regions"]
 
@@ -120,7 +134,7 @@ def test_run_on_the_synthetic_sample(viewer, qtbot):
     np.testing.assert_array_equal(heat.translate, image.translate)
     assert tuple(heat.axis_labels) == ("y", "x") and tuple(heat.units) == tuple(image.units)
     # the same numbers as the library call
-    ref = ng.explain(item.image, ng.load_model("demo"), device="cpu")
+    ref = ng.explain(item.image, ng.load_model("demo"), device=auto_device())
     np.testing.assert_allclose(heat.data, ref.heatmaps, atol=1e-5)
 
     shapes = viewer.layers["sample regions"]
@@ -141,7 +155,8 @@ def test_run_on_the_synthetic_sample(viewer, qtbot):
     meta = shapes.metadata["napari_gradcam"]
     assert meta["class_names"] == ["disc", "square", "triangle"]
     assert meta["image_shape"] == [256, 256] and meta["image_name"] == "sample"
-    assert "regions" in w.status.value and "CPU" in w.status.value
+    assert "regions" in w.status.value
+    assert describe_device(resolve_device("auto")) in w.status.value
 
 
 def test_rerun_updates_layers_in_place_and_a_target_by_name(viewer, qtbot):
@@ -174,7 +189,8 @@ def test_every_class_found_boxes_each_object_in_its_class(viewer, qtbot):
     # one heatmap: per pixel the hottest class found, each class's map as the library makes it
     spec = ng.load_model("demo")
     heat = viewer.layers["sample gradcam heatmap"].data
-    maps = [ng.explain(item.image, spec, target=k, device="cpu").heatmaps for k in range(3)]
+    maps = [ng.explain(item.image, spec, target=k, device=auto_device()).heatmaps
+            for k in range(3)]
     np.testing.assert_allclose(heat, np.max(maps, 0), atol=1e-5)
     assert all(name in w.status.value for name in ("disc", "square", "triangle"))
     # shapes drawn by hand: no class until the user gives one
@@ -200,7 +216,7 @@ def test_whole_stack_and_current_slice(viewer, qtbot):
     assert frames <= set(range(6)) and len(frames) >= 3
     for d, t in zip(shapes.data, shapes.features["index0"]):
         assert (d[:, 0] == t).all()  # every vertex carries its frame
-    ref = ng.explain(stack, ng.load_model("demo"), device="cpu")
+    ref = ng.explain(stack, ng.load_model("demo"), device=auto_device())
     np.testing.assert_allclose(heat.data, ref.heatmaps, atol=1e-5)
 
     # the current slice: frame 4 (world t = 10 + 4 * 2)
@@ -220,7 +236,7 @@ def test_threshold_rederives_shapes_without_running_the_model(viewer, qtbot):
     item = make_image(256, seed=SEED, classes=[0, 1, 2])
     viewer.add_image(item.image, name="sample")
     w = dock(viewer)
-    spec = w.set_model(ng.load_model("demo"), name="demo (counted)")
+    spec = use(w, ng.load_model("demo"), "demo (counted)")
     calls = []
     spec.module.register_forward_pre_hook(lambda *_: calls.append(1))
     w.target.value = "square"
@@ -262,7 +278,7 @@ def test_cancel_stops_a_long_run_and_keeps_the_layers(viewer, qtbot):
     viewer.add_image(stack, name="long")
     w = dock(viewer)
     slow = Slow()
-    w.set_model(ng.load_model(slow, class_names=["a", "b", "c"]), name="slow")
+    use(w, ng.load_model(slow, class_names=["a", "b", "c"]), "slow")
     w.scope.value = "whole stack"
     w.batch_size.value = 1
     ticks = []
@@ -342,12 +358,13 @@ def test_grey_layer_feeds_a_three_channel_model_and_dask_uint16(viewer, qtbot):
     viewer.add_image(da.from_array(u16, chunks=(1, 96, 96)), name="lazy")
     w = dock(viewer)
     model = small_cnn(in_ch=3)
-    w.set_model(ng.load_model(model, class_names=["a", "b", "c"]), name="rgb-net")
+    use(w, ng.load_model(model, class_names=["a", "b", "c"]), "rgb-net")
     assert w.target.choices[-3:] == ("a", "b", "c")
     w.scope.value = "whole stack"
     run(qtbot, w)
     heat = viewer.layers["lazy gradcam heatmap"].data
-    ref = ng.explain(np.repeat(stack[..., None], 3, -1), ng.load_model(model), device="cpu")
+    ref = ng.explain(np.repeat(stack[..., None], 3, -1), ng.load_model(model),
+                     device=auto_device())
     np.testing.assert_allclose(heat, ref.heatmaps, atol=2e-3)
 
 
@@ -401,7 +418,7 @@ def test_errors_inside_the_run_are_reported(viewer, qtbot, errors):
 
     viewer.add_image(np.zeros((100, 100), np.float32), name="img")
     w = dock(viewer)
-    w.set_model(ng.load_model(Broken(), class_names=["a", "b", "c"]), name="broken")
+    use(w, ng.load_model(Broken(), class_names=["a", "b", "c"]), "broken")
     w.target_layer.value = "conv"
     run(qtbot, w)
     assert "only takes small images" in errors[-1]
@@ -509,7 +526,7 @@ def test_the_progress_bar_cancel_button_stops_the_run(viewer, qtbot):
     viewer.add_image(np.random.default_rng(1).random((24, 32, 32), dtype=np.float32), name="s")
     w = dock(viewer)
     slow = Slow(0.15)
-    w.set_model(ng.load_model(slow, class_names=["a", "b", "c"]), name="slow")
+    use(w, ng.load_model(slow, class_names=["a", "b", "c"]), "slow")
     w.scope.value = "whole stack"
     w.batch_size.value = 1
     worker = w.run()
@@ -535,8 +552,10 @@ def test_a_model_file_with_its_sidecar_is_one_pick(viewer, qtbot, tmp_path, erro
     assert w.trust_code.text == "trust code in model files" and not w.trust_code.value
     # a sidecar naming a Python factory runs code: refused until the user trusts the file
     w.model_file.value = weights
+    assert w.wait_until_ready()
     assert "trust code in model files" in errors[-1] and w.model.value == "demo"
     w.trust_code.value = True  # ticking reloads the picked file
+    assert w.wait_until_ready()
     assert w.model.value == "TB (tb.safetensors)" and len(errors) == 1
     w.trust_code.value = False
     assert w.target.choices[-2:] == ("normal", "tuberculosis")
@@ -551,7 +570,61 @@ def test_a_model_file_with_its_sidecar_is_one_pick(viewer, qtbot, tmp_path, erro
     # a whole pickled model: refused with the reason, loaded once trusted
     torch.save(model, tmp_path / "whole.pt")
     w.model_file.value = tmp_path / "whole.pt"
+    assert w.wait_until_ready()
     assert "trust_code=True" in errors[-1] and w.model.value == "TB (tb.safetensors)"
     assert w.trust_pickle is w.trust_code  # the old name still works for scripts
     w.trust_pickle.value = True
+    assert w.wait_until_ready()
     assert w.model.value.endswith("(whole.pt)")
+
+
+# ---- models load off the UI thread ----------------------------------------------------------------
+
+def test_a_picked_model_loads_and_is_probed_on_a_worker_and_run_waits(viewer, qtbot,
+                                                                       monkeypatch, tmp_path):
+    import threading
+
+    seen = {}
+    real_probe = widget_mod.probe_layers
+
+    def slow_load(source, trust_code=False):
+        seen["load"] = threading.current_thread()
+        time.sleep(0.6)
+        return ng.load_model(small_cnn(), class_names=["a", "b", "c"], name="slow")
+
+    def probe(spec):
+        seen["probe"] = threading.current_thread()
+        return real_probe(spec)
+
+    viewer.add_image(np.random.default_rng(0).random((48, 48), dtype=np.float32), name="x")
+    w = dock(viewer)
+    monkeypatch.setattr(widget_mod, "load_model", slow_load)
+    monkeypatch.setattr(widget_mod, "probe_layers", probe)
+    path = tmp_path / "slow.safetensors"
+    path.write_bytes(b"stand-in: the patched loader doesn't read it")
+    t0 = time.perf_counter()
+    w.model_file.value = path
+    assert time.perf_counter() - t0 < 0.4  # the pick returns at once
+    assert w.loading and w.model.value == "demo" and "loading" in w.status.value
+    assert not w.run_button.enabled
+    assert w.run() is None  # asked for while loading: it starts once the model is ready
+    qtbot.waitUntil(lambda: "x gradcam heatmap" in layer_names(viewer), timeout=20_000)
+    finish(qtbot, w)
+    assert w.model.value == "slow (slow.safetensors)" and w.run_button.enabled
+    assert w.target.choices[-3:] == ("a", "b", "c") and "2" in w.target_layer.choices
+    main = threading.main_thread()
+    assert seen["load"] is not main and seen["probe"] is not main
+
+
+def test_a_failing_model_file_notifies_and_keeps_the_model(viewer, qtbot, errors, tmp_path):
+    viewer.add_image(np.zeros((48, 48), np.float32), name="x")
+    w = dock(viewer)
+    w.target.value = "square"
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # a truncated header
+    w.model_file.value = bad
+    assert w.run() is None  # waits for the load, which fails: no run at all
+    assert w.wait_until_ready()
+    assert "not a complete safetensors file" in errors[-1]
+    assert w.model.value == "demo" and w.target.value == "square"
+    assert w.run_button.enabled and not w.running and layer_names(viewer) == ["x"]

@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent("""
                      name="x")
     _dock, w = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM")
     w.model_file.value = sys.argv[1]  # what picking the file in the dialog does
+    w.wait_until_ready()  # the file loads on a worker
     seen["model"] = w.model.value
     seen["targets"] = list(w.target.choices)
     w.image.value = viewer.layers["x"]

@@ -36,6 +36,18 @@ PALETTE = [
 ]
 
 
+def class_name(names, cid, default=None):
+    """``names[cid]`` when ``cid`` indexes ``names``, else ``default`` (a class id from another
+    model, or no names at all)."""
+    if names is None or cid is None:
+        return default
+    try:
+        i = int(cid)
+    except (TypeError, ValueError):  # NaN: a row without a class
+        return default
+    return names[i] if 0 <= i < len(names) else default
+
+
 def class_color(class_id: int | None) -> tuple[int, int, int]:
     """A stable RGB colour (0-255) per class id; grey for unknown classes."""
     if class_id is None or (isinstance(class_id, float) and math.isnan(class_id)):
@@ -85,8 +97,7 @@ def regions_to_annotations(
     for i, r in enumerate(regions):
         name = None
         if r.class_id is not None:
-            name = (class_names[r.class_id] if class_names is not None
-                    and 0 <= r.class_id < len(class_names) else str(r.class_id))
+            name = class_name(class_names, r.class_id, str(r.class_id))
         props = {"region": i, "class": name, "class_id": r.class_id, "score": r.score,
                  "peak": r.peak, "mean": r.mean, "area": r.area}
         for kind in kinds:

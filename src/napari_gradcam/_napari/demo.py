@@ -27,6 +27,7 @@ def open_demo(viewer=None, *, stack: bool = False, methods=None, device: str = "
     data, kwargs, _kind = (synthetic_stack if stack else synthetic_image)()[0]
     viewer.add_image(data, **kwargs)
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM")
+    widget.wait_until_ready()  # the demo model loads on a worker; its classes come with it
     widget.methods.value = list(methods or ["gradcam"])
     widget.target.value = PRESENT  # the demo model is multi-label: show every object it finds
     widget.device.value = device

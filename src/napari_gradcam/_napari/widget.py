@@ -1,10 +1,10 @@
 """The dock widget: explain the active image layer, show the heatmap and editable regions.
 
-Thin by design: the work is :func:`napari_gradcam.batch.iter_explain` (driven from a napari
+Thin by design: the work is :func:`napari_gradcam.explain_arrays.iter_explain` (driven from a napari
 ``thread_worker``, one yield per batch, so the event loop never blocks and Cancel stops at the
 next batch) and :func:`napari_gradcam.find_regions`; this module only reads the controls, checks
-the inputs (a napari notification that says what to change, every layer left untouched) and
-writes layers on the main thread.
+the inputs (a napari notification that says what to change, every layer left untouched),
+loads models and probes their layers on a worker too, and writes layers on the main thread.
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.progress import cancelable_progress
 
 from .._device import describe_device, resolve_device
-from ..annotations import annotations_to_shapes, class_color, regions_to_annotations
-from ..batch import (
+from ..annotations import (
+    annotations_to_shapes, class_color, class_name, regions_to_annotations,
+)
+from ..explain_arrays import (
     check_channels, combine_targets, iter_explain, layout, model_spatial_dims, resolve_target,
 )
 from ..cam import available_methods
 from ..models import ModelSpec, load_model
+from ..render import heat_ramp
 from .io import META_KEY
 
 if TYPE_CHECKING:
@@ -58,12 +61,9 @@ THRESHOLD_MODES = ("absolute", "relative", "otsu")
 def heat_colormap():
     """Turbo colours whose opacity rises with the heat: cold pixels leave the image as it is,
     hot ones are painted red-yellow (the classic Grad-CAM overlay, without greying the rest)."""
-    from napari.utils.colormaps import Colormap, ensure_colormap
+    from napari.utils.colormaps import Colormap
 
-    v = np.linspace(0.0, 1.0, 33)
-    # turbo up to its bright red (its last tenth darkens to maroon, which reads as cold)
-    rgba = np.asarray(ensure_colormap("turbo").map(v * 0.88), float)
-    rgba[:, 3] = np.clip((v - 0.08) / 0.45, 0.0, 1.0)
+    v, rgba = heat_ramp()  # the same ramp as the batch run's overlay PNGs
     return Colormap(rgba, controls=v, name="gradcam heat", interpolation="linear")
 
 
@@ -202,6 +202,41 @@ def _combine(explanations, present: bool, mask=None, regions: dict | None = None
                            regions=regions)
 
 
+@dataclass
+class LoadedModel:
+    """A model the widget offers: the core's spec plus what the widget learnt about it (the
+    spec itself stays the core's: loader details only)."""
+
+    spec: ModelSpec
+    layers: list[str] | None = None  # target-layer choices; None until the probe has run
+
+
+def probe_layers(spec: ModelSpec) -> list[str]:
+    """Layers with a spatial output (found by one small forward), else every module."""
+    import torch
+
+    from ..cam.layers import module_names, spatial_layer_names
+
+    size = spec.input_size or (64,) * model_spatial_dims(spec.module)
+    try:
+        ref = next(spec.module.parameters())
+        probe = torch.zeros((1, spec.in_channels, *size), device=ref.device)
+        return spatial_layer_names(spec.module, probe)
+    except Exception:  # noqa: BLE001 - a model that can't take the probe: list everything
+        return module_names(spec.module)
+
+
+def prepare_model(source, trust_code: bool = False) -> LoadedModel:
+    """Worker-thread body: load ``source`` (a :class:`ModelSpec` is used as it is) and probe
+    its layers, so neither a slow file nor the probe's forward freezes the viewer."""
+    try:
+        spec = source if isinstance(source, ModelSpec) else load_model(
+            source, trust_code=trust_code)
+        return LoadedModel(spec, probe_layers(spec))
+    except Exception as err:
+        raise RunFailed(str(err) or type(err).__name__) from err
+
+
 class GradCamWidget(Container):
     """CAM / Grad-CAM on the chosen image layer; heatmaps as Image layers, boxes and polygons
     as one editable Shapes layer (saved with File > Save Selected Layers: QuPath GeoJSON,
@@ -210,16 +245,31 @@ class GradCamWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self._viewer = viewer
-        self._models: dict[str, ModelSpec] = {}
+        self._models: dict[str, LoadedModel] = {}
+        self._model_names = ["demo"]
+        self._loaders: set = set()  # model load / probe workers in flight
+        self._run_pending = False  # Run asked for while a model was loading
         self._worker = None
         self._region_worker = None
         self._region_generation = 0
         self._pbar = None
         self._last: Result | None = None
+        self._build_model_controls()
+        self._build_explain_controls()
+        self._build_region_controls()
+        self._build_layout()
+        self._connect_signals()
+        self._refresh_layers()
+        self._follow_selection()
+        self._on_device()
+        self._on_model()
+        self._start_loading("demo", name="demo")
 
+    # ---- building -----------------------------------------------------------------------------
+
+    def _build_model_controls(self):
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True,
                               tooltip="The image layer to explain (follows the selection).")
-        self._model_names = ["demo"]
         self.model = ComboBox(label="model", choices=self._model_choices,
                               tooltip="demo = the bundled synthetic-shapes model; models "
                                       "loaded from a file or set from Python "
@@ -235,6 +285,8 @@ class GradCamWidget(Container):
                     "(.pt / .pth), sidecars naming a Python factory ('package.module:factory') "
                     "and pickled payloads in .pt2 programs. Tick only for files from a source "
                     "you trust.")
+
+    def _build_explain_controls(self):
         self.methods = Select(label="methods", choices=available_methods(), value=["gradcam"],
                               tooltip="One or several (ctrl-click) to compare: one heatmap "
                                       "layer each; the regions come from the first.")
@@ -253,6 +305,8 @@ class GradCamWidget(Container):
                                           "out-of-memory).")
         self.scope = RadioButtons(label="scope", choices=list(SCOPES), value=SCOPES[0],
                                   orientation="horizontal")
+
+    def _build_region_controls(self):
         self.threshold = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.5,
                                      tooltip="Heat >= threshold belongs to a region.")
         self.threshold_mode = ComboBox(
@@ -266,6 +320,8 @@ class GradCamWidget(Container):
         self.mask = ComboBox(label="mask", choices=self._mask_choices,
                              tooltip="Regions only where this Labels / Image layer is > 0 "
                                      "(e.g. lung masks on chest X-rays).")
+
+    def _build_layout(self):
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.grid_button = PushButton(text="Side by side",
@@ -282,6 +338,7 @@ class GradCamWidget(Container):
             self.status,
         ])
 
+    def _connect_signals(self):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.grid_button.changed.connect(self.toggle_grid)
@@ -292,15 +349,11 @@ class GradCamWidget(Container):
         self.image.changed.connect(self._on_image)
         for w in (self.threshold, self.threshold_mode, self.min_area, self.simplify, self.mask):
             w.changed.connect(self._on_region_settings)
-        layers = viewer.layers
+        layers = self._viewer.layers
         layers.events.inserted.connect(self._refresh_layers)
         layers.events.removed.connect(self._refresh_layers)
         layers.events.reordered.connect(self._refresh_layers)
         layers.selection.events.active.connect(self._follow_selection)
-        self._refresh_layers()
-        self._follow_selection()
-        self._on_device()
-        self._on_model()
 
     # ---- choices ----------------------------------------------------------------------------
 
@@ -328,10 +381,11 @@ class GradCamWidget(Container):
             self.image.value = active
 
     def _on_image(self, _event=None):
-        layer = self.image.value
+        layer, loaded = self.image.value, self._loaded()
         lead = 0
         if layer is not None:
-            lead = layer.ndim - model_spatial_dims(self._spec().module)
+            dims = model_spatial_dims(loaded.spec.module) if loaded is not None else 2
+            lead = layer.ndim - dims
         self.scope.enabled = lead > 0
         if lead <= 0:
             self.scope.value = SCOPES[0]
@@ -344,56 +398,72 @@ class GradCamWidget(Container):
             show_error(str(err))
 
     def _target_choices(self, _widget=None):
-        return [PREDICTED, PRESENT, *self._spec().class_names]
+        loaded = self._loaded()
+        return [PREDICTED, PRESENT, *(loaded.spec.class_names if loaded is not None else ())]
 
     def _layer_choices(self, _widget=None):
-        spec = self._spec()
-        if "layers" not in spec.extra:  # probed once per model
-            spec.extra["layers"] = self._layer_names(spec)
-        return [AUTO, *spec.extra["layers"]]
+        loaded = self._loaded()
+        layers = loaded.layers if loaded is not None else None
+        return [AUTO, *(layers or ())]
 
     def _on_model(self, _event=None):
-        spec = self._spec()
         self.target.reset_choices()
         self.target.value = PREDICTED
-        self.target_layer.reset_choices()
-        self.target_layer.value = spec.target_layer if spec.target_layer in \
-            self.target_layer.choices else AUTO
+        self._show_target_layers()
         self._on_image()
 
-    @staticmethod
-    def _layer_names(spec: ModelSpec) -> list[str]:
-        """Layers with a spatial output (found by one small forward), else every module."""
-        import torch
-
-        from ..cam.layers import module_names, spatial_layer_names
-
-        size = spec.input_size or (64,) * model_spatial_dims(spec.module)
-        try:
-            ref = next(spec.module.parameters())
-            probe = torch.zeros((1, spec.in_channels, *size), device=ref.device)
-            return spatial_layer_names(spec.module, probe)
-        except Exception:  # noqa: BLE001 - a model that can't take the probe: list everything
-            return module_names(spec.module)
+    def _show_target_layers(self):
+        """Offer the chosen model's probed layers, its own target layer chosen."""
+        loaded = self._loaded()
+        self.target_layer.reset_choices()
+        wanted = loaded.spec.target_layer if loaded is not None else None
+        self.target_layer.value = wanted if wanted in self.target_layer.choices else AUTO
 
     # ---- models -----------------------------------------------------------------------------
 
+    def _loaded(self) -> LoadedModel | None:
+        """The chosen model, or None while it is still loading."""
+        return self._models.get(self.model.value)
+
     def _spec(self) -> ModelSpec:
-        """The chosen model, loaded once and cached."""
-        name = self.model.value
-        if name not in self._models:
-            self._models[name] = load_model(name)
-        return self._models[name]
+        loaded = self._loaded()
+        if loaded is None:
+            raise ValueError(f"the model {self.model.value!r} is still loading; run again once "
+                             "it is ready.")
+        return loaded.spec
+
+    @property
+    def loading(self) -> bool:
+        """True while a model is being loaded or probed (Run waits for it)."""
+        return bool(self._loaders)
+
+    def wait_until_ready(self, timeout: float = 60.0) -> bool:
+        """Process Qt events until no model is loading, for scripts (and the demo) that run
+        right after docking the widget; returns False on timeout."""
+        from qtpy.QtWidgets import QApplication
+
+        deadline = time.monotonic() + timeout
+        while self.loading and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        return not self.loading
 
     def _model_choices(self, _widget=None):
         return list(self._model_names)
 
     def set_model(self, model, name: str | None = None) -> ModelSpec:
         """Use a model from Python: a :class:`ModelSpec`, an ``nn.Module`` or anything
-        :func:`napari_gradcam.load_model` takes. It is added to the model list and chosen."""
+        :func:`napari_gradcam.load_model` takes. It is added to the model list and chosen; its
+        layers are probed on a worker (Run waits for that)."""
         spec = model if isinstance(model, ModelSpec) else load_model(model)
         name = name or spec.name or "model"
-        self._models[name] = spec
+        self._register(name, LoadedModel(spec))
+        self._start_loading(spec, name=name)
+        return spec
+
+    def _register(self, name: str, loaded: LoadedModel):
+        """Add ``loaded`` to the model list under ``name`` and choose it."""
+        self._models[name] = loaded
         if name not in self._model_names:
             self._model_names.append(name)
             self.model.reset_choices()
@@ -401,20 +471,60 @@ class GradCamWidget(Container):
             self._on_model()
         else:
             self.model.value = name
-        return spec
+
+    def _start_loading(self, source, *, name: str | None = None, label: str = "",
+                       trust_code: bool = False):
+        """Load and probe ``source`` on a worker; the model joins the list when ready (named
+        ``name``, or '<its name> (<label>)'). A failure is a notification and leaves the
+        chosen model as it was."""
+        worker = create_worker(prepare_model, source, trust_code, _start_thread=False,
+                               _ignore_errors=True)
+        worker.returned.connect(
+            lambda loaded: self._on_loaded(loaded, name or f"{loaded.spec.name} ({label})"))
+        worker.errored.connect(self._on_load_error)
+        worker.finished.connect(lambda: self._on_load_finished(worker))
+        self._loaders.add(worker)
+        self._show_busy(f"loading {label or name} …")
+        worker.start()
+        return worker
+
+    def _on_loaded(self, loaded: LoadedModel, name: str):
+        current = self._models.get(name)
+        if current is not None and current.spec is loaded.spec:  # set_model's, now probed
+            current.layers = loaded.layers
+            if self.model.value == name:
+                self._show_target_layers()
+        else:
+            self._register(name, loaded)
+
+    def _on_load_error(self, err: Exception):
+        self._run_pending = False  # the run was asked for with the model that failed
+        show_error(f"napari-gradcam: {err}")
+
+    def _on_load_finished(self, worker):
+        self._loaders.discard(worker)
+        if self.loading:
+            return
+        self._show_busy("")
+        if self._run_pending:
+            self._run_pending = False
+            if self._loaded() is not None:
+                self.run()
+
+    def _show_busy(self, text: str):
+        """Run is enabled only when no run is going and no model is loading."""
+        self.run_button.enabled = not self.running and not self.loading
+        if text or self.status.value.startswith("loading"):
+            self.status.value = text
 
     def _on_model_file(self, _event=None):
-        """Load the picked file (weights + sidecar, sidecar, .pt2); errors leave the current
-        model chosen."""
+        """Load the picked file (weights + sidecar, sidecar, .pt2) on a worker; errors leave
+        the current model chosen."""
         path = self.model_file.value
         if not path or not Path(path).is_file():
             return
-        try:
-            spec = load_model(Path(path), trust_code=bool(self.trust_code.value))
-        except (ValueError, TypeError) as err:
-            show_error(f"napari-gradcam: {err}")
-            return
-        self.set_model(spec, name=f"{spec.name} ({Path(path).name})")
+        self._start_loading(Path(path), label=Path(path).name,
+                            trust_code=bool(self.trust_code.value))
 
     @property
     def trust_pickle(self) -> CheckBox:
@@ -513,9 +623,14 @@ class GradCamWidget(Container):
 
     def run(self, _event=None):
         """Start a run off the UI thread; returns the worker (None when the inputs are bad:
-        a notification says what to change)."""
+        a notification says what to change; None too while a model is loading: the run then
+        starts once it is ready)."""
         if self.running:
             show_info("napari-gradcam: a run is in progress; cancel it first.")
+            return None
+        if self.loading:  # the model isn't ready: run as soon as it is
+            self._run_pending = True
+            self.status.value = "loading the model …; the run starts when it is ready"
             return None
         try:
             job = self.job()
@@ -563,7 +678,7 @@ class GradCamWidget(Container):
             self._pbar.close()
             self._pbar = None
         self._worker = None
-        self.run_button.enabled = True
+        self.run_button.enabled = not self.loading
         self.cancel_button.enabled = False
 
     def _on_result(self, result: Result):
@@ -710,7 +825,8 @@ class GradCamWidget(Container):
         defaults["kind"] = "polygon"
         new_color = np.array([1.0, 1.0, 1.0, 1.0])
         if job.target is not None:
-            defaults.update({"class": names[job.target], "class_id": float(job.target)})
+            defaults.update({"class": class_name(names, job.target, ""),
+                             "class_id": float(job.target)})
             new_color = np.array([*class_color(job.target), 255]) / 255
         meta = {META_KEY: {"role": "regions", "class_names": names,
                            "image_shape": list(image_shape(job.layer)),

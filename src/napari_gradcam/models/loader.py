@@ -42,7 +42,7 @@ from torch import nn
 
 from . import _optional, _pt2
 from .schema import FIELDS, MAX_SIDECAR_BYTES, check_fields, file_argument_names
-from .spec import ModelSpec, normalise_intensity
+from .spec import ModelSpec, first_conv, normalise_intensity, refuse_torchscript
 
 log = logging.getLogger(__name__)
 
@@ -388,13 +388,6 @@ def _unknown(arch: str) -> ValueError:
                       f"'package.module:factory'.{hint}")
 
 
-def _first_conv(model: nn.Module) -> tuple[str, nn.Module] | tuple[None, None]:
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-            return name, m
-    return None, None
-
-
 def _last_linear(model: nn.Module) -> tuple[str | None, nn.Module | None]:
     found = (None, None)
     for name, m in model.named_modules():
@@ -405,7 +398,7 @@ def _last_linear(model: nn.Module) -> tuple[str | None, nn.Module | None]:
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     """Replace the first convolution by one taking ``in_channels`` (same geometry)."""
-    name, conv = _first_conv(model)
+    name, conv = first_conv(model)
     if conv is None or conv.in_channels == in_channels:
         return
     new = type(conv)(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
@@ -421,7 +414,7 @@ def _shapes_from_weights(model: nn.Module, state: dict) -> tuple[int | None, int
     first convolution."""
     state = _match_prefix(state, model)
     lin_name, _lin = _last_linear(model)
-    conv_name, _conv = _first_conv(model)
+    conv_name, _conv = first_conv(model)
     classes = state.get(f"{lin_name}.weight") if lin_name else None
     conv = state.get(f"{conv_name}.weight") if conv_name else None
     return (int(classes.shape[0]) if classes is not None else None,
@@ -467,7 +460,7 @@ def load_weights(model: nn.Module, state: dict, label: str) -> None:
 
 def _spec_from_module(module: nn.Module, name: str) -> ModelSpec:
     _lin_name, lin = _last_linear(module)
-    _conv_name, conv = _first_conv(module)
+    _conv_name, conv = first_conv(module)
     extra = dict(getattr(module, "extra_spec", {}) or {})
     n = lin.out_features if lin is not None else None
     spec = ModelSpec(module.eval(), [f"class {i}" for i in range(n or 0)],
@@ -523,10 +516,7 @@ def load_model(
     if isinstance(source, ModelSpec):
         spec = dataclasses.replace(source, extra=dict(source.extra))
     elif isinstance(source, nn.Module):
-        if isinstance(source, torch.jit.ScriptModule):
-            raise TypeError("TorchScript models can't be hooked from Python, so CAM can't read "
-                            "their layers; load the architecture in Python with a state dict, "
-                            "or export it with torch.export (.pt2).")
+        refuse_torchscript(source)
         if weights is not None:
             load_weights(source, _weights_dict(weights, trust_code), type(source).__name__)
         spec = _spec_from_module(source, type(source).__name__)

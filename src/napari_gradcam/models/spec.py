@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 # how raw pixels become the model's [0, 1] input, before mean / std:
@@ -43,3 +44,21 @@ class ModelSpec:
     intensity: str = "dtype"
     name: str = "model"
     extra: dict = field(default_factory=dict)
+
+
+def first_conv(module: nn.Module) -> tuple[str, nn.Module] | tuple[None, None]:
+    """The first 2D / 3D convolution (its dotted name and module): it says how many channels
+    and spatial axes the model takes."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            return name, m
+    return None, None
+
+
+def refuse_torchscript(module) -> None:
+    """Raise a TypeError for a TorchScript module: CAM reads layers through Python hooks,
+    which scripted modules don't call."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError("TorchScript models can't be hooked from Python, so CAM can't read "
+                        "their layers; load the architecture in Python with a state dict, or "
+                        "export it with torch.export (.pt2).")

@@ -1,6 +1,6 @@
 """The demo model: a small U-shaped CNN whose class evidence stays at half resolution.
 
-Why this shape (FIELD-NOTES, "Heatmap -> boxes"): a plain strided CNN explained at its last conv
+Why this shape: a plain strided CNN explained at its last conv
 layer gives a blob the size of the object grown by half the receptive field (a 10 px disc in a
 ~38 px blob). Here an encoder gathers context (receptive field ~65 px at 1/8 resolution, enough
 to tell a square from a disc), a decoder brings it back to 1/2 resolution with skip

@@ -1,4 +1,4 @@
-"""The synthetic data contract of the demo model (issue 4), deterministic by seed.
+"""The synthetic data contract of the demo model, deterministic by seed.
 
 Grayscale float32 images in [0, 1], any size from 96 to 512 pixels per side. Background: Gaussian
 noise blurred with sigma 1-3 px, rescaled to mean 0.3-0.5 and standard deviation 0.05-0.12.
