@@ -33,8 +33,8 @@ import torch
 
 import napari_gradcam as ng
 from napari_gradcam._device import describe_device, resolve_device
-from napari_gradcam.batch import preprocess
-from napari_gradcam.pipeline import Options, collect_units, process_units, write_summary
+from napari_gradcam.batch import Options, collect_units, process_units, write_summary
+from napari_gradcam.explain_arrays import preprocess
 
 
 def make_folder(folder: Path, n: int, size: int) -> list[np.ndarray]:

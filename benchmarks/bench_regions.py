@@ -6,7 +6,7 @@
 thresholds cut some blobs, merge others). Contenders, each over the whole set, in interleaved
 rounds (median reported):
 
-- the seed's recipe (FIELD-NOTES): scale to 0..155, JET colormap, to grey, threshold 127,
+- the seed's recipe: scale to 0..155, JET colormap, to grey, threshold 127,
   external contours, the first one with more than 20 points, its bounding rectangle;
 - the same without the colormap detour: threshold + findContours + boundingRect of every
   contour (the floor of "boxes from OpenCV"; raw contours, no holes, no heat statistics);

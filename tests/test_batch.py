@@ -1,14 +1,18 @@
 """explain(): arrays of any layout in batches, preprocessing numbers, lazy reads, OOM back-off."""
 
+
 import numpy as np
 import pytest
 import torch
 from conftest import small_cnn
 
 import napari_gradcam as ng
-from napari_gradcam import batch as batch_mod
-from napari_gradcam.batch import layout, preprocess
+from napari_gradcam.explain_arrays import layout, preprocess
 from napari_gradcam.models import ModelSpec
+
+# The package re-exports the function explain(), which hides the module of the same name as an
+# attribute; the module itself is the one in sys.modules.
+import napari_gradcam.explain_arrays as batch_mod
 
 
 def spec_for(module, in_channels=1, **kw):

@@ -15,11 +15,11 @@ import torch
 
 import napari_gradcam as ng
 from napari_gradcam import memory
-from napari_gradcam import pipeline as pl
+from napari_gradcam.batch import Options, collect_units, process_units, write_summary
+from napari_gradcam.batch import read as batch_read
 from napari_gradcam.cli import main
 from napari_gradcam.models import ModelSpec
 from napari_gradcam.models.demo.synthetic import make_image
-from napari_gradcam.pipeline import Options, collect_units, process_units, write_summary
 
 tifffile = pytest.importorskip("tifffile")
 iio = pytest.importorskip("imageio.v3")
@@ -317,8 +317,8 @@ def test_a_huge_tiff_is_refused_from_its_header_with_the_numbers(tmp_path, monke
     png(tmp_path / "in" / "small.png", 1)
     monkeypatch.setattr(memory, "available_host_memory", lambda: 8 * 10**9)
     decoded = []
-    real = pl.read_unit
-    monkeypatch.setattr(pl, "read_unit", lambda unit, *a, **k: decoded.append(unit.path) or
+    real = batch_read.read_unit
+    monkeypatch.setattr(batch_read, "read_unit", lambda unit, *a, **k: decoded.append(unit.path) or
                         real(unit, *a, **k))
     out = tmp_path / "out"
     assert main(["batch", str(tmp_path / "in"), "--out", str(out), "--quiet",
@@ -354,7 +354,7 @@ def test_a_huge_model_input_size_is_refused_per_image(tmp_path, monkeypatch):
 
 
 def test_the_estimate_fits_ordinary_images_and_counts_the_gpu_apart():
-    from napari_gradcam.batch import layout
+    from napari_gradcam.explain_arrays import layout
 
     lay = layout((512, 512, 3))
     need = memory.estimate((512, 512, 3), np.uint8, lay, 3)

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_gradcam import pipeline
+from napari_gradcam.batch import Explainer, claim_output, collect_units, held_run, run_settings
 from napari_gradcam.cli import main
 from napari_gradcam.models.demo.synthetic import make_image
-from napari_gradcam.pipeline import claim_output, collect_units, run_settings
 
 iio = pytest.importorskip("imageio.v3")
 tifffile = pytest.importorskip("tifffile")
@@ -141,7 +140,7 @@ def test_other_settings_are_refused_naming_each_difference(tmp_path, capsys, mon
     def no_model(*args, **kwargs):
         raise AssertionError("the model ran")
 
-    monkeypatch.setattr(pipeline.Explainer, "__call__", no_model)
+    monkeypatch.setattr(Explainer, "__call__", no_model)
     for extra, said in [
         (["--method", "gradcam++"], ["--method gradcam -> gradcam++"]),
         (["--threshold", "0.3", "--min-area", "4"],
@@ -210,7 +209,7 @@ def test_another_model_file_is_refused_even_under_the_same_path(tmp_path, capsys
 
 def test_settings_fingerprint_leaves_out_what_does_not_change_results():
     import napari_gradcam as ng
-    from napari_gradcam.pipeline import Options
+    from napari_gradcam.batch import Options
 
     spec = ng.load_model("demo")
     base = run_settings(Options(), {"source": "demo"}, spec)
@@ -225,7 +224,7 @@ def test_settings_fingerprint_leaves_out_what_does_not_change_results():
 
 HOLD = """
 import json, sys, time
-from napari_gradcam.pipeline import claim_output
+from napari_gradcam.batch import claim_output
 with claim_output(sys.argv[1], json.loads(sys.argv[2])):
     print("held", flush=True)
     time.sleep(60)
@@ -276,7 +275,7 @@ def test_the_lock_is_released_when_the_run_raises(tmp_path):
             raise RuntimeError("boom")
     with claim_output(out, {"method": "x"}) as run:  # free again
         assert run.out == out
-    assert pipeline.held_run(out) is None
+    assert held_run(out) is None
 
 
 # ---- the output folder itself ----------------------------------------------------------------

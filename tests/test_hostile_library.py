@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import napari_gradcam as ng
-from napari_gradcam.batch import layout
+from napari_gradcam.explain_arrays import layout
 from napari_gradcam.export import FORMAT_KEY, _atomic_write, atomic_output
 
 SQUARE = [[[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]]

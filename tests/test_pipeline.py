@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import napari_gradcam as ng
+from napari_gradcam.batch import Options, collect_units, process_units, write_summary
 from napari_gradcam.cli import main
 from napari_gradcam.models.demo.synthetic import make_image, make_stack
-from napari_gradcam.pipeline import Options, collect_units, process_units, write_summary
 
 tifffile = pytest.importorskip("tifffile")
 iio = pytest.importorskip("imageio.v3")
@@ -305,7 +305,12 @@ def test_resume_after_a_killed_run_gives_the_same_outputs(tmp_path, capsys):
 
 def test_dask_cluster_gives_the_single_process_results_with_one_model_per_worker(tmp_path):
     distributed = pytest.importorskip("distributed")
-    from napari_gradcam import cluster
+    from napari_gradcam.batch import cluster
+
+    def model_loads():  # runs on each worker: how often that process loaded a model
+        import importlib
+
+        return importlib.import_module("napari_gradcam.batch.cluster").MODEL_LOADS
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -326,13 +331,13 @@ def test_dask_cluster_gives_the_single_process_results_with_one_model_per_worker
         out = tmp_path / "dask"
         records = cluster.process_on_cluster(client, units, {"source": "demo"}, out, opts)
         write_summary(records, out, spec.class_names)
-        loads = client.run(lambda: __import__("napari_gradcam.cluster").cluster.MODEL_LOADS)
+        loads = client.run(model_loads)
         assert all(v <= 1 for v in loads.values()) and sum(loads.values()) >= 1
         # the CLI on the same cluster
         cli_out = tmp_path / "cli"
         assert main(["batch", str(folder), "--out", str(cli_out), "--quiet",
                      "--dask-scheduler", lc.scheduler_address]) == 0
-        loads = client.run(lambda: __import__("napari_gradcam.cluster").cluster.MODEL_LOADS)
+        loads = client.run(model_loads)
         assert all(v <= 1 for v in loads.values())  # reused by the second job
     for other in (out, cli_out):
         assert summary(other) == summary(single)

@@ -1,7 +1,7 @@
 """napari-gradcam: class activation maps (CAM, Grad-CAM and family) for napari and Python."""
 
 from .annotations import Annotation, annotations_to_shapes, shapes_to_annotations
-from .batch import Explanation, Progress, explain, iter_explain
+from .explain_arrays import Explanation, Progress, explain, iter_explain
 from .cam import CamBatch, available_methods, explain_batch
 from .export import read_geojson, write_coco, write_csv, write_geojson, write_yolo
 from .models import ModelSpec, load_model

@@ -27,12 +27,12 @@ def _demo(args) -> int:
 
 def _demo_headless(args) -> int:
     """The main job without a display: the sample and the demo model, files in DIR."""
-    from ._napari.sample_data import synthetic_image, synthetic_stack
+    from .batch import Options, process_units, units_for_array, write_summary
     from .models import load_model
-    from .pipeline import Options, process_units, units_for_array, write_summary
+    from .samples import IMAGE_NAME, STACK_NAME, sample_image, sample_stack
 
-    data, kwargs, _ = (synthetic_stack if args.stack else synthetic_image)()[0]
-    units, arrays = units_for_array(data, kwargs["name"].replace(" ", "-"))
+    data, name = (sample_stack(), STACK_NAME) if args.stack else (sample_image(), IMAGE_NAME)
+    units, arrays = units_for_array(data, name.replace(" ", "-"))
     spec = load_model("demo")
     opts = Options(method=(args.method or ["gradcam"])[0], device=args.device, overlay=True,
                    overwrite=True, target="found")  # as the window: every object it finds
@@ -75,7 +75,7 @@ def _batch(args) -> int:
     try:
         return _batch_run(args, state)
     except KeyboardInterrupt:
-        from .pipeline import count_done
+        from .batch import count_done
 
         units, run = state.get("units"), state.get("run")
         if units and run is not None:
@@ -92,7 +92,7 @@ def _batch(args) -> int:
 
 def _batch_run(args, state: dict) -> int:
     from .models import load_model
-    from .pipeline import (
+    from .batch import (
         Explainer, Options, check_output, claim_output, collect_units, iter_progress,
         process_units, run_settings, write_summary,
     )
@@ -123,8 +123,8 @@ def _batch_run(args, state: dict) -> int:
         units = state["units"] = run.name(units)
         progress = iter_progress(len(units), args.quiet)
         if args.dask_scheduler or args.dask_local:
-            from .batch import model_spatial_dims
-            from .cluster import make_client, process_on_cluster
+            from .explain_arrays import model_spatial_dims
+            from .batch.cluster import make_client, process_on_cluster
 
             with make_client(args.dask_scheduler, args.dask_local, args.device) as client:
                 records = process_on_cluster(client, units, model, out, opts,
@@ -168,7 +168,7 @@ def _check_batch_options(args) -> None:
     written, so that a typo costs one line (exit status 2) instead of a run over every input.
     Numbers are parsed here rather than by argparse, whose errors add a usage block."""
     from ._device import resolve_device
-    from .pipeline import mask_pattern_problem
+    from .batch import mask_pattern_problem
 
     args.threshold = _threshold(args.threshold)
     args.min_area = _whole(args.min_area, "--min-area", 0, "a whole number of pixels >= 0")
@@ -254,7 +254,8 @@ def _batch_parser(sub) -> None:
     b.add_argument("--workers", default="2",
                    help="reader and writer threads each (default 2)")
     b.add_argument("--part-size", default="256",
-                   help="images per unit of work for zarr arrays (default 256)")
+                   help="images per unit of work for zarr arrays and TIFF stacks longer than "
+                        "this, which are read a part at a time (default 256)")
     b.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     group = b.add_mutually_exclusive_group()
     group.add_argument("--dask-scheduler", metavar="ADDRESS",

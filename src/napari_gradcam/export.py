@@ -3,21 +3,18 @@
 Every writer takes a list of :class:`~napari_gradcam.regions.Region` (each becomes a rectangle
 and a polygon) or of :class:`~napari_gradcam.annotations.Annotation` (what a napari Shapes layer
 holds, edits included), in pixel-corner image coordinates (see annotations.py). Files are
-written atomically: a temporary file in the same folder, renamed over the target when complete,
-with the mode a plain ``open()`` gives (0666 less the umask). JSON is strict: no NaN / Infinity
-tokens (a missing number is null).
+written atomically (see files.py): a temporary file in the same folder, renamed over the target
+when complete, with the mode a plain ``open()`` gives (0666 less the umask). JSON is strict: no
+NaN / Infinity tokens (a missing number is null).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
 import reprlib
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,69 +24,12 @@ import shapely
 import shapely.affinity
 from shapely.geometry import mapping, shape
 
-from .annotations import KINDS, Annotation, as_annotations, class_color
+from .annotations import KINDS, Annotation, as_annotations, class_color, class_name
+from .files import atomic_output, atomic_write as _atomic_write  # noqa: F401 - re-exported
 from .regions import rasterize
 
 FORMAT_KEY = "napari_gradcam"  # our round-trip information inside otherwise standard files
 MEASUREMENTS = ("score", "peak", "mean", "area")
-
-
-def _umask() -> int:
-    """The process's umask. Linux reports it in /proc without changing it; elsewhere it is set
-    and restored at once (to 0o077, so a file another thread creates meanwhile is no more
-    open than the umask allows for the owner's group and others)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def _open_mode(path) -> None:
-    """Give a file made by ``mkstemp`` (always 0600) the mode ``open()`` would have given it,
-    0666 less the umask: shared folders and other processes (dask workers) read our outputs."""
-    with contextlib.suppress(OSError):  # a file system without modes (some mounts)
-        os.chmod(path, 0o666 & ~_umask())
-
-
-def _atomic_write(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        _open_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a temporary path beside ``path``; it replaces ``path`` only when the block ends
-    without error, so an interrupted writer never leaves a half-written file. The result has
-    the mode a plain ``open()`` would give (0666 less the umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        _open_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _number(v) -> bool:
@@ -118,8 +58,8 @@ def _scale_xy(scale) -> tuple[float, float]:
 def _class_of(props: dict, class_names) -> tuple[str | None, int | None]:
     cid = props.get("class_id")
     name = props.get("class")
-    if name is None and cid is not None and class_names is not None and 0 <= cid < len(class_names):
-        name = class_names[cid]
+    if name is None:
+        name = class_name(class_names, cid)
     if cid is None and name is not None and class_names is not None and name in class_names:
         cid = list(class_names).index(name)
     return name, cid

@@ -1,9 +1,9 @@
 """Heatmap -> regions: bounding boxes and (simplified) polygons of the thresholded heat.
 
-Coordinates (FIELD-NOTES, "Coordinates"): boxes are (min_row, min_col, max_row, max_col) with the
-max exclusive, as scikit-image's regionprops; polygons are shapely geometries with pixel
-*corners* on integers, x = column and y = row: pixel (r, c) covers [c, c + 1] x [r, r + 1], the
-convention of QuPath, GeoJSON and COCO.
+Coordinates: boxes are (min_row, min_col, max_row, max_col) with the max exclusive, as
+scikit-image's regionprops; polygons are shapely geometries with pixel *corners* on integers,
+x = column and y = row: pixel (r, c) covers [c, c + 1] x [r, r + 1], the convention of QuPath,
+GeoJSON and COCO.
 
 How it works, per 2D map, all in NumPy / SciPy / shapely vectorised calls:
 

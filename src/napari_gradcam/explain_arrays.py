@@ -12,6 +12,7 @@ cancel by closing it (the work stops at the next batch boundary); :func:`explain
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from ._device import describe_device, resolve_device
 from .cam import explain_batch, get_method, resolve_target_layer
 from .cam.engine import size_errors
 from .models import ModelSpec, normalise_intensity
+from .models.spec import first_conv, refuse_torchscript
 from .regions import find_regions
 
 log = logging.getLogger(__name__)
@@ -101,8 +103,7 @@ class Layout:
 
 def model_spatial_dims(module: nn.Module) -> int:
     """3 for a model whose first convolution is 3D, else 2."""
-    first = next((m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
-    return 3 if isinstance(first, nn.Conv3d) else 2
+    return 3 if isinstance(first_conv(module)[1], nn.Conv3d) else 2
 
 
 def layout(shape, channel_axis=None, spatial_dims: int = 2,
@@ -209,6 +210,16 @@ def check_channels(channels: int, in_channels: int) -> None:
     )
 
 
+def is_grey_rgb(pixels, axis: int = -1) -> bool:
+    """True when the three channels along ``axis`` (NumPy or torch) are equal: a grey image
+    stored as RGB, which feeds a 1-channel model."""
+    if isinstance(pixels, torch.Tensor):
+        r, g, b = pixels.unbind(axis)[:3]
+        return bool(torch.equal(r, g) and torch.equal(r, b))
+    r, g, b = (np.take(pixels, i, axis=axis) for i in range(3))
+    return bool(np.array_equal(r, g) and np.array_equal(r, b))
+
+
 def colour_for_grey_model() -> ValueError:
     """The error for a colour RGB image given to a 1-channel model (grey stored as RGB, with
     equal channels, is accepted)."""
@@ -244,7 +255,7 @@ def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.
     x = x.permute(0, x.ndim - 1, *range(1, 1 + n_sp))  # channels first
     c, m = x.shape[1], spec.in_channels
     if c == 3 and m == 1:
-        if not (torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])):
+        if not is_grey_rgb(x, axis=1):
             raise colour_for_grey_model()
         x = x[:, :1]
     elif c == 4 and m == 3:
@@ -322,6 +333,9 @@ def _is_oom(err: BaseException) -> bool:
 
 # ---- the loop -------------------------------------------------------------------------------------
 
+_OWN = object()  # Runner calls without targets: the runner's own target
+
+
 class Runner:
     """The engine over batches of raw pixels (n, *spatial, channels): preprocessing on the
     device, the target layer resolved once, out-of-memory errors halving the batch size (kept
@@ -335,10 +349,7 @@ class Runner:
             raise TypeError(f"spec must be a ModelSpec (from load_model), not "
                             f"{type(spec).__name__}.")
         get_method(method)  # unknown names fail before any work
-        if isinstance(spec.module, torch.jit.ScriptModule):
-            raise TypeError("TorchScript models can't be hooked from Python, so CAM can't read "
-                            "their layers; load the architecture in Python with a state dict "
-                            "instead.")
+        refuse_torchscript(spec.module)
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size}: give a positive number, or None for "
                              "auto.")
@@ -361,55 +372,94 @@ class Runner:
                                               count)
         return self.batch_size
 
-    def __call__(self, raw: np.ndarray):
-        """(heatmaps (n, *spatial) float32, class ids (n,), scores (n,)) for raw pixels."""
-        spatial = tuple(raw.shape[1:-1])
+    def __call__(self, raw: np.ndarray, method: str | None = None, targets=_OWN):
+        """(heatmaps, class ids, scores) as NumPy for raw pixels (n, *spatial, channels):
+        heatmaps (n, *spatial), ids and scores (n,), or with a K axis after n for targets in
+        the (n, K) form (see :meth:`explain`)."""
+        return self.explain(self.prepare(raw), tuple(raw.shape[1:-1]), method, targets)
+
+    def prepare(self, raw: np.ndarray) -> torch.Tensor:
+        """Raw pixels -> the model's input on the device (several methods can share it);
+        resolves the target layer on first use."""
         batch = preprocess(raw, self.spec, self.device)
         if self.layer_name is None:
             with size_errors(self.spec.module, batch[:1]):  # the first forward runs here
                 self.layer_name, _ = resolve_target_layer(self.spec.module, self._layer,
                                                           batch[:1])
-        parts = self._explain(batch, self.size_for(spatial, raw.shape[0]))
+        return batch
+
+    def explain(self, batch: torch.Tensor, spatial, method: str | None = None, targets=_OWN):
+        """The engine over a prepared batch, in parts that fit the device, maps resized back
+        to ``spatial``. ``method`` overrides the runner's; ``targets`` overrides its target
+        with any form :func:`explain_batch` takes (per-sample arrays are split with the
+        batch)."""
+        method = method or self.method
+        targets = self.class_id if targets is _OWN else targets
+        parts = self._explain(batch, self.size_for(spatial, batch.shape[0]), method, targets)
         maps = torch.cat([p.heatmaps for p in parts])
-        if tuple(maps.shape[1:]) != spatial:  # resized input: back to the image
+        if tuple(maps.shape[-self.dims:]) != tuple(spatial):  # resized input: back to the image
             mode = "bilinear" if self.dims == 2 else "trilinear"
-            maps = F.interpolate(maps[:, None], size=spatial, mode=mode,
-                                 align_corners=False)[:, 0].clamp_(0, 1)
+            lead = maps.shape[:-self.dims]
+            maps = F.interpolate(maps.reshape(-1, 1, *maps.shape[-self.dims:]), size=spatial,
+                                 mode=mode, align_corners=False).clamp_(0, 1)
+            maps = maps.view(*lead, *spatial)
         return (maps.cpu().numpy(), torch.cat([p.class_ids for p in parts]).cpu().numpy(),
                 torch.cat([p.scores for p in parts]).cpu().numpy())
 
-    def _explain(self, batch: torch.Tensor, size: int) -> list:
+    def _explain(self, batch: torch.Tensor, size: int, method: str, targets) -> list:
         module, fixed, results, pos = self.spec.module, self.fixed, [], 0
+        per_sample = not (targets is None or callable(targets) or np.ndim(targets) == 0)
         while pos < batch.shape[0]:
             part = batch[pos:pos + size]
+            n = part.shape[0]
+            tgt = torch.as_tensor(targets)[pos:pos + n] if per_sample else targets
             try:
-                if fixed and part.shape[0] < fixed:  # pad with copies, drop their results
-                    pad = part[-1:].expand(fixed - part.shape[0], *part.shape[1:])
-                    res = explain_batch(module, torch.cat([part, pad]), self.method,
-                                        target_layer=self.layer_name, targets=self.class_id,
-                                        amp=self.amp)
-                    res = type(res)(*(t[:part.shape[0]] for t in res))
-                else:
-                    res = explain_batch(module, part, self.method, target_layer=self.layer_name,
-                                        targets=self.class_id, amp=self.amp)
+                if fixed and n < fixed:  # pad with copies, drop their results
+                    part = torch.cat([part, part[-1:].expand(fixed - n, *part.shape[1:])])
+                    if per_sample:
+                        tgt = torch.cat([tgt, tgt[-1:].expand(fixed - n, *tgt.shape[1:])])
+                res = explain_batch(module, part, method, target_layer=self.layer_name,
+                                    targets=tgt, amp=self.amp)
+                res = type(res)(*(t[:n] for t in res))
             except Exception as err:
                 if not _is_oom(err):
                     raise
                 del err
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if part.shape[0] == 1 or fixed:
+                if n == 1 or fixed:
                     raise MemoryError(
                         f"{describe_device(self.device)} ran out of memory on a single image of "
                         f"{tuple(part.shape[2:])} pixels; use device='cpu', a smaller "
                         "input_size, or a smaller image."
                     ) from None
-                size = self.batch_size = max(1, part.shape[0] // 2)
+                size = self.batch_size = max(1, n // 2)
                 log.warning("out of memory: batch size reduced to %d", size)
                 continue
             results.append(res)
-            pos += part.shape[0]
+            pos += n
         return results
+
+
+def read_ahead(images, lay: Layout, runner: Runner) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, stop, raw pixels) batch by batch, in the runner's current batch size (it may
+    shrink after an out-of-memory error), the next batch read on a helper thread while the
+    caller works on this one. Close it (``contextlib.closing``) to stop reading."""
+    n = lay.count if lay.lead else 1
+    pool = ThreadPoolExecutor(1, thread_name_prefix="napari-gradcam-read")
+    try:
+        start = 0
+        pending = pool.submit(read_batch, images, lay, 0, min(runner.size_for(lay.spatial, n), n))
+        while start < n:
+            raw = pending.result()
+            stop = start + raw.shape[0]
+            if stop < n:
+                pending = pool.submit(read_batch, images, lay, stop,
+                                      min(stop + runner.batch_size, n))
+            yield start, stop, raw
+            start = stop
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def iter_explain(
@@ -434,7 +484,6 @@ def iter_explain(
     lay = layout(images.shape, channel_axis, runner.dims, in_channels=spec.in_channels)
     check_channels(lay.channels, spec.in_channels)
     n = lay.count if lay.lead else 1
-    size = runner.size_for(lay.spatial, n)
     heat = out if out is not None else np.zeros((n, *lay.spatial), np.float32)
     if out is not None:
         if tuple(out.shape) != (*lay.lead, *lay.spatial):
@@ -444,26 +493,15 @@ def iter_explain(
     class_ids = np.zeros(n, np.int64)
     scores = np.zeros(n, np.float32)
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="napari-gradcam-read")
-    try:
-        start = 0
-        pending = pool.submit(read_batch, images, lay, 0, min(size, n))
-        while start < n:
-            raw = pending.result()
-            stop = start + raw.shape[0]
-            if stop < n:
-                pending = pool.submit(read_batch, images, lay, stop,
-                                      min(stop + runner.batch_size, n))
+    with contextlib.closing(read_ahead(images, lay, runner)) as batches:
+        for start, stop, raw in batches:
             maps, class_ids[start:stop], scores[start:stop] = runner(raw)
             if isinstance(heat, np.ndarray):
                 heat[start:stop] = maps
             else:  # zarr / memmap with the leading shape: write image by image
                 for k in range(start, stop):
                     heat[np.unravel_index(k, lay.lead) if lay.lead else ()] = maps[k - start]
-            start = stop
-            yield Progress(start, n, method, runner.batch_size)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+            yield Progress(stop, n, method, runner.batch_size)
     if out is None:
         heat = heat.reshape((*lay.lead, *lay.spatial))
     return Explanation(heat, class_ids.reshape(lay.lead), scores.reshape(lay.lead),

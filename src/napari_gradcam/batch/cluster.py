@@ -1,7 +1,7 @@
 """Scaling the batch pipeline out with dask.distributed (no home-made scheduler).
 
 Units (files, zarr index ranges) are grouped and mapped over the cluster's workers; each task
-runs :func:`napari_gradcam.pipeline.process_units` on its group and returns the records. A
+runs :func:`~napari_gradcam.batch.schedule.process_units` on its group and returns the records. A
 worker process loads the model once (the first task that needs it) and keeps it for the next
 tasks. Workers write each unit's files into the output folder themselves, so that folder must
 be reachable from every worker (a shared filesystem; automatic for a local cluster). The client
@@ -14,9 +14,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .pipeline import (
-    Options, Record, Unit, claim_output, held_run, prepare_outputs, process_units, run_settings,
-)
+from .discover import Unit
+from .output import claim_output, held_run
+from .records import Record
+from .schedule import process_units
+from .settings import Options, run_settings
+from .write import prepare_outputs
 
 _MODELS: dict = {}  # per worker process: model key -> ModelSpec
 _LOCK = threading.Lock()
@@ -34,7 +37,7 @@ def worker_model(model: dict):
     key = model_key(model)
     with _LOCK:
         if key not in _MODELS:
-            from .models import load_model
+            from ..models import load_model
 
             args = dict(model)
             _MODELS[key] = load_model(args.pop("source"), **args)
@@ -84,7 +87,7 @@ def process_on_cluster(client, units: list[Unit], model: dict, out, opts: Option
                        spatial_dims: int = 2,
                        progress: Callable[[int, int, str], None] | None = None) -> list[Record]:
     """Map groups of units over the cluster; records in the units' order. The client holds
-    the output folder for the whole job (:func:`~napari_gradcam.pipeline.claim_output`),
+    the output folder for the whole job (:func:`~napari_gradcam.batch.output.claim_output`),
     claiming it here unless this process already does (as the CLI)."""
     out = Path(out).resolve()
     run = held_run(out)

@@ -1,0 +1,246 @@
+"""Finding the work: files, folders (searched recursively) and zarr arrays -> units.
+
+A unit is an image file (PNG, JPEG, BMP, TIFF; a multi-page TIFF is a stack) or a range of up to
+``part_size`` leading indices of a zarr array or a long TIFF stack. Each unit carries the
+fingerprint of its source (resolved path, size, mtime, range, mask), which its record must match
+to count as done, and an output name no other source holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .read import IMAGE_SUFFIXES, _is_zarr, _stack_length
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: a whole image file, or images ``start:stop`` of a zarr array."""
+
+    path: str  # the file or zarr array ('' for an in-memory array)
+    name: str  # output stem, unique in the run
+    kind: str  # "file" (read whole), "parts" (zarr / large TIFF, read lazily) or "array"
+    start: int = 0
+    stop: int | None = None  # zarr: end of the range (exclusive)
+    mask: str | None = None  # mask file for this unit
+    stem: str = ""  # the name before same-named sources are told apart ("a" for "a-2")
+    # what the unit's record must match to count as done: the resolved source, its size and
+    # mtime (a zarr array's metadata file), the range, and the mask file's size and mtime
+    fingerprint: tuple = ()
+
+    @property
+    def key(self) -> str:
+        """The unit's output name (a zarr range carries its indices)."""
+        if self.kind == "parts":
+            return f"{self.name}_{self.start:06d}-{self.stop:06d}"
+        return self.name
+
+
+def _stem(path: Path, root: Path | None) -> str:
+    # (an input folder that can't be listed is its own unit: path == root)
+    rel = path.relative_to(root) if root is not None and path != root else Path(path.name)
+    parts = list(rel.parts)
+    parts[-1] = Path(parts[-1]).stem if path.suffix.lower() != ".zarr" else parts[-1][:-5]
+    return "__".join(parts) or path.stem
+
+
+def _folder_id(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)  # follows links: a linked folder is the folder it points to
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
+    """Image files and zarr arrays below ``root``, sorted, without descending into zarr
+    arrays, hidden folders or the output folder. Linked folders are followed, each real folder
+    visited once (a link back up the tree would otherwise loop forever). A folder that can't be
+    listed is yielded itself: reading it then fails with the reason, so it shows in the summary
+    and the rest of the run goes on."""
+    unreadable: list[Path] = []
+    visited = {_folder_id(root)}
+    for folder, dirs, files in os.walk(root, onerror=lambda e: unreadable.append(
+            Path(e.filename) if e.filename else root), followlinks=True):
+        yield from unreadable
+        unreadable.clear()
+        here = Path(folder)
+        keep = []
+        for d in sorted(dirs):
+            sub = here / d
+            if d.startswith(".") or (exclude is not None and sub.resolve() == exclude):
+                continue
+            if _is_zarr(sub):
+                yield sub
+                continue
+            fid = _folder_id(sub)
+            if fid is not None and fid in visited:
+                log.warning("%s leads to a folder already searched (%s); searched once",
+                            sub, sub.resolve())
+                continue
+            if fid is not None:
+                visited.add(fid)
+            keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                yield here / f
+    yield from unreadable  # the last folder os.walk tried
+
+
+MASK_FIELDS = ("dir", "name", "stem")
+
+
+def mask_pattern_problem(pattern: str) -> str | None:
+    """What is wrong with a ``--mask`` pattern, or None. Only the bare fields ``{dir}``,
+    ``{name}`` and ``{stem}`` are allowed: ``str.format`` would also evaluate attribute access
+    and indexing (``{dir.__class__}``, ``{name[0]}``), which has no use here and lets a pattern
+    read the program's objects."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as err:
+        return f"{err} (write {{{{ and }}}} for a literal brace)"
+    unknown = []
+    for _literal, field_name, spec, conversion in parsed:
+        if field_name is None:
+            continue
+        if field_name not in MASK_FIELDS:
+            unknown.append("{" + field_name + "}")
+        elif spec or conversion:
+            return (f"{{{field_name}{'!' + conversion if conversion else ''}"
+                    f"{':' + spec if spec else ''}}} has a conversion or format spec; use the "
+                    "bare fields {dir}, {name} and {stem}")
+    if unknown:
+        return (f"unknown field{'s' * (len(unknown) > 1)} {', '.join(unknown)}; the pattern may "
+                "use only {dir} (the image's folder), {name} (its file name) and {stem} (the "
+                "name without suffix)")
+    return None
+
+
+def format_mask(pattern: str, path: Path) -> str:
+    """The mask file for ``path``: the pattern's fields substituted as plain text (never
+    through ``str.format``, see :func:`mask_pattern_problem`)."""
+    import string
+
+    problem = mask_pattern_problem(pattern)
+    if problem:
+        raise ValueError(f"mask pattern {pattern!r}: {problem}.")
+    path = Path(path)
+    values = {"dir": str(path.parent), "name": path.name, "stem": path.stem}
+    return str(Path("".join(literal + (values[field] if field is not None else "")
+                            for literal, field, _s, _c in string.Formatter().parse(pattern))))
+
+
+def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 256,
+                  channel_axis=None, exclude=None, claims: dict | None = None) -> list[Unit]:
+    """Units for files, folders (searched recursively for images and zarr arrays) and zarr
+    arrays. ``mask`` is a pattern for each image's mask file with ``{dir}`` (the image's
+    folder), ``{name}`` (file name) and ``{stem}`` (name without suffix), e.g.
+    ``"{dir}/../lung-masks/{name}"``. ``exclude``: a folder to leave out (the output folder,
+    when it lies inside an input folder). ``claims``: the output folder's names, see
+    :func:`name_units`."""
+    inputs = list(inputs)
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    found: list[tuple[Path, Path | None]] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise ValueError(f"input {str(path)!r} does not exist.")
+        if path.is_dir() and not _is_zarr(path):
+            found += [(p, path) for p in sorted(_walk(path, exclude))]
+        else:
+            found.append((path, None))
+    units, seen = [], set()
+    for path, root in found:
+        name = _stem(path, root)
+        real = _resolved(path)
+        if real in seen:  # the same file given twice (a folder and a file in it): once
+            continue
+        seen.add(real)
+        mask_path = None
+        if mask:
+            mask_path = format_mask(mask, path)
+        n = _stack_length(path, channel_axis, part_size)
+        if n is not None:  # zarr arrays, and TIFF stacks longer than a part: read in parts
+            units += [Unit(str(path), name, "parts", a, min(a + part_size, n), mask_path, name,
+                           source_fingerprint(path, a, min(a + part_size, n), mask_path))
+                      for a in range(0, n, part_size)]
+        else:
+            units.append(Unit(str(path), name, "file", mask=mask_path, stem=name,
+                              fingerprint=source_fingerprint(path, 0, None, mask_path)))
+    if not units:
+        raise ValueError(f"no images found in {', '.join(map(str, inputs))}: give image files "
+                         f"({', '.join(IMAGE_SUFFIXES)}), folders or zarr arrays.")
+    return name_units(units, claims)[0]
+
+
+def _resolved(path) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: the path as given
+        return str(Path(path).absolute())
+
+
+def source_fingerprint(path, start: int = 0, stop: int | None = None,
+                       mask: str | None = None) -> tuple:
+    """What identifies a source's contents without reading them: its resolved path, size and
+    mtime (for a zarr array, those of its metadata file) and the range of a unit read in
+    parts, then the mask file's size and mtime. A rerun redoes a unit whose fingerprint
+    changed; one ``stat`` per file keeps this cheap for any number of inputs."""
+    path = Path(path)
+    meta = path
+    if _is_zarr(path):
+        meta = next(path / m for m in (".zarray", "zarr.json") if (path / m).exists())
+    fp: tuple = (_resolved(path), *_stat(meta), int(start), stop)
+    if mask is not None:
+        fp += (_resolved(mask), *_stat(Path(mask)))
+    return fp
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:  # unreadable or missing: the unit fails when read, and is redone
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def name_units(units: list[Unit], claims: dict | None = None) -> tuple[list[Unit], dict]:
+    """Output names for units: a source keeps the name ``claims`` (name -> resolved source,
+    the output folder's index) gives it; any other source takes the first of ``stem``,
+    ``stem-2``, ``stem-3`` ... that no other source holds (compared without case, for
+    case-insensitive file systems). So two ``a.png`` from different folders never share
+    outputs, in one run or across runs, and a rerun finds each one's own records. Returns the
+    renamed units and the claims with the new names added."""
+    claims = dict(claims or {})
+    owner = {src: name for name, src in claims.items()}
+    taken = {name.casefold() for name in claims}
+    names: dict[str, str] = {}
+    for unit in units:
+        src = unit.fingerprint[0] if unit.fingerprint else ""
+        if not src or src in names:
+            continue
+        if src in owner:
+            names[src] = owner[src]
+            continue
+        base = unit.stem or unit.name
+        name, k = base, 2
+        while name.casefold() in taken:
+            name, k = f"{base}-{k}", k + 1
+        taken.add(name.casefold())
+        names[src], claims[name] = name, src
+    renamed = [replace(u, name=names[u.fingerprint[0]]) if u.fingerprint else u for u in units]
+    return renamed, claims
+
+
+def units_for_array(array, name: str) -> tuple[list[Unit], dict]:
+    """An in-memory array as a unit (``napari-gradcam demo --headless``)."""
+    return [Unit("", name, "array")], {name: array}

@@ -1,0 +1,253 @@
+"""Reading one unit: image files (multi-page TIFF = a stack), zarr arrays and long TIFF stacks
+read lazily in parts, masks, and the checks a unit passes before it joins a batch (its size
+against the memory available, its channels, finite pixels).
+
+Everything here fails with a ValueError (or MemoryError) whose message is one line for the
+summary: a bad input fails its own unit, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import memory
+from .._device import describe_device, resolve_device
+from ..explain_arrays import check_channels, colour_for_grey_model, layout, read_batch
+from .settings import FOUND, Options
+
+if TYPE_CHECKING:
+    from .discover import Unit
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _is_zarr(path: Path) -> bool:
+    try:
+        return path.is_dir() and any((path / m).exists() for m in (".zarray", "zarr.json"))
+    except OSError:  # an unreadable folder is not a zarr array; walking it reports why
+        return False
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError:
+        raise ValueError("zarr inputs need the optional package 'zarr': pip install zarr "
+                         "(or napari-gradcam[dask]).") from None
+    return zarr
+
+
+def open_lazy(path):
+    """A zarr array, or a TIFF file's first series as a lazily read zarr array."""
+    zarr = _zarr()
+    if str(path).lower().endswith((".tif", ".tiff")):
+        import tifffile
+
+        return zarr.open(tifffile.imread(str(path), aszarr=True), mode="r")
+    return zarr.open(str(path), mode="r")
+
+
+def _stack_length(path: Path, channel_axis, part_size: int) -> int | None:
+    """The length of the first leading axis for inputs read in parts (zarr arrays, TIFF stacks
+    longer than ``part_size``), else None (read whole)."""
+    if _is_zarr(path):
+        shape = open_lazy(path).shape
+    elif path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tif:
+                shape = tif.series[0].shape
+                note = _series_note(tif)
+            if note:
+                log.warning("%s: %s", path, note)
+        except Exception:  # noqa: BLE001 - unreadable: read whole, fail there with a message
+            return None
+    else:
+        return None
+    try:
+        lay = layout(shape, channel_axis)
+    except ValueError:
+        return None
+    if not lay.lead:
+        return None if not _is_zarr(path) else 1
+    n = lay.lead[0]
+    return n if _is_zarr(path) or n > part_size else None
+
+
+def _series_note(tif) -> str:
+    """'' for a TIFF with one series; else which series are skipped. Only the first series is
+    read: series can differ in shape and dtype (a pyramid level, a thumbnail, a label image
+    next to the image), so they are neither stacked nor guessed at."""
+    series = tif.series
+    if len(series) < 2:
+        return ""
+    def shape(s):
+        return " x ".join(map(str, s.shape)) + f" {np.dtype(s.dtype).name}"
+    rest = ", ".join(f"{k} ({shape(s)})" for k, s in enumerate(series[1:6], 1))
+    more = f" and {len(series) - 6} more" if len(series) > 6 else ""
+    return (f"it holds {len(series)} image series; only series 0 ({shape(series[0])}) is "
+            f"explained and series {rest}{more} are skipped: save each series as its own file "
+            "(or as one stack) to explain them")
+
+
+def tiff_series_note(path) -> str:
+    """:func:`_series_note` of a TIFF file ('' for other files and unreadable ones)."""
+    if not str(path).lower().endswith((".tif", ".tiff")):
+        return ""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tif:
+            return _series_note(tif)
+    except Exception:  # noqa: BLE001 - reading it reports the problem
+        return ""
+
+
+def read_unit(unit: Unit, arrays: dict | None = None, channel_axis=None) -> np.ndarray:
+    """The unit's pixels as a NumPy array (images along the leading axes)."""
+    if unit.kind == "array":
+        return np.asarray(arrays[unit.name])
+    path = Path(unit.path)
+    if path.is_dir() and not _is_zarr(path):  # a folder the search could not list
+        try:
+            with os.scandir(path):
+                pass
+            reason = "it could not be listed while searching for images"
+        except OSError as err:
+            reason = f"{type(err).__name__}: {err.strerror or err}"
+        raise ValueError(f"can't read this folder ({reason}); give read access to it, or "
+                         "leave it out")
+    if unit.kind == "parts":
+        array = open_lazy(path)
+        lay = layout(array.shape, channel_axis)
+        return np.asarray(array[unit.start:unit.stop]) if lay.lead else np.asarray(array)
+    try:
+        data = np.asarray(_imread(path))
+    except Exception as err:  # noqa: BLE001 - any decoder failure: one line for the summary
+        raise ValueError(f"can't read it as an image ({_decoder_reason(err)})") from None
+    if data.size == 0:
+        raise ValueError("the image is empty")
+    return data
+
+
+def _decoder_reason(err: Exception) -> str:
+    """A decoder's error in one line, without imageio's advice to install plugins (for a
+    damaged PNG or TIFF it suggests video backends such as pyav, which would not help)."""
+    first = (str(err).splitlines() or [""])[0][:160]
+    if first.startswith("Could not find a backend"):
+        return "no decoder recognises its contents: the file is damaged or not an image"
+    return f"{type(err).__name__}: {first}"
+
+
+def _imread(path: Path):
+    """TIFF (multi-page = a stack, 16-bit kept) with tifffile, others with imageio (palette
+    PNGs decoded to their RGB intensities, not their palette indices)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(str(path))
+    import imageio.v3 as iio
+
+    return iio.imread(str(path))
+
+
+def _read_mask(unit: Unit) -> np.ndarray | None:
+    if unit.mask is None:
+        return None
+    if not Path(unit.mask).is_file():
+        raise ValueError(f"its mask {unit.mask!r} does not exist (check the --mask pattern)")
+    try:
+        m = np.asarray(_imread(Path(unit.mask)))
+    except Exception as err:  # noqa: BLE001 - a decoder's own advice (install pyav) misleads
+        raise ValueError(f"its mask {unit.mask!r} can't be read as an image "
+                         f"({_decoder_reason(err)}); replace it with a PNG or TIFF "
+                         "mask, or check the --mask pattern") from None
+    if m.size == 0:
+        raise ValueError(f"its mask {unit.mask!r} is empty; replace it with a PNG or TIFF mask")
+    if m.ndim == 3 and m.shape[-1] in (3, 4):
+        m = m[..., 0]
+    return m > 0
+
+
+def _unit_header(unit: Unit, arrays) -> tuple | None:
+    """(shape, dtype, already in memory) of what reading ``unit`` decodes, from headers only."""
+    if unit.kind == "array":
+        a = arrays[unit.name]
+        return tuple(a.shape), a.dtype, True
+    if unit.kind == "parts":
+        a = open_lazy(unit.path)
+        return tuple(a.shape), a.dtype, False
+    head = memory.image_header(unit.path)
+    return None if head is None else (*head, False)
+
+
+def memory_problem(unit: Unit, spec, opts: Options, dims: int, arrays=None) -> str | None:
+    """Why ``unit`` can't fit in the memory available now (one sentence with the numbers), or
+    None. Read from headers before decoding: a 20000 x 20000 TIFF, or a model whose
+    input_size is huge, is refused instead of growing the process until the system kills it."""
+    try:
+        head = _unit_header(unit, arrays)
+    except Exception:  # noqa: BLE001 - unreadable headers: reading the unit reports why
+        return None
+    if head is None:
+        return None
+    shape, dtype, in_memory = head
+    try:
+        lay = layout(shape, opts.channel_axis, dims)
+        if unit.kind == "parts" and lay.lead and unit.stop is not None:  # this part only
+            shape = (unit.stop - unit.start, *shape[1:])
+            lay = layout(shape, opts.channel_axis, dims)
+    except ValueError:
+        return None  # reading the unit reports the shape problem
+    found = isinstance(opts.target, str) and opts.target.lower() == FOUND
+    need = memory.estimate(shape, dtype, lay, spec.in_channels, spec.input_size,
+                           already_decoded=in_memory,
+                           targets=len(spec.class_names) if found else 1)
+    device = resolve_device(opts.device)
+    return memory.refusal(need, memory.available_host_memory(),
+                          memory.available_device_memory(device),
+                          describe_device(device))
+
+
+def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
+    """Reader thread: pixels, raw (n, *spatial, C), leading shape, mask; or the exception."""
+    try:
+        problem = memory_problem(unit, spec, opts, dims, arrays)
+        if problem:
+            raise MemoryError(problem)
+        pixels = read_unit(unit, arrays, opts.channel_axis)
+        lay = layout(pixels.shape, opts.channel_axis, dims)
+        check_channels(lay.channels, spec.in_channels)
+        if lay.channels == 3 and spec.in_channels == 1:
+            data = np.moveaxis(pixels, lay.channel_axis, -1)
+            if not (np.array_equal(data[..., 0], data[..., 1])
+                    and np.array_equal(data[..., 0], data[..., 2])):
+                raise colour_for_grey_model()  # per file, before it joins a batch
+        raw = read_batch(pixels, lay, 0, lay.count if lay.lead else 1)
+        if raw.dtype.kind in "fc":  # NaN would pass through the model as an empty heatmap
+            bad = raw.size - int(np.count_nonzero(np.isfinite(raw)))
+            if bad:
+                raise ValueError(f"its pixels contain NaN/inf at {bad} position"
+                                 f"{'s' * (bad != 1)}; replace them (e.g. with 0) or crop them "
+                                 "away before the run")
+            if raw.dtype.itemsize > 4:  # the model computes in float32: 1e300 becomes inf
+                big = int(np.count_nonzero(np.abs(raw) > np.finfo(np.float32).max))
+                if big:
+                    raise ValueError(f"its pixels exceed float32's range (about 3.4e38) at {big} "
+                                     f"position{'s' * (big != 1)}, where the model would see "
+                                     "inf; rescale the image before the run")
+        mask = _read_mask(unit)
+        if mask is not None and tuple(mask.shape) != tuple(lay.spatial):
+            raise ValueError(f"its mask {unit.mask!r} has shape {tuple(mask.shape)}, the image "
+                             f"{tuple(lay.spatial)}")
+        return pixels, raw, lay.lead, mask
+    except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
+        return err

@@ -1,0 +1,231 @@
+"""Running units through the model, with reading and writing overlapped.
+
+Three stages overlap: a thread pool reads and decodes units ahead of the engine, the engine runs
+batches gathered across units of the same shape on the device, and a second pool cuts regions
+and writes files. :func:`process_units` is the single-process run; cluster.py maps groups of
+units over a dask.distributed cluster with the same function (one model per worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .discover import Unit
+from .explainer import Explainer
+from .output import claim_output, held_run
+from .read import _load
+from .records import Record, _failed, is_done, load_record
+from .settings import Options, run_settings
+from .write import _finish_safely, prepare_outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    unit: Unit
+    pixels: np.ndarray
+    raw: np.ndarray  # (n, *spatial, channels)
+    lead: tuple
+    mask: np.ndarray | None
+    t0: float
+    heat: np.ndarray = None
+    ids: np.ndarray = None
+    scores: np.ndarray = None
+    done: int = 0
+
+
+def process_units(units: list[Unit], spec, out, opts: Options, *,
+                  progress: Callable[[int, int, str], None] | None = None,
+                  arrays: dict | None = None, clean: bool = True,
+                  settings: str | None = None) -> list[Record]:
+    """Run the pipeline over ``units`` (skipping those finished from the same source with the
+    same settings, unless ``opts.overwrite``); returns a record per unit.
+    ``progress(images_done, units_done, unit_key)`` after each unit.
+
+    ``clean``: this process owns ``out``; unless it already holds it, it claims it for the
+    call (:func:`claim_output`: the lock, the settings check, the names index, stale temporary
+    files), with the settings :func:`run_settings` derives from ``opts`` and ``spec``. Dask
+    workers pass ``clean=False`` and the client's ``settings`` digest: the client holds the
+    folder for them."""
+    out = Path(out)
+    runner = Explainer(spec, opts)  # a bad method or target: said before anything is touched
+    run = held_run(out)
+    if clean and run is None:
+        with claim_output(out, run_settings(opts, None, spec),
+                          overwrite=opts.overwrite) as run:
+            return process_units(run.name(units), spec, out, opts, progress=progress,
+                                 arrays=arrays)
+    if settings is None:
+        settings = run.digest if run is not None else ""
+    if clean:
+        prepare_outputs(units, out, opts.channel_axis, runner.dims)
+    schedule = _Schedule(spec, out, opts, runner, settings, progress, arrays)
+    todo = []
+    for unit in units:
+        old = None if opts.overwrite else load_record(out, unit.key)
+        if is_done(old, unit, settings):
+            schedule.records[unit.key] = old
+        else:
+            todo.append(unit)
+    schedule.run(todo)
+    return [schedule.records[u.key] for u in units if u.key in schedule.records]
+
+
+class _Schedule:
+    """One :func:`process_units` call's units through the three stages: ``prefetch`` units
+    read ahead on reader threads, small units gathered into one batch while their image shape
+    and dtype agree and the batch fits (a stack as large as a batch runs alone, in batches),
+    each unit's files written on writer threads as soon as its images are explained."""
+
+    def __init__(self, spec, out: Path, opts: Options, runner: Explainer, settings: str,
+                 progress, arrays):
+        self.spec, self.out, self.opts, self.runner = spec, out, opts, runner
+        self.settings, self.progress, self.arrays = settings, progress, arrays
+        self.class_names = list(spec.class_names)
+        self.records: dict[str, Record] = {}
+        self.images_done = 0
+        self.reads: deque[tuple[Unit, Future]] = deque()
+        self.writes: list[Future] = []
+        self.batch: list[_Pending] = []  # units gathered for the next forward
+        self.gathered = 0  # images in self.batch
+
+    def run(self, todo: list[Unit]) -> None:
+        workers = max(1, self.opts.workers)
+        self.readers = ThreadPoolExecutor(workers, thread_name_prefix="gradcam-read")
+        self.writers = ThreadPoolExecutor(workers, thread_name_prefix="gradcam-write")
+        self.queue = iter(todo)
+        try:
+            self.fill()
+            while self.reads:
+                self.collect_writes()
+                unit, fut = self.reads.popleft()
+                self.fill()
+                loaded = fut.result()
+                if isinstance(loaded, Exception):  # the batch being gathered goes on without it
+                    self.fail(unit, f"unreadable or unusable: {loaded}")
+                    continue
+                self.add(self.pending(unit, loaded))
+            self.flush()
+            for fut in self.writes:
+                self.finished(fut.result())
+        finally:
+            self.readers.shutdown(wait=False, cancel_futures=True)
+            self.writers.shutdown(wait=True)
+
+    def fill(self) -> None:
+        """Keep ``prefetch`` units being read."""
+        while len(self.reads) < max(1, self.opts.prefetch):
+            unit = next(self.queue, None)
+            if unit is None:
+                return
+            self.reads.append((unit, self.readers.submit(
+                _load, unit, self.spec, self.opts, self.runner.dims, self.arrays)))
+
+    def collect_writes(self) -> None:
+        """The records of the writes that have finished, without waiting for the others."""
+        for fut in [f for f in self.writes if f.done()]:
+            self.writes.remove(fut)
+            self.finished(fut.result())
+
+    def finished(self, rec: Record) -> None:
+        self.records[rec.unit] = rec
+        self.images_done += rec.image_count
+        if self.progress is not None:
+            self.progress(self.images_done, len(self.records), rec.unit)
+
+    def fail(self, unit: Unit, message: str) -> None:
+        self.finished(_failed(unit, self.out, message, self.settings))
+
+    def pending(self, unit: Unit, loaded: tuple) -> _Pending:
+        pixels, raw, lead, mask = loaded
+        n, k = raw.shape[0], len(self.runner.runners)
+        return _Pending(unit, pixels, raw, lead, mask, time.perf_counter(),
+                        np.zeros((n, k, *raw.shape[1:-1]), np.float32),
+                        np.zeros((n, k), np.int64), np.zeros((n, k), np.float32))
+
+    def add(self, p: _Pending) -> None:
+        """Gather ``p`` into the batch, first running the batch if ``p`` can't join it."""
+        raw, n = p.raw, p.raw.shape[0]
+        size = self.runner.size_for(raw.shape[1:-1], n)
+        first = self.batch[0].raw if self.batch else None
+        same = first is not None and first.shape[1:] == raw.shape[1:] and first.dtype == raw.dtype
+        if self.batch and (not same or self.gathered + n > size):
+            self.flush()
+        if n >= size:  # a stack: its own batches
+            self.run_stack(p, size)
+            return
+        self.batch.append(p)
+        self.gathered += n
+
+    def run_stack(self, p: _Pending, size: int) -> None:
+        n = p.raw.shape[0]
+        while p.done < n:
+            stop = min(p.done + size, n)
+            try:
+                h, i, s = self.runner(p.raw[p.done:stop])
+            except Exception as err:  # noqa: BLE001 - this unit fails, the run goes on
+                self.fail(p.unit, f"the model failed on it: {err}")
+                return
+            p.heat[p.done:stop], p.ids[p.done:stop], p.scores[p.done:stop] = h, i, s
+            p.done = stop
+        self.submit_finish(p)
+
+    def flush(self) -> None:
+        """One forward over the gathered images; results scattered back to their units."""
+        batch = self.batch
+        self.batch, self.gathered = [], 0
+        if not batch:
+            return
+        raw = np.concatenate([p.raw[p.done:] for p in batch]) if len(batch) > 1 else \
+            batch[0].raw[batch[0].done:]
+        try:
+            heat, ids, scores = self.runner(raw)
+        except Exception as err:  # noqa: BLE001 - the units in this batch fail, the run goes on
+            for p in batch:
+                self.fail(p.unit, f"the model failed on it: {err}")
+            return
+        pos = 0
+        for p in batch:
+            n = p.raw.shape[0] - p.done
+            p.heat[p.done:] = heat[pos:pos + n]
+            p.ids[p.done:] = ids[pos:pos + n]
+            p.scores[p.done:] = scores[pos:pos + n]
+            p.done += n
+            pos += n
+            self.submit_finish(p)
+
+    def submit_finish(self, p: _Pending) -> None:
+        self.writes.append(self.writers.submit(
+            _finish_safely, p.unit, self.out, p.pixels, p.heat, p.ids, p.scores, p.lead, p.mask,
+            self.opts, self.class_names, time.perf_counter() - p.t0, self.settings))
+
+
+def iter_progress(total_units: int, quiet: bool) -> Callable:
+    """A progress callback: a tqdm bar with images per second, or log lines when quiet."""
+    t0 = time.perf_counter()
+    if quiet:
+        def report(images, units, key):
+            log.info("%d/%d units, %d images, %.1f img/s (%s)", units, total_units, images,
+                     images / max(time.perf_counter() - t0, 1e-9), key)
+        return report
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_units, unit="unit", dynamic_ncols=True)
+
+    def report(images, units, key):
+        bar.n = units
+        bar.set_postfix_str(f"{images} images, "
+                            f"{images / max(time.perf_counter() - t0, 1e-9):.1f} img/s")
+        if units >= total_units:
+            bar.close()
+
+    return report
