@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_gradcam.batch import Explainer, claim_output, collect_units, held_run, run_settings
+from napari_gradcam.batch import claim_output, collect_units, held_run, run_settings
 from napari_gradcam.cli import main
+from napari_gradcam.job import ExplainJob
 from napari_gradcam.models.demo.synthetic import make_image
 
 iio = pytest.importorskip("imageio.v3")
@@ -140,7 +141,7 @@ def test_other_settings_are_refused_naming_each_difference(tmp_path, capsys, mon
     def no_model(*args, **kwargs):
         raise AssertionError("the model ran")
 
-    monkeypatch.setattr(Explainer, "__call__", no_model)
+    monkeypatch.setattr(ExplainJob, "explain", no_model)
     for extra, said in [
         (["--method", "gradcam++"], ["--method gradcam -> gradcam++"]),
         (["--threshold", "0.3", "--min-area", "4"],

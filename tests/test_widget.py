@@ -197,6 +197,41 @@ def test_every_class_found_boxes_each_object_in_its_class(viewer, qtbot):
     assert shapes.feature_defaults["class"][0] == ""
 
 
+def test_every_class_found_runs_one_forward_per_batch_per_method(viewer, qtbot):
+    from napari_gradcam.job import ExplainJob
+
+    stack = np.stack([make_image(128, seed=s, classes=[0, 1, 2]).image for s in (6, 7, 8, 9)])
+    viewer.add_image(stack, name="four")
+    w = dock(viewer)
+    spec = use(w, ng.load_model("demo"), "demo (counted)")
+    w.methods.value = ["gradcam", "hirescam"]
+    w.target.value = "every class found"
+    w.scope.value = "whole stack"
+    w.batch_size.value = 2
+    calls, progress = [], []
+    handle = spec.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        worker = w.run()
+        worker.yielded.connect(progress.append)
+        finish(qtbot, w)
+    finally:
+        handle.remove()
+    # 2 batches x 2 methods, every class from the same pass (the demo model names its layer)
+    assert len(calls) == 2 * 2
+    assert [(p.done, p.total) for p in progress] == [(2, 4), (4, 4)]
+    ref = ExplainJob(spec, ["gradcam", "hirescam"], "found", device=auto_device(),
+                     batch_size=2).run(stack)
+    for method in ("gradcam", "hirescam"):
+        np.testing.assert_allclose(viewer.layers[f"four {method} heatmap"].data,
+                                   ref.heatmaps[method], atol=1e-5)
+    shapes = viewer.layers["four regions"]
+    rects = [(int(d[0, 0]), c, rect_box(d)) for d, t, c in
+             zip(shapes.data, shapes.shape_type, shapes.features["class"]) if t == "rectangle"]
+    assert rects == [(r.index[0], spec.class_names[r.class_id], tuple(float(v) for v in r.bbox))
+                     for r in ref.regions]
+    assert len({c for _, c, _ in rects}) == 3
+
+
 def test_whole_stack_and_current_slice(viewer, qtbot):
     stack, labels, objects = make_stack(6, 128, seed=3)
     image = viewer.add_image(stack, name="movie", scale=(2.0, 0.5, 0.5), translate=(10, 1, 1),

@@ -178,6 +178,8 @@ def test_beside_another_llvm_triton_is_refused_with_the_reason(tmp_path):
 
 def test_without_another_llvm_the_guard_lets_triton_import(monkeypatch):
     """The command line, a batch worker, a vendor OpenGL driver: nothing is refused."""
+    # a GUI test earlier in this process may have blocked triton already: start from a clean state
+    monkeypatch.setattr(_optional, "_blocked", {})
     monkeypatch.setattr(_optional, "foreign_llvm", lambda maps="": None)
     monkeypatch.delitem(sys.modules, "triton", raising=False)
     assert _optional._guard.find_spec("triton") is None  # the normal finders take over
@@ -187,6 +189,7 @@ def test_without_another_llvm_the_guard_lets_triton_import(monkeypatch):
 
 def test_triton_imported_before_the_canvas_stays_usable(monkeypatch):
     """Imported before any OpenGL context (safe), its submodules still import afterwards."""
+    monkeypatch.setattr(_optional, "_blocked", {})
     monkeypatch.setattr(_optional, "foreign_llvm", lambda maps="": "/usr/lib/libLLVM-15.so.1")
     monkeypatch.setitem(sys.modules, "triton", sys.modules["os"])  # stands in for triton
     assert _optional._guard.find_spec("triton.language") is None

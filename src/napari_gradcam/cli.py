@@ -93,7 +93,7 @@ def _batch(args) -> int:
 def _batch_run(args, state: dict) -> int:
     from .models import load_model
     from .batch import (
-        Explainer, Options, check_output, claim_output, collect_units, iter_progress,
+        Options, check_output, claim_output, collect_units, iter_progress, make_job,
         process_units, run_settings, write_summary,
     )
 
@@ -114,7 +114,7 @@ def _batch_run(args, state: dict) -> int:
                    threshold_mode=args.threshold_mode, min_area=args.min_area,
                    simplify=args.simplify, device=args.device, batch_size=args.batch_size,
                    overlay=args.overlay, overwrite=args.overwrite, workers=args.workers)
-    Explainer(spec, opts)  # bad method, target or device: say so before reading anything
+    job = make_job(spec, opts)  # bad method, target or device: say so before reading anything
     units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size, exclude=out)
     settings = run_settings(opts, model, spec, args.mask)  # hashes the model files once
     # the lock, then other settings refused, before any model runs
@@ -123,12 +123,11 @@ def _batch_run(args, state: dict) -> int:
         units = state["units"] = run.name(units)
         progress = iter_progress(len(units), args.quiet)
         if args.dask_scheduler or args.dask_local:
-            from .explain_arrays import model_spatial_dims
             from .batch.cluster import make_client, process_on_cluster
 
             with make_client(args.dask_scheduler, args.dask_local, args.device) as client:
                 records = process_on_cluster(client, units, model, out, opts,
-                                             spatial_dims=model_spatial_dims(spec.module),
+                                             spatial_dims=job.runner.dims,
                                              progress=progress)
         else:
             records = process_units(units, spec, out, opts, progress=progress)

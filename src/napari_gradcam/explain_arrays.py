@@ -30,7 +30,6 @@ from .cam import explain_batch, get_method, resolve_target_layer
 from .cam.engine import size_errors
 from .models import ModelSpec, normalise_intensity
 from .models.spec import first_conv, refuse_torchscript
-from .regions import find_regions
 
 log = logging.getLogger(__name__)
 
@@ -509,29 +508,6 @@ def iter_explain(
                        runner.batch_size)
 
 
-def combine_targets(heatmaps, class_ids, scores, *, found: bool, mask=None,
-                    regions: dict | None = None):
-    """One method's results for several targets -> (the heatmap to show, the regions).
-
-    ``heatmaps[k]`` (*lead, *spatial), ``class_ids[k]`` and ``scores[k]`` (*lead) are target
-    k's. With ``found`` ("every class found") a target counts only in the images where its
-    logit is positive; the heatmap is, per pixel, the hottest target that counts. ``regions``:
-    keyword arguments for ``find_regions`` (None: no regions); they come ordered by image,
-    then class.
-    """
-    shown, found_regions = None, []
-    for heat, ids, sc in zip(heatmaps, class_ids, scores):
-        sc = np.asarray(sc)
-        if regions is not None:
-            found_regions += [r for r in find_regions(heat, mask=mask, class_ids=ids, scores=sc,
-                                                      **regions) if not found or r.score > 0]
-        keep = sc > 0 if found else np.ones(sc.shape, bool)
-        heat = np.asarray(heat) * keep.reshape(keep.shape + (1,) * (np.ndim(heat) - keep.ndim))
-        shown = heat if shown is None else np.maximum(shown, heat)
-    found_regions.sort(key=lambda r: (tuple(r.index), -1 if r.class_id is None else r.class_id))
-    return shown, found_regions
-
-
 def run_generator(gen, progress: Callable[[Progress], None] | None = None):
     """Drive a generator to its end, handing each yielded item to ``progress``; returns its
     return value."""
@@ -594,5 +570,5 @@ def explain(
     )
 
 
-__all__ = ["Explanation", "Progress", "Runner", "combine_targets", "explain", "iter_explain", "layout",
-           "preprocess", "resolve_target"]
+__all__ = ["Explanation", "Progress", "Runner", "explain", "iter_explain", "layout", "preprocess",
+           "resolve_target"]

@@ -24,12 +24,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .annotations import class_name
 from .cam import get_method
 from .explain_arrays import Progress, Runner, check_channels, layout, read_ahead, run_generator
 from .regions import find_regions
 
 FOUND = "found"
 REGION_DEFAULTS = {"threshold": 0.5, "min_area": 16, "simplify": 1.0}
+
+
+def is_found(target) -> bool:
+    """Whether ``target`` asks for every class found (``"found"``, any case or spacing)."""
+    return isinstance(target, str) and target.strip().lower() == FOUND
 
 
 def _every_class(logits: torch.Tensor) -> torch.Tensor:
@@ -47,6 +53,17 @@ class BatchResult(NamedTuple):
     class_ids: np.ndarray  # int64 (n, K)
     scores: np.ndarray  # float32 (n, K): the model's logit for that class
     kept: np.ndarray  # bool (n, K): the target counts ("found": its logit > 0; else always)
+
+    def part(self, start: int, stop: int) -> BatchResult:
+        """Images ``start:stop``: a batch gathered from several inputs, split back to each."""
+        return BatchResult({m: h[start:stop] for m, h in self.heatmaps.items()},
+                           self.class_ids[start:stop], self.scores[start:stop],
+                           self.kept[start:stop])
+
+    @staticmethod
+    def join(parts: list) -> BatchResult:
+        """Consecutive batches as one (an input explained over several batches)."""
+        return _concat(parts)
 
 
 class Summary(NamedTuple):
@@ -114,7 +131,7 @@ class ExplainJob:
             raise ValueError("no method given; name at least one, e.g. methods=('gradcam',).")
         for m in self.methods:
             get_method(m)
-        self.found = isinstance(target, str) and target.strip().lower() == FOUND
+        self.found = is_found(target)
         self.runner = Runner(spec, self.methods[0], None if self.found else target, device,
                              batch_size, target_layer=target_layer, amp=amp)
         self.spec = spec
@@ -235,7 +252,7 @@ def summary_rows(class_ids, scores, kept, lead, class_names, regions, offset=())
         slots = [k for k in range(class_ids.shape[-1]) if kept[idx][k]]
         for k in slots:
             cid = int(class_ids[idx][k])
-            rows.append({"index": list(full), "class": _name(class_names, cid),
+            rows.append({"index": list(full), "class": class_name(class_names, cid, str(cid)),
                          "class_id": cid, "score": float(scores[idx][k]),
                          "regions": counts.get((full, cid), 0)})
         if not slots:  # nothing found: the image still gets its row, with its best logit
@@ -252,10 +269,6 @@ def shift_index(index, offset) -> tuple:
     if len(index) < len(offset):
         index = (0,) * (len(offset) - len(index)) + index
     return tuple(i + o for i, o in zip(index, offset)) + index[len(offset):]
-
-
-def _name(class_names, cid: int) -> str:
-    return class_names[cid] if 0 <= cid < len(class_names) else str(cid)
 
 
 def _check_regions(options: dict) -> dict:
@@ -278,4 +291,4 @@ def _concat(parts: list) -> BatchResult:
 
 
 __all__ = ["FOUND", "BatchResult", "ExplainJob", "JobResult", "Summary", "combine",
-           "find_targets", "shift_index", "summary_rows"]
+           "find_targets", "is_found", "shift_index", "summary_rows"]

@@ -1,17 +1,19 @@
 """The dock widget: explain the active image layer, show the heatmap and editable regions.
 
-Thin by design: the work is :func:`napari_gradcam.explain_arrays.iter_explain` (driven from a napari
-``thread_worker``, one yield per batch, so the event loop never blocks and Cancel stops at the
-next batch) and :func:`napari_gradcam.find_regions`; this module only reads the controls, checks
-the inputs (a napari notification that says what to change, every layer left untouched),
-loads models and probes their layers on a worker too, and writes layers on the main thread.
+Thin by design: the work is the core's :class:`napari_gradcam.job.ExplainJob` (its ``iter_run``
+driven from a napari ``thread_worker``, one yield per batch, so the event loop never blocks and
+Cancel stops at the next batch; new region settings are its result's ``rederive``); this module
+only reads the controls, checks the inputs (a napari notification that says what to change,
+every layer left untouched), loads models and probes their layers on a worker too, and writes
+layers on the main thread.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +40,9 @@ from .._device import describe_device, resolve_device
 from ..annotations import (
     annotations_to_shapes, class_color, class_name, regions_to_annotations,
 )
-from ..explain_arrays import (
-    check_channels, combine_targets, iter_explain, layout, model_spatial_dims, resolve_target,
-)
 from ..cam import available_methods
+from ..explain_arrays import Progress, check_channels, layout, model_spatial_dims
+from ..job import FOUND, ExplainJob, JobResult
 from ..models import ModelSpec, load_model
 from ..render import heat_ramp
 from .io import META_KEY
@@ -89,40 +90,36 @@ def available_devices() -> list[str]:
 
 @dataclass
 class Job:
-    """Everything a run needs, read from the controls on the main thread."""
+    """Everything a run needs, read from the controls on the main thread: which pixels of
+    which layer, and the core's explain job (model, methods, target, region options, mask)."""
 
     layer: Image
     images: Any  # the array explained (the whole layer, or the current slice)
     offset: tuple[int, ...]  # leading indices of ``images`` inside the layer
     channel_axis: int | bool
-    spec: ModelSpec
-    methods: list[str]
-    target: int | None  # None: each image's predicted class
-    present: bool  # True: explain every class, keep those with a positive logit (multi-label)
-    target_layer: str | None
-    device: str
-    batch_size: int | None
-    regions: dict  # keyword arguments for find_regions (threshold, mode, min_area, ...)
-    mask: np.ndarray | None
+    explain: ExplainJob
+    total: int  # images to explain (the progress bar's length)
 
     @property
-    def total(self) -> int:
-        lead = layout(self.images.shape, self.channel_axis,
-                      model_spatial_dims(self.spec.module)).lead
-        return int(np.prod(lead, dtype=int)) * len(self.methods) * len(self.targets)
+    def methods(self) -> list[str]:
+        return self.explain.methods
 
     @property
-    def targets(self) -> list[int | None]:
-        return list(range(len(self.spec.class_names))) if self.present else [self.target]
+    def found(self) -> bool:
+        """"every class found": regions per class, one merged heatmap."""
+        return self.explain.found
+
+    @property
+    def target(self) -> int | None:
+        """The one class explained (None: each image's prediction, or every class found)."""
+        return None if self.found else self.explain.target
 
 
 @dataclass
 class Result:
     job: Job
-    explanations: list  # per method, one Explanation per target (see Job.targets)
-    regions: list
+    explained: JobResult  # heatmaps per method, the first method's regions, summary rows
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class RunFailed(Exception):
@@ -130,76 +127,40 @@ class RunFailed(Exception):
     (superqt drops RuntimeErrors, which torch raises for most model problems)."""
 
 
+def _failed(err: Exception) -> RunFailed:
+    return RunFailed(str(err) or type(err).__name__)
+
+
 def _guarded(fn):
+    """``fn`` (a function or a generator function) for a worker thread: its errors leave
+    as :class:`RunFailed`."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                return (yield from fn(*args, **kwargs))
+            except Exception as err:
+                raise _failed(err) from err
+
+        return generator
+
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def call(*args, **kwargs):
         try:
-            return (yield from fn(*args, **kwargs))
+            return fn(*args, **kwargs)
         except Exception as err:
-            raise RunFailed(str(err) or type(err).__name__) from err
+            raise _failed(err) from err
 
-    return wrapper
-
-
-def _relay(gen, step: int):
-    """Forward an iter_explain generator's progress as images done over the whole job;
-    returns its Explanation."""
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield step * p.total + p.done
+    return call
 
 
 @_guarded
 def compute(job: Job):
-    """Worker-thread body: explain with every method and target (yielding images done so
-    far), then the regions of the first method."""
+    """Worker-thread body: the explain job over the images, yielding its Progress per batch
+    (every method and target of a batch in one go); closing it stops after that batch."""
     t0 = time.perf_counter()
-    explanations, step = [], 0
-    for method in job.methods:
-        per_target = []
-        for target in job.targets:
-            gen = iter_explain(job.images, job.spec, method, target, job.batch_size,
-                               job.device, job.channel_axis, target_layer=job.target_layer)
-            per_target.append((yield from _relay(gen, step)))
-            step += 1
-        explanations.append(per_target)
-    regions = derive_regions(explanations[0], job)
-    return Result(job, explanations, regions, time.perf_counter() - t0)
-
-
-def rederive(explanations, job: Job) -> list:
-    """:func:`derive_regions` for a worker thread."""
-    try:
-        return derive_regions(explanations, job)
-    except Exception as err:
-        raise RunFailed(str(err) or type(err).__name__) from err
-
-
-def derive_regions(explanations, job: Job) -> list:
-    """Regions of one method's heatmaps (one Explanation per target), indexed in the layer's
-    leading axes; in ``present`` mode only where the class's logit is positive."""
-    _shown, found = _combine(explanations, job.present, job.mask, job.regions)
-    if job.offset:
-        found = [replace(r, index=job.offset + tuple(r.index)) for r in found]
-    return found
-
-
-def merged_heatmaps(explanations, present: bool) -> np.ndarray:
-    """The heatmap to show: the single target's, or per pixel the hottest class among those
-    found in each image."""
-    if len(explanations) == 1 and not present:
-        return explanations[0].heatmaps
-    return _combine(explanations, present)[0]
-
-
-def _combine(explanations, present: bool, mask=None, regions: dict | None = None):
-    return combine_targets([e.heatmaps for e in explanations],
-                           [e.class_ids for e in explanations],
-                           [e.scores for e in explanations], found=present, mask=mask,
-                           regions=regions)
+    explained = yield from job.explain.iter_run(job.images, job.channel_axis, job.offset)
+    return Result(job, explained, time.perf_counter() - t0)
 
 
 @dataclass
@@ -226,15 +187,12 @@ def probe_layers(spec: ModelSpec) -> list[str]:
         return module_names(spec.module)
 
 
+@_guarded
 def prepare_model(source, trust_code: bool = False) -> LoadedModel:
     """Worker-thread body: load ``source`` (a :class:`ModelSpec` is used as it is) and probe
     its layers, so neither a slow file nor the probe's forward freezes the viewer."""
-    try:
-        spec = source if isinstance(source, ModelSpec) else load_model(
-            source, trust_code=trust_code)
-        return LoadedModel(spec, probe_layers(spec))
-    except Exception as err:
-        raise RunFailed(str(err) or type(err).__name__) from err
+    spec = source if isinstance(source, ModelSpec) else load_model(source, trust_code=trust_code)
+    return LoadedModel(spec, probe_layers(spec))
 
 
 class GradCamWidget(Container):
@@ -594,26 +552,26 @@ class GradCamWidget(Container):
         dims = model_spatial_dims(spec.module)
         lay = layout(data.shape, channel_axis, dims)  # empty / too few axes raise here
         check_channels(lay.channels, spec.in_channels)
-        present = self.target.value == PRESENT
-        target = None if self.target.value in (PREDICTED, PRESENT) else self.target.value
-        target = resolve_target(target, spec.class_names)
-        if present and not spec.class_names:
+        found = self.target.value == PRESENT
+        if found and not spec.class_names:
             raise ValueError("this model has no class names, so 'every class' means nothing; "
                              "give class_names to load_model or pick 'predicted class'.")
-        device = str(resolve_device(self.device.value))
+        target = FOUND if found else None if self.target.value == PREDICTED else \
+            self.target.value
         offset: tuple[int, ...] = ()
-        images = data
+        images, total = data, lay.count
         if lay.lead and self.scope.value == SCOPES[0]:
             offset = self._current_index(layer, len(lay.lead))
-            images = data[offset]
-        mask = self._mask_array(layer, offset, spec)
-        return Job(
-            layer=layer, images=images, offset=offset, channel_axis=channel_axis, spec=spec,
-            methods=methods, target=target, present=present,
-            target_layer=None if self.target_layer.value == AUTO else self.target_layer.value,
-            device=device, batch_size=int(self.batch_size.value) or None,
-            regions=self._region_args(), mask=mask,
-        )
+            images, total = data[offset], 1
+        # the job checks methods, target, device and region options before any pixel is read
+        # (the automatic target layer is found once per model, not per run)
+        explain = ExplainJob(
+            spec, methods, target, regions=self._region_args(),
+            mask=self._mask_array(layer, offset, spec), device=self.device.value,
+            batch_size=int(self.batch_size.value) or None,
+            target_layer=None if self.target_layer.value == AUTO else self.target_layer.value)
+        return Job(layer=layer, images=images, offset=offset, channel_axis=channel_axis,
+                   explain=explain, total=total)
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -659,11 +617,13 @@ class GradCamWidget(Container):
             self._worker.quit()
             self.status.value = "cancelling…"
 
-    def _on_progress(self, done: int):
+    def _on_progress(self, progress: Progress):
+        """Images done so far (every method and target of a batch together)."""
         if self._pbar is not None:
             if self._pbar.is_canceled:
                 self.cancel()
-            self._pbar.n = done
+            self._pbar.total = progress.total
+            self._pbar.n = progress.done
             self._pbar.refresh()
 
     def _on_error(self, err: Exception):
@@ -682,56 +642,57 @@ class GradCamWidget(Container):
         self.cancel_button.enabled = False
 
     def _on_result(self, result: Result):
-        job = result.job
-        for per_target in result.explanations:
-            self._show_heatmap(job, per_target)
-        self._show_regions(job, result.explanations[0][0], result.regions)
+        job, explained = result.job, result.explained
+        for method in explained.methods:
+            self._show_heatmap(job, explained, method)
+        self._show_regions(job, explained)
         self._last = result
         self.status.value = (f"{', '.join(job.methods)}: {self._summary(result)}; "
-                             f"{len(result.regions)} regions; {result.seconds:.2f} s on "
-                             f"{describe_device(resolve_device(job.device))}")
+                             f"{len(explained.regions)} regions; {result.seconds:.2f} s on "
+                             f"{describe_device(resolve_device(explained.device))}")
 
     @staticmethod
     def _summary(result: Result) -> str:
-        """What the model said: class and logit per image (the first three)."""
-        per_target = result.explanations[0]
-        n = per_target[0].class_ids.size
-        if result.job.present:
-            names = per_target[0].class_names
-            found = [f"{names[k]} {float(e.scores.flat[0]):.2f}"
-                     for k, e in enumerate(per_target) if e.scores.flat[0] > 0]
-            text = ", ".join(found) or "no class found"
+        """What the model said, from the job's rows: the classes found in the first image, or
+        class and logit of the first three images."""
+        rows, named = result.explained.rows, bool(result.explained.class_names)
+        images = list(dict.fromkeys(tuple(r["index"]) for r in rows))
+        n = len(images)
+
+        def said(r):
+            return f"{r['class'] if named else ''} {r['score']:.2f}"
+
+        if result.job.found:
+            first = [r for r in rows if tuple(r["index"]) == images[0] and r["class_id"] >= 0]
+            text = ", ".join(map(said, first)) or "no class found"
             return text if n == 1 else f"{text} in the first image (+{n - 1} images)"
-        first = per_target[0]
-        names = first.class_labels.ravel()
-        text = ", ".join(f"{c} {v:.2f}" for c, v in zip(names[:3], first.scores.ravel()[:3]))
+        text = ", ".join(map(said, rows[:3]))
         return text + (f" (+{n - 3} images)" if n > 3 else "")
 
     # ---- regions from the existing heatmap ------------------------------------------------
 
     def _on_region_settings(self, _event=None):
-        """Threshold, mode, area, tolerance or mask changed: new shapes from the heatmap we
-        have, without running the model again."""
+        """Threshold, mode, area, tolerance or mask changed: new shapes from the heatmaps we
+        have (the job result's ``rederive``, on a worker), without running the model again."""
         if self._last is None or self.running:
             return
-        job = self._last.job
+        last = self._last
+        job, explained = last.job, last.explained
         try:
-            mask = self._mask_array(job.layer, job.offset, job.spec)
+            mask = self._mask_array(job.layer, job.offset, job.explain.spec)
         except ValueError as err:
             show_error(f"napari-gradcam: {err}")
             return
-        job = replace(job, regions=self._region_args(), mask=mask)
         self._region_generation += 1
         generation = self._region_generation
-        per_target = self._last.explanations[0]
-        worker = create_worker(rederive, per_target, job, _start_thread=False,
-                               _ignore_errors=True)
+        worker = create_worker(_guarded(explained.rederive), mask=mask,
+                               _start_thread=False, _ignore_errors=True,
+                               **self._region_args())
 
-        def done(regions):
-            if generation == self._region_generation and self._last is not None:
-                self._last.job = job
-                self._last.regions = regions
-                self._show_regions(job, per_target[0], regions)
+        def done(new: JobResult):
+            if generation == self._region_generation and self._last is last:
+                last.explained = new
+                self._show_regions(job, new)
 
         worker.returned.connect(done)
         worker.errored.connect(self._on_error)
@@ -786,9 +747,8 @@ class GradCamWidget(Container):
             setattr(layer, key, value)
         layer.metadata = {**layer.metadata, **metadata}
 
-    def _show_heatmap(self, job: Job, per_target: list):
-        exp = per_target[0]
-        heat = merged_heatmaps(per_target, job.present)
+    def _show_heatmap(self, job: Job, explained: JobResult, method: str):
+        heat = explained.heatmaps[method]  # "every class found": the classes' maps combined
         geo = self._geometry(job)
         if job.offset:  # one slice: a layer one frame deep, placed at that frame
             k = len(job.offset)
@@ -796,10 +756,10 @@ class GradCamWidget(Container):
             geo["translate"] = tuple(
                 t + i * s for t, i, s in zip(geo["translate"][:k], job.offset, geo["scale"][:k])
             ) + geo["translate"][k:]
-        meta = {META_KEY: {"role": "heatmap", "source": job.layer.name, "method": exp.method,
-                           "target_layer": exp.target_layer,
-                           "class_names": list(exp.class_names)}}
-        name = f"{job.layer.name} {exp.method} heatmap"
+        meta = {META_KEY: {"role": "heatmap", "source": job.layer.name, "method": method,
+                           "target_layer": explained.target_layer,
+                           "class_names": list(explained.class_names)}}
+        name = f"{job.layer.name} {method} heatmap"
 
         def update(layer):
             layer.data = heat
@@ -810,11 +770,13 @@ class GradCamWidget(Container):
             heat, name=name, colormap=heat_colormap(), blending="translucent", opacity=0.7,
             contrast_limits=(0.0, 1.0), metadata=meta, **geo), update)
 
-    def _show_regions(self, job: Job, exp, regions):
-        names = list(exp.class_names)
+    def _show_regions(self, job: Job, explained: JobResult):
+        """The first method's regions as one Shapes layer (the job indexes them in the layer's
+        leading axes)."""
+        names = list(explained.class_names)
         ndim = job.layer.ndim
-        data, types, features = annotations_to_shapes(regions_to_annotations(regions, names),
-                                                      ndim=ndim)
+        data, types, features = annotations_to_shapes(
+            regions_to_annotations(explained.regions, names), ndim=ndim)
         features["label"] = np.array(
             [f"{c} {s:.2f}" if c else "" for c, s in zip(features["class"], features["score"])],
             dtype=object)
@@ -830,7 +792,7 @@ class GradCamWidget(Container):
             new_color = np.array([*class_color(job.target), 255]) / 255
         meta = {META_KEY: {"role": "regions", "class_names": names,
                            "image_shape": list(image_shape(job.layer)),
-                           "image_name": job.layer.name, "method": exp.method}}
+                           "image_name": job.layer.name, "method": explained.methods[0]}}
         name = f"{job.layer.name} regions"
         geo = self._geometry(job)
 
@@ -870,4 +832,4 @@ class GradCamWidget(Container):
                 layer.opacity = 1.0 if grid.enabled else 0.7
 
 
-__all__ = ["GradCamWidget", "available_devices", "compute", "derive_regions"]
+__all__ = ["GradCamWidget", "available_devices", "compute"]

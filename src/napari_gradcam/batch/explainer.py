@@ -1,4 +1,4 @@
-"""The model over raw batches for the batch run: one target, or every class found."""
+"""The batch run's explain job: the command's options as one :class:`ExplainJob`."""
 
 from __future__ import annotations
 
@@ -7,41 +7,29 @@ import weakref
 
 import numpy as np
 
-from ..explain_arrays import Runner
-from .settings import FOUND, Options
+from ..job import ExplainJob
+from .settings import Options
 
 log = logging.getLogger(__name__)
 
 
-class Explainer:
-    """The model over raw batches for one target, or for every class (``target="found"``):
-    returns heatmaps (n, K, *spatial), class ids (n, K) and scores (n, K); K = 1 for one
-    target."""
-
-    def __init__(self, spec, opts: Options):
-        self.found = isinstance(opts.target, str) and opts.target.lower() == FOUND
-        if self.found and not spec.class_names:
-            raise ValueError("target 'found' explains every class, and this model has no class "
-                             "names; give class_names, or a class or none as the target.")
-        targets = range(len(spec.class_names)) if self.found else [opts.target]
-        self.runners = [Runner(spec, opts.method, t, opts.device, opts.batch_size)
-                        for t in targets]
-        self.dims = self.runners[0].dims
-        cause = nan_cause(spec)
-        if cause and spec.module not in _NAN_WARNED:
-            _NAN_WARNED.add(spec.module)
-            log.warning("the model %s: its output will be NaN, so every image will fail; "
-                        "fix the model file", cause)
-
-    def size_for(self, spatial, count: int) -> int:
-        size = self.runners[0].size_for(spatial, count)
-        for r in self.runners[1:]:
-            r.batch_size = size
-        return size
-
-    def __call__(self, raw: np.ndarray):
-        outs = [r(raw) for r in self.runners]
-        return tuple(np.stack([o[j] for o in outs], 1) for j in range(3))
+def make_job(spec, opts: Options) -> ExplainJob:
+    """The job a run (or a dask worker) explains its batches with: every target of a batch,
+    "found" included, from one forward pass. Regions are cut on one thread per unit (the
+    writer threads already write several units at once). A bad method, target, device or
+    region option raises here, before anything is read; a model whose output will be NaN is
+    named once."""
+    job = ExplainJob(spec, opts.method, opts.target, device=opts.device,
+                     batch_size=opts.batch_size,
+                     regions={"threshold": opts.threshold, "min_area": opts.min_area,
+                              "simplify": opts.simplify, "threshold_mode": opts.threshold_mode,
+                              "workers": 1})
+    cause = nan_cause(spec)
+    if cause and spec.module not in _NAN_WARNED:
+        _NAN_WARNED.add(spec.module)
+        log.warning("the model %s: its output will be NaN, so every image will fail; "
+                    "fix the model file", cause)
+    return job
 
 
 _NAN_WARNED: weakref.WeakSet = weakref.WeakSet()  # models nan_cause reported: warned once

@@ -17,8 +17,11 @@ import numpy as np
 
 from .. import memory
 from .._device import describe_device, resolve_device
-from ..explain_arrays import check_channels, colour_for_grey_model, layout, read_batch
-from .settings import FOUND, Options
+from ..explain_arrays import (
+    check_channels, colour_for_grey_model, is_grey_rgb, layout, read_batch,
+)
+from ..job import is_found
+from .settings import Options
 
 if TYPE_CHECKING:
     from .discover import Unit
@@ -207,10 +210,9 @@ def memory_problem(unit: Unit, spec, opts: Options, dims: int, arrays=None) -> s
             lay = layout(shape, opts.channel_axis, dims)
     except ValueError:
         return None  # reading the unit reports the shape problem
-    found = isinstance(opts.target, str) and opts.target.lower() == FOUND
     need = memory.estimate(shape, dtype, lay, spec.in_channels, spec.input_size,
                            already_decoded=in_memory,
-                           targets=len(spec.class_names) if found else 1)
+                           targets=len(spec.class_names) if is_found(opts.target) else 1)
     device = resolve_device(opts.device)
     return memory.refusal(need, memory.available_host_memory(),
                           memory.available_device_memory(device),
@@ -226,11 +228,9 @@ def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
         pixels = read_unit(unit, arrays, opts.channel_axis)
         lay = layout(pixels.shape, opts.channel_axis, dims)
         check_channels(lay.channels, spec.in_channels)
-        if lay.channels == 3 and spec.in_channels == 1:
-            data = np.moveaxis(pixels, lay.channel_axis, -1)
-            if not (np.array_equal(data[..., 0], data[..., 1])
-                    and np.array_equal(data[..., 0], data[..., 2])):
-                raise colour_for_grey_model()  # per file, before it joins a batch
+        if lay.channels == 3 and spec.in_channels == 1 and \
+                not is_grey_rgb(pixels, lay.channel_axis):
+            raise colour_for_grey_model()  # per file, before it joins a batch
         raw = read_batch(pixels, lay, 0, lay.count if lay.lead else 1)
         if raw.dtype.kind in "fc":  # NaN would pass through the model as an empty heatmap
             bad = raw.size - int(np.count_nonzero(np.isfinite(raw)))

@@ -1,8 +1,9 @@
 """Running units through the model, with reading and writing overlapped.
 
 Three stages overlap: a thread pool reads and decodes units ahead of the engine, the engine runs
-batches gathered across units of the same shape on the device, and a second pool cuts regions
-and writes files. :func:`process_units` is the single-process run; cluster.py maps groups of
+batches gathered across units of the same shape on the device (one explain job: every target of
+a batch, "found" included, from one forward pass), and a second pool cuts regions and writes
+files. :func:`process_units` is the single-process run; cluster.py maps groups of
 units over a dask.distributed cluster with the same function (one model per worker).
 """
 
@@ -13,13 +14,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..job import BatchResult, ExplainJob
 from .discover import Unit
-from .explainer import Explainer
+from .explainer import make_job
 from .output import claim_output, held_run
 from .read import _load
 from .records import Record, _failed, is_done, load_record
@@ -37,10 +39,13 @@ class _Pending:
     lead: tuple
     mask: np.ndarray | None
     t0: float
-    heat: np.ndarray = None
-    ids: np.ndarray = None
-    scores: np.ndarray = None
+    parts: list = field(default_factory=list)  # BatchResults of its images, in order
     done: int = 0
+
+    def take(self, result: BatchResult) -> None:
+        """The next images' results."""
+        self.parts.append(result)
+        self.done += result.scores.shape[0]
 
 
 def process_units(units: list[Unit], spec, out, opts: Options, *,
@@ -57,7 +62,7 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
     workers pass ``clean=False`` and the client's ``settings`` digest: the client holds the
     folder for them."""
     out = Path(out)
-    runner = Explainer(spec, opts)  # a bad method or target: said before anything is touched
+    job = make_job(spec, opts)  # a bad method or target: said before anything is touched
     run = held_run(out)
     if clean and run is None:
         with claim_output(out, run_settings(opts, None, spec),
@@ -67,8 +72,8 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
     if settings is None:
         settings = run.digest if run is not None else ""
     if clean:
-        prepare_outputs(units, out, opts.channel_axis, runner.dims)
-    schedule = _Schedule(spec, out, opts, runner, settings, progress, arrays)
+        prepare_outputs(units, out, opts.channel_axis, job.runner.dims)
+    schedule = _Schedule(spec, out, opts, job, settings, progress, arrays)
     todo = []
     for unit in units:
         old = None if opts.overwrite else load_record(out, unit.key)
@@ -86,11 +91,10 @@ class _Schedule:
     and dtype agree and the batch fits (a stack as large as a batch runs alone, in batches),
     each unit's files written on writer threads as soon as its images are explained."""
 
-    def __init__(self, spec, out: Path, opts: Options, runner: Explainer, settings: str,
+    def __init__(self, spec, out: Path, opts: Options, job: ExplainJob, settings: str,
                  progress, arrays):
-        self.spec, self.out, self.opts, self.runner = spec, out, opts, runner
+        self.spec, self.out, self.opts, self.job = spec, out, opts, job
         self.settings, self.progress, self.arrays = settings, progress, arrays
-        self.class_names = list(spec.class_names)
         self.records: dict[str, Record] = {}
         self.images_done = 0
         self.reads: deque[tuple[Unit, Future]] = deque()
@@ -128,7 +132,7 @@ class _Schedule:
             if unit is None:
                 return
             self.reads.append((unit, self.readers.submit(
-                _load, unit, self.spec, self.opts, self.runner.dims, self.arrays)))
+                _load, unit, self.spec, self.opts, self.job.runner.dims, self.arrays)))
 
     def collect_writes(self) -> None:
         """The records of the writes that have finished, without waiting for the others."""
@@ -147,15 +151,12 @@ class _Schedule:
 
     def pending(self, unit: Unit, loaded: tuple) -> _Pending:
         pixels, raw, lead, mask = loaded
-        n, k = raw.shape[0], len(self.runner.runners)
-        return _Pending(unit, pixels, raw, lead, mask, time.perf_counter(),
-                        np.zeros((n, k, *raw.shape[1:-1]), np.float32),
-                        np.zeros((n, k), np.int64), np.zeros((n, k), np.float32))
+        return _Pending(unit, pixels, raw, lead, mask, time.perf_counter())
 
     def add(self, p: _Pending) -> None:
         """Gather ``p`` into the batch, first running the batch if ``p`` can't join it."""
         raw, n = p.raw, p.raw.shape[0]
-        size = self.runner.size_for(raw.shape[1:-1], n)
+        size = self.job.runner.size_for(raw.shape[1:-1], n)
         first = self.batch[0].raw if self.batch else None
         same = first is not None and first.shape[1:] == raw.shape[1:] and first.dtype == raw.dtype
         if self.batch and (not same or self.gathered + n > size):
@@ -171,12 +172,10 @@ class _Schedule:
         while p.done < n:
             stop = min(p.done + size, n)
             try:
-                h, i, s = self.runner(p.raw[p.done:stop])
+                p.take(self.job.explain(p.raw[p.done:stop]))
             except Exception as err:  # noqa: BLE001 - this unit fails, the run goes on
                 self.fail(p.unit, f"the model failed on it: {err}")
                 return
-            p.heat[p.done:stop], p.ids[p.done:stop], p.scores[p.done:stop] = h, i, s
-            p.done = stop
         self.submit_finish(p)
 
     def flush(self) -> None:
@@ -188,7 +187,7 @@ class _Schedule:
         raw = np.concatenate([p.raw[p.done:] for p in batch]) if len(batch) > 1 else \
             batch[0].raw[batch[0].done:]
         try:
-            heat, ids, scores = self.runner(raw)
+            result = self.job.explain(raw)
         except Exception as err:  # noqa: BLE001 - the units in this batch fail, the run goes on
             for p in batch:
                 self.fail(p.unit, f"the model failed on it: {err}")
@@ -196,17 +195,14 @@ class _Schedule:
         pos = 0
         for p in batch:
             n = p.raw.shape[0] - p.done
-            p.heat[p.done:] = heat[pos:pos + n]
-            p.ids[p.done:] = ids[pos:pos + n]
-            p.scores[p.done:] = scores[pos:pos + n]
-            p.done += n
+            p.take(result.part(pos, pos + n))
             pos += n
             self.submit_finish(p)
 
     def submit_finish(self, p: _Pending) -> None:
         self.writes.append(self.writers.submit(
-            _finish_safely, p.unit, self.out, p.pixels, p.heat, p.ids, p.scores, p.lead, p.mask,
-            self.opts, self.class_names, time.perf_counter() - p.t0, self.settings))
+            _finish_safely, p.unit, self.out, p.pixels, BatchResult.join(p.parts), p.lead,
+            p.mask, self.job, self.opts, time.perf_counter() - p.t0, self.settings))
 
 
 def iter_progress(total_units: int, quiet: bool) -> Callable:

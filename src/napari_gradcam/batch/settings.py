@@ -14,9 +14,6 @@ from pathlib import Path
 import numpy as np
 
 
-FOUND = "found"  # target: every class with a positive logit (multi-label models)
-
-
 @dataclass
 class Options:
     method: str = "gradcam"

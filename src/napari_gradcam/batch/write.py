@@ -16,80 +16,59 @@ from pathlib import Path
 import numpy as np
 
 from ..annotations import regions_to_annotations
-from ..explain_arrays import combine_targets, layout
+from ..explain_arrays import layout
 from ..export import read_geojson, write_coco_dataset, write_geojson
 from ..files import atomic_output, atomic_write
+from ..job import BatchResult, ExplainJob, shift_index
 from ..render import overlay_rgb
 from .discover import Unit
 from .read import IMAGE_SUFFIXES, _zarr, open_lazy, tiff_series_note
 from .records import STATE_DIR, Record, _failed, _write_record
-from .settings import FOUND, Options
+from .settings import Options
 
 
-def _nonfinite_images(heat: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Flat indices of images whose scores or heatmaps hold NaN/inf."""
-    n = scores.shape[0]
-    ok = np.isfinite(scores.reshape(n, -1)).all(1) & np.isfinite(heat.reshape(n, -1)).all(1)
+def _nonfinite_images(result: BatchResult) -> np.ndarray:
+    """Flat indices of images whose scores or heatmaps (any method's) hold NaN/inf."""
+    n = result.scores.shape[0]
+    ok = np.isfinite(result.scores.reshape(n, -1)).all(1)
+    for heat in result.heatmaps.values():
+        ok &= np.isfinite(heat.reshape(n, -1)).all(1)
     return np.flatnonzero(~ok)
 
 
-def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, heat: np.ndarray,
-                class_ids: np.ndarray, scores: np.ndarray, lead: tuple, mask, opts: Options,
-                class_names: list, seconds: float, settings: str = "") -> Record:
+def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, result: BatchResult,
+                lead: tuple, mask, job: ExplainJob, opts: Options, seconds: float,
+                settings: str = "") -> Record:
     """Regions, heatmap file, GeoJSON, overlays, then the record (last: it marks the unit
-    done). ``heat`` is (n, K, *spatial): one map per target (K classes for "found", where only
-    classes with a positive logit count). Runs on a writer thread or a dask worker."""
-    bad = _nonfinite_images(heat, scores)
+    done). ``result`` holds the unit's n images as ``job`` explained them (one map per target;
+    with "found" the classes that count are those with a positive logit), and ``job`` turns
+    them into the heatmap to write, the regions and a row per image and class. Runs on a
+    writer thread or a dask worker."""
+    # a part of a stack numbers its images from its start; a single image stored as zarr has
+    # no leading axis to shift
+    offset = (unit.start,) if unit.kind == "parts" and lead else ()
+    bad = _nonfinite_images(result)
     if bad.size:  # pixels were checked finite when read: the model made the NaN
         which = ""
         if lead:
-            start = unit.start if unit.kind == "parts" else 0
-            idx = [" ".join(str(i + (start if k == 0 else 0)) for k, i in
-                            enumerate(np.unravel_index(b, lead))) for b in bad[:5]]
+            idx = [" ".join(map(str, shift_index(np.unravel_index(b, lead), offset)))
+                   for b in bad[:5]]
             which = (f" (image{'s' * (bad.size > 1)} {', '.join(idx)}"
-                     f"{f' and {bad.size - 5} more' if bad.size > 5 else ''} of {heat.shape[0]})")
+                     f"{f' and {bad.size - 5} more' if bad.size > 5 else ''} of "
+                     f"{result.scores.shape[0]})")
         return _failed(unit, out, f"the model's output is NaN/inf for it{which}: check the "
                        "weights (and mean/std)", settings)
-    found = isinstance(opts.target, str) and opts.target.lower() == FOUND
-    k_axis = len(lead)
-    heat = heat.reshape((*lead, *heat.shape[1:]))
-    ids = class_ids.reshape((*lead, -1))
-    sc = scores.reshape((*lead, -1))
-    k = range(heat.shape[k_axis])
-    heat, regions = combine_targets(
-        [np.take(heat, i, axis=k_axis) for i in k], [ids[..., i] for i in k],
-        [sc[..., i] for i in k], found=found, mask=mask,
-        regions={"threshold": opts.threshold, "min_area": opts.min_area,
-                 "simplify": opts.simplify, "threshold_mode": opts.threshold_mode,
-                 "workers": 1})
-    keep = (sc > 0) if found else np.ones(sc.shape, bool)
-    offset = (unit.start,) if unit.kind == "parts" and lead else ()
-    if offset:
-        regions = [replace(r, index=(r.index[0] + unit.start, *r.index[1:])) for r in regions]
+    summary = job.summarise(result, lead, mask, offset=offset)
+    heat, regions = summary.heatmaps[job.methods[0]], summary.regions
+    class_names = list(job.spec.class_names)
     _write_heat(unit, out, heat, bool(lead))
     geo = out / "geojson" / f"{unit.key}.geojson"
     write_geojson(regions_to_annotations(regions, class_names), geo, class_names=class_names)
     if opts.overlay and pixels is not None:
-        _write_overlays(unit, out, pixels, heat, lead)
-    counts: dict = {}
-    for r in regions:
-        counts[(tuple(r.index), r.class_id)] = counts.get((tuple(r.index), r.class_id), 0) + 1
-    images = []
-    for idx in np.ndindex(*lead) if lead else [()]:
-        full = tuple(i + o for i, o in zip(idx, offset)) + tuple(idx[len(offset):])
-        rows = [k for k in range(ids.shape[-1]) if keep[idx][k]]
-        for k in rows:
-            cid = int(ids[idx][k])
-            images.append({"index": list(full),
-                           "class": class_names[cid] if 0 <= cid < len(class_names)
-                           else str(cid), "class_id": cid, "score": float(sc[idx][k]),
-                           "regions": counts.get((full, cid), 0)})
-        if not rows:  # "found" and nothing was: the image still gets its row
-            images.append({"index": list(full), "class": "", "class_id": -1,
-                           "score": float(sc[idx].max()), "regions": 0})
+        _write_overlays(unit, out, pixels, heat, lead, offset)
     shape = [*(lead if not offset else (unit.stop,) + tuple(lead[1:])), *heat.shape[len(lead):]]
     note = tiff_series_note(unit.path) if unit.kind != "array" else ""  # skipped series
-    record = Record(unit.key, unit.path or unit.name, "ok", note, images, shape,
+    record = Record(unit.key, unit.path or unit.name, "ok", note, summary.rows, shape,
                     str(geo.relative_to(out)), round(seconds, 4))
     return _write_record(out, unit, record, settings)
 
@@ -118,13 +97,12 @@ def _write_heat(unit: Unit, out: Path, heat: np.ndarray, stacked: bool) -> None:
 
 
 def _write_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
-                    lead: tuple) -> None:
+                    lead: tuple, offset: tuple) -> None:
     import imageio.v3 as iio
 
     for idx in np.ndindex(*lead) if lead else [()]:
         image = pixels[idx] if idx else pixels
-        suffix = "".join(f"_{i + (unit.start if k == 0 and unit.kind == 'parts' else 0)}"
-                         for k, i in enumerate(idx))
+        suffix = "".join(f"_{i}" for i in shift_index(idx, offset))
         path = out / "overlays" / f"{unit.name}{suffix}.png"
         with atomic_output(path) as tmp:
             iio.imwrite(str(tmp), overlay_rgb(image, heat[idx] if idx else heat),
