@@ -401,6 +401,29 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_back(tmp_path):
                                                      str(folder / "img1.png")]
 
 
+def test_a_folder_of_single_images_is_batched_with_the_automatic_batch_size(tmp_path,
+                                                                          monkeypatch):
+    """The automatic batch size is chosen from the first input; sized for that one image it
+    would run a folder one image per forward pass."""
+    import napari_gradcam.models as models
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(6):
+        iio.imwrite(folder / f"img{k}.png", (make_image(96, seed=k).image * 255).astype(np.uint8))
+    forwards, load = [], models.load_model
+
+    def counted(*args, **kwargs):
+        spec = load(*args, **kwargs)
+        spec.module.register_forward_pre_hook(lambda _m, args: forwards.append(len(args[0])))
+        return spec
+
+    monkeypatch.setattr(models, "load_model", counted)
+    assert main(["batch", str(folder), "--out", str(tmp_path / "out"), "--quiet",
+                 "--device", "cpu"]) == 0
+    assert sum(forwards) == 6 and len(forwards) < 6, forwards
+
+
 def test_every_class_found_costs_one_forward_per_batch(tmp_path, monkeypatch):
     """``--target found`` explains all three classes of a batch from one forward pass, and
     writes what explaining each class on its own gives."""

@@ -107,6 +107,7 @@ class _Schedule:
         self.readers = ThreadPoolExecutor(workers, thread_name_prefix="gradcam-read")
         self.writers = ThreadPoolExecutor(workers, thread_name_prefix="gradcam-write")
         self.queue = iter(todo)
+        self.units_left = len(todo)
         try:
             self.fill()
             while self.reads:
@@ -156,7 +157,10 @@ class _Schedule:
     def add(self, p: _Pending) -> None:
         """Gather ``p`` into the batch, first running the batch if ``p`` can't join it."""
         raw, n = p.raw, p.raw.shape[0]
-        size = self.job.runner.size_for(raw.shape[1:-1], n)
+        # The automatic batch size is chosen once, from the first unit: sized for the whole run
+        # (each unit left holds at least one image), not for that unit alone, or a folder of
+        # single images would run one image per forward pass.
+        size = self.job.runner.size_for(raw.shape[1:-1], max(n, self.units_left))
         first = self.batch[0].raw if self.batch else None
         same = first is not None and first.shape[1:] == raw.shape[1:] and first.dtype == raw.dtype
         if self.batch and (not same or self.gathered + n > size):
