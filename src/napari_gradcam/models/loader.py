@@ -318,64 +318,78 @@ def build_architecture(arch: str, num_classes: int | None = None,
                        in_channels: int | None = None, arguments: dict | None = None
                        ) -> tuple[nn.Module, dict]:
     """Instantiate ``arch`` (no pretrained weights). Returns (module, defaults) where defaults
-    may hold mean / std / input_size known for that family."""
+    may hold mean / std / input_size known for that family.
+
+    ``"package.module:factory"`` calls the user's factory; ``"torchvision:name"`` and
+    ``"timm:name"`` need that library; a plain name is looked up in torchvision, then timm."""
     arguments = dict(arguments or {})
-    if ":" in arch and not arch.startswith(("timm:", "torchvision:")):
-        module_name, _, factory = arch.partition(":")
-        try:
-            mod = _optional.import_library(module_name)
-        except ImportError as err:
-            raise ValueError(f"can't import {module_name!r} for architecture {arch!r}: {err}; "
-                             "install the package that defines it.") from None
-        fn = getattr(mod, factory, None)
-        if fn is None or not callable(fn):
-            raise ValueError(f"{module_name!r} has no callable {factory!r}; give "
-                             "'package.module:factory' naming a function or class that "
-                             "returns the model.")
-        model = fn(**arguments)
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"{arch} returned a {type(model).__name__}, not a torch.nn.Module.")
-        return model, {}
+    if _is_factory(arch):
+        return _from_factory(arch, arguments), {}
     family, _, name = arch.rpartition(":")
-    if family in ("", "torchvision"):
-        try:
-            torchvision = _optional.import_library("torchvision")
-        except ImportError:
-            torchvision = None
-        if torchvision is not None and name in torchvision.models.list_models():
-            if num_classes is not None:
-                arguments.setdefault("num_classes", num_classes)
-            model = torchvision.models.get_model(name, weights=None, **arguments)
-            if in_channels is not None:
-                _adapt_first_conv(model, in_channels)
-            defaults = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-            if getattr(model, "image_size", None):  # ViTs: a fixed input size
-                defaults["input_size"] = (int(model.image_size),) * 2
-            return model, defaults
-        if family == "torchvision":
-            if torchvision is None:
-                _import_optional("torchvision", f"architecture {arch!r}")
-            raise _unknown(arch)
-    if family in ("", "timm"):
-        if family == "timm":
-            timm = _import_optional("timm", f"architecture {arch!r}")
+    for library, builder in (("torchvision", _from_torchvision), ("timm", _from_timm)):
+        if family not in ("", library):
+            continue
+        if family:  # named explicitly: the library must be there
+            lib = _import_optional(library, f"architecture {arch!r}")
         else:
             try:
-                timm = _optional.import_library("timm")
+                lib = _optional.import_library(library)
             except ImportError:
-                timm = None
-        if timm is not None and timm.is_model(name):
-            if num_classes is not None:
-                arguments.setdefault("num_classes", num_classes)
-            if in_channels is not None:
-                arguments.setdefault("in_chans", in_channels)
-            model = timm.create_model(name, pretrained=False, **arguments)
-            cfg = getattr(model, "pretrained_cfg", None) or {}
-            defaults = {k: tuple(cfg[k]) for k in ("mean", "std") if cfg.get(k)}
-            if cfg.get("fixed_input_size") and cfg.get("input_size"):
-                defaults["input_size"] = tuple(cfg["input_size"][1:])
-            return model, defaults
+                continue
+        built = builder(lib, name, num_classes, in_channels, arguments)
+        if built is not None:
+            return built
     raise _unknown(arch)
+
+
+def _from_factory(arch: str, arguments: dict) -> nn.Module:
+    module_name, _, factory = arch.partition(":")
+    try:
+        mod = _optional.import_library(module_name)
+    except ImportError as err:
+        raise ValueError(f"can't import {module_name!r} for architecture {arch!r}: {err}; "
+                         "install the package that defines it.") from None
+    fn = getattr(mod, factory, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"{module_name!r} has no callable {factory!r}; give "
+                         "'package.module:factory' naming a function or class that "
+                         "returns the model.")
+    model = fn(**arguments)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{arch} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def _from_torchvision(torchvision, name, num_classes, in_channels, arguments):
+    """A torchvision builder with ImageNet normalisation, or None when it has no such model."""
+    if name not in torchvision.models.list_models():
+        return None
+    if num_classes is not None:
+        arguments.setdefault("num_classes", num_classes)
+    model = torchvision.models.get_model(name, weights=None, **arguments)
+    if in_channels is not None:
+        _adapt_first_conv(model, in_channels)
+    defaults = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    if getattr(model, "image_size", None):  # ViTs: a fixed input size
+        defaults["input_size"] = (int(model.image_size),) * 2
+    return model, defaults
+
+
+def _from_timm(timm, name, num_classes, in_channels, arguments):
+    """A timm model with its own normalisation (and fixed input size, where it has one), or
+    None when timm has no such model."""
+    if not timm.is_model(name):
+        return None
+    if num_classes is not None:
+        arguments.setdefault("num_classes", num_classes)
+    if in_channels is not None:
+        arguments.setdefault("in_chans", in_channels)
+    model = timm.create_model(name, pretrained=False, **arguments)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    defaults = {k: tuple(cfg[k]) for k in ("mean", "std") if cfg.get(k)}
+    if cfg.get("fixed_input_size") and cfg.get("input_size"):
+        defaults["input_size"] = tuple(cfg["input_size"][1:])
+    return model, defaults
 
 
 def _unknown(arch: str) -> ValueError:
