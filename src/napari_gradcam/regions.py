@@ -107,39 +107,8 @@ def find_regions(
     -------
     list of :class:`Region`, ordered by map index, then by position (top to bottom).
     """
-    if not isinstance(threshold_mode, str) or threshold_mode not in ("absolute", "relative"):
-        raise ValueError(
-            f"threshold_mode={threshold_mode!r}: use 'absolute' (a heat value) or 'relative' "
-            "(a fraction of each map's maximum)."
-        )
-    if isinstance(threshold, str):
-        if threshold.lower() != "otsu":
-            raise ValueError(f"threshold={threshold!r}: give a number in [0, 1] or 'otsu'.")
-        threshold = "otsu"
-    else:
-        threshold = _real(threshold, "threshold", "a number in [0, 1] or 'otsu'")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold={threshold}: give a number in [0, 1] (a heat value, "
-                             "or with threshold_mode='relative' a fraction of the maximum) or "
-                             "'otsu'.")
-    if isinstance(connectivity, bool) or connectivity not in (1, 2):
-        raise ValueError(f"connectivity={connectivity}: use 1 (edges) or 2 (edges and corners).")
-    # min_area counts pixels: an integer-valued float (16.0, from a config file or a slider)
-    # is accepted, a fractional one is not
-    area = _real(min_area, "min_area", "a whole number of pixels >= 0")
-    if not (math.isfinite(area) and area >= 0 and area == int(area)):
-        raise ValueError(f"min_area={min_area!r}: give a whole number of pixels >= 0.")
-    min_area = int(area)
-    simplify = _real(simplify, "simplify", "a tolerance in pixels >= 0 (0 keeps the exact "
-                     "outline)")
-    if not (math.isfinite(simplify) and simplify >= 0):
-        raise ValueError(f"simplify={simplify!r}: give a finite tolerance in pixels >= 0 (0 "
-                         "keeps the exact pixel outline).")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 1):
-        raise ValueError(f"workers={workers!r}: give a number of threads >= 1, or None for "
-                         "all CPUs.")
-
+    threshold, min_area, simplify = _check_options(threshold, threshold_mode, min_area,
+                                                   simplify, connectivity, workers)
     heatmaps = _as_array(heatmaps)
     _check_dtype(heatmaps, "heatmaps", "heat values (floats in [0, 1])")
     if heatmaps.ndim < 2:
@@ -181,6 +150,45 @@ def find_regions(
         with ThreadPoolExecutor(max_workers=min(workers, len(indices))) as pool:
             results = list(pool.map(one, indices))
     return [r for regions in results for r in regions]
+
+
+def _check_options(threshold, threshold_mode, min_area, simplify, connectivity, workers):
+    """find_regions' settings checked (each wrong one says what it must be), normalised:
+    (threshold as a float or "otsu", min_area as an int, simplify as a float)."""
+    if not isinstance(threshold_mode, str) or threshold_mode not in ("absolute", "relative"):
+        raise ValueError(
+            f"threshold_mode={threshold_mode!r}: use 'absolute' (a heat value) or 'relative' "
+            "(a fraction of each map's maximum)."
+        )
+    if isinstance(threshold, str):
+        if threshold.lower() != "otsu":
+            raise ValueError(f"threshold={threshold!r}: give a number in [0, 1] or 'otsu'.")
+        threshold = "otsu"
+    else:
+        threshold = _real(threshold, "threshold", "a number in [0, 1] or 'otsu'")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold={threshold}: give a number in [0, 1] (a heat value, "
+                             "or with threshold_mode='relative' a fraction of the maximum) or "
+                             "'otsu'.")
+    if isinstance(connectivity, bool) or connectivity not in (1, 2):
+        raise ValueError(f"connectivity={connectivity}: use 1 (edges) or 2 (edges and corners).")
+    # min_area counts pixels: an integer-valued float (16.0, from a config file or a slider)
+    # is accepted, a fractional one is not
+    area = _real(min_area, "min_area", "a whole number of pixels >= 0")
+    if not (math.isfinite(area) and area >= 0 and area == int(area)):
+        raise ValueError(f"min_area={min_area!r}: give a whole number of pixels >= 0.")
+    min_area = int(area)
+    simplify = _real(simplify, "simplify", "a tolerance in pixels >= 0 (0 keeps the exact "
+                     "outline)")
+    if not (math.isfinite(simplify) and simplify >= 0):
+        raise ValueError(f"simplify={simplify!r}: give a finite tolerance in pixels >= 0 (0 "
+                         "keeps the exact pixel outline).")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ValueError(f"workers={workers!r}: give a number of threads >= 1, or None for "
+                         "all CPUs.")
+
+    return threshold, min_area, simplify
 
 
 def _as_array(a):
