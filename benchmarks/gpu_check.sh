@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine: the whole test suite on the GPU, then bench_engine.py
-# in fp32 and bf16 and bench_batch.py. Everything it prints lands under $OUT.
+# in fp32 and bf16, bench_batch.py, bench_targets.py and bench_found_cli.py. Everything it prints lands under $OUT.
 #
 # It installs nothing from the network: wheels the machine's image lacks travel in .whl/
 # (pytorch-grad-cam and ttach at least: pip wheel --no-deps grad-cam==1.5.7 ttach==0.0.3 -w .whl;
@@ -52,4 +52,9 @@ if [ "$BENCH" != 0 ] && { [ "$STAGE" = all ] || [ "$STAGE" = bench ]; }; then
         --batch-size 32 2>&1 | tee "$OUT/bench-batch-demo.md"
     timeout 120 python3 benchmarks/bench_batch.py --device "$DEVICE" --images 256 --rounds 3 \
         --batch-size 32 --model resnet50 2>&1 | tee "$OUT/bench-batch-resnet50.md"
+    # "every class found" vs one class: the library, and the batch command
+    timeout 90 python3 benchmarks/bench_targets.py --device "$DEVICE" --images 64 --size 384 \
+        --rounds 5 2>&1 | tee "$OUT/bench-targets.md"
+    timeout 120 python3 benchmarks/bench_found_cli.py --images 96 --rounds 3 2>&1 \
+        | tee "$OUT/bench-found-cli.md"
 fi

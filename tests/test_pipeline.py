@@ -343,8 +343,12 @@ def test_dask_cluster_gives_the_single_process_results_with_one_model_per_worker
                      "--device", "cpu", "--dask-scheduler", lc.scheduler_address]) == 0
         loads = client.run(model_loads)
         assert all(v <= 1 for v in loads.values())  # reused by the second job
+    def rows(folder, approx=False):  # workers gather other batches: float32 rounding
+        return [{**r, "score": pytest.approx(float(r["score"]), rel=1e-4) if approx
+                 else float(r["score"])} for r in summary(folder)]
+
     for other in (out, cli_out):
-        assert summary(other) == summary(single)
+        assert rows(other) == rows(single, approx=True)
         for tif in (single / "heatmaps").glob("*.tif"):
             np.testing.assert_allclose(tifffile.imread(other / "heatmaps" / tif.name),
                                        tifffile.imread(tif), atol=1e-5)
