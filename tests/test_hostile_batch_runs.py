@@ -206,6 +206,17 @@ def test_another_model_file_is_refused_even_under_the_same_path(tmp_path, capsys
     assert batch(a, out=out, extra=["--model", str(other / "m.safetensors"), "--trust-code"]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "class_names" in err
+    # the sidecar itself as --model, naming its weights: fingerprinted through them
+    described = tmp_path / "described"
+    described.mkdir()
+    (described / "w.safetensors").write_bytes(model.read_bytes())
+    (described / "model.json").write_text(json.dumps({**sidecar, "weights": "w.safetensors"}))
+    json_flags = ["--model", str(described / "model.json"), "--trust-code"]
+    assert batch(a, out=tmp_path / "out2", extra=json_flags) == 0
+    torch.manual_seed(2)
+    save_file(small_cnn(in_ch=1, classes=3).state_dict(), str(described / "w.safetensors"))
+    assert batch(a, out=tmp_path / "out2", extra=json_flags) == 2
+    assert "sha256" in capsys.readouterr().err
 
 
 def test_settings_fingerprint_leaves_out_what_does_not_change_results():

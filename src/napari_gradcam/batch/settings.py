@@ -5,6 +5,7 @@ rerun with other settings is refused (or redoes everything) instead of mixing re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import weakref
@@ -102,7 +103,7 @@ def model_fingerprint(model) -> dict:
         if path.suffix.lower() == ".json":
             files.append(("sidecar", path))
             if weights is None:
-                with contextlib.suppress(OSError, ValueError, TypeError):
+                with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
                     name = json.loads(path.read_text()).get("weights")
                     weights = path.parent / name if name else None
         else:
