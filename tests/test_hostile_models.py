@@ -161,6 +161,20 @@ def test_other_ways_an_archive_could_run_code(exported, tmp_path):
                                         "Symbol('", 1)
         return json.loads(text)
 
+    def file_operator(prog):
+        prog["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.aten.from_file.default"
+        return prog
+
+    def grown(prefix):  # numbers that sympify would expand without end
+        return program(lambda prog: json.loads(json.dumps(prog).replace(
+            "Symbol('", prefix + " + Symbol('", 1)))
+
+    def duplicate(record, data):  # a second config, which torch may read instead of the first
+        if record is None:
+            return {"data/weights/model_weights_config.json": json.dumps({"config": {
+                "x": {"path_name": "weight_0", "use_pickle": True}}})}
+        return data
+
     cases = {
         "sample inputs": (lambda r, d: protocol0 if r == "data/sample_inputs/model.pt" else d,
                           "sample_inputs.*not plain tensors"),
@@ -173,6 +187,10 @@ def test_other_ways_an_archive_could_run_code(exported, tmp_path):
         "shape expression": (program(expression), "shape expression"),
         "guard code": (program(lambda p: dict(p, guards_code=["__import__('os')"])),
                        "guard code"),
+        "file operator": (program(file_operator), "from_file.*opens files"),
+        "float power": (grown("Pow(Integer(9e9), Integer(9e9))"), "shape expression"),
+        "shift": (grown("LShift(Integer(1), Integer(99999999999999999999))"), "shape expression"),
+        "duplicate member": (duplicate, "appears twice"),
     }
     for name, (change, message) in cases.items():
         path = rewrite(exported, tmp_path / f"{name}.pt2", change)

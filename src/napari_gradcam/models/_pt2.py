@@ -28,7 +28,7 @@ _COMPILED_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia", "xl_mode
 _RAW_PAYLOAD = re.compile(r"data/(weights/weight|constants/tensor)_\d+")
 _CONFIG = re.compile(r"data/(weights/.+_weights_config|constants/.+_constants_config)\.json")
 _SYMBOL = re.compile(r"[a-z]+\d+")  # s0, u3, zuf12: shape symbols
-_EXPR_TOKEN = re.compile(r"\s+|\d+(?:\.\d+)?(?:e[+-]?\d+)?|[A-Za-z][A-Za-z0-9_]*|'[a-z]+\d+'|"
+_EXPR_TOKEN = re.compile(r"\s+|\d+(?![A-Za-z0-9_.])|[A-Za-z][A-Za-z0-9_]*|'[a-z]+\d+'|"
                          r"\*\*|//|<=|>=|==|!=|[-+*/%(),<>&|~=]")
 # sympy names the exported shape expressions use; everything else an identifier could reach
 # in sympify's namespace (builtins such as exit, input, open, breakpoint) is refused
@@ -45,7 +45,7 @@ _EXPR_NAMES = {"Symbol", "positive", "integer", "nonnegative", "negative", "nonp
                "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
                "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat",
                "Identity", "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or", "OpaqueUnaryFn"}
-_POWERS = {"Pow", "PowByNatural", "FloatPow"}
+_POWERS = {"Pow", "PowByNatural", "FloatPow", "LShift", "RShift"}  # all grow exponentially
 _MAX_EXPR = 2000
 
 
@@ -76,13 +76,20 @@ def check_pt2(path) -> None:
         raise Corrupt(f"not a zip archive: {err}") from None
     with archive:
         members = [i for i in archive.infolist() if not i.is_dir()]
-        records = {}
+        records, roots = {}, set()
         for info in members:
             parts = PurePosixPath(info.filename).parts
             if not parts or ".." in parts or info.filename.startswith("/"):
                 raise Unsafe(f"member {info.filename!r} points outside the archive")
-            # torch strips the archive's root folder; old archives have none
+            # torch strips the archive's root folder (old archives have none) and finds members
+            # by a case-insensitive search: a second copy of a name, or a second root, would let
+            # torch read a member other than the one checked here
+            if len(parts) > 1:
+                roots.add(parts[0])
             record = "/".join(parts[1:]) if len(parts) > 1 else parts[0]
+            if record.lower() in {r.lower() for r in records} or len(roots) > 1:
+                raise Unsafe(f"member {info.filename!r} appears twice (or under a second root "
+                             "folder): the archive could hide a member from this check")
             records[record] = info
         if "archive_format" not in records and "serialized_exported_program.json" not in records:
             raise Corrupt("not a torch.export archive (it has no archive_format member)")
@@ -171,8 +178,24 @@ def _check_target(record: str, target: str, allowed: set[str], not_ops: set[str]
     parts = target.split(".")
     if (len(parts) in (4, 5) and parts[:2] == ["torch", "ops"] and parts[2] not in not_ops
             and all(p and not p.startswith("__") for p in parts[2:])):
-        return  # torch.ops.<namespace>.<op>[.<overload>]: a registered operator
+        # torch.ops.<namespace>.<op>[.<overload>]: a registered operator, unless it takes a
+        # file name (aten::from_file reads, and with shared=True writes, any file)
+        if _touches_files(f"{parts[2]}::{parts[3]}"):
+            raise Unsafe(f"{record!r} calls {target[:80]!r}, an operator that opens files")
+        return
     raise Unsafe(f"{record!r} calls {target[:80]!r}, which is not a PyTorch operator")
+
+
+def _touches_files(qualified_name: str) -> bool:
+    """Whether an operator's schema takes a string argument naming a file or path (read from
+    the registered schemas, without loading anything)."""
+    try:
+        schemas = torch._C._jit_get_schemas_for_operator(qualified_name)
+    except RuntimeError:
+        return False
+    return any(str(a.type) in ("str", "Optional[str]")
+               and any(w in a.name.lower() for w in ("file", "path", "dir"))
+               for schema in schemas for a in schema.arguments)
 
 
 def _check_expr(record: str, expr: str) -> None:
