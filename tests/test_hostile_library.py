@@ -219,8 +219,9 @@ def test_writers_refuse_non_finite_coordinates_and_bad_scale(tmp_path):
     for scale in ([0, 0], [1, -1], [float("nan"), 1]):
         with pytest.raises(ValueError, match="> 0"):
             ng.write_geojson([good], tmp_path / "a.geojson", scale=scale, physical_units=True)
-    with pytest.raises(ValueError, match="pixel size"):
-        ng.write_geojson([good], tmp_path / "a.geojson", scale=["a", "b"])
+    for scale in (["a", "b"], [10 ** 400, 1]):  # not numbers; too large for a float
+        with pytest.raises(ValueError, match="pixel size"):
+            ng.write_geojson([good], tmp_path / "a.geojson", scale=scale)
     assert not list(tmp_path.iterdir())  # nothing written, no temporary left
 
 

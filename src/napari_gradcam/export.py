@@ -92,7 +92,7 @@ def write_geojson(
     if scale is not None:  # napari's layer scale: recorded, and applied with physical_units
         try:
             scale = _check_scale([float(v) for v in scale], "scale")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"scale={scale!r}: give the pixel size per axis as numbers "
                              "(napari's layer scale).") from None
         except _Malformed as err:

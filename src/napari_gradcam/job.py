@@ -8,8 +8,10 @@ and method bookkeeping to it:
 - ``target`` is each image's predicted class (None), one class (index or name), or ``"found"``:
   every class, counting in an image only where its logit is positive (multi-label models);
 - every target of a batch is explained from one forward pass per method (the engine takes the
-  gradient of each class's score over the same graph), so "every class found" costs about what
-  one class does;
+  gradient of each class's score over the same graph): for a model with a few classes "every
+  class found" costs about what one class does. It explains every class of the model in every
+  image, though, so for hundreds of classes it costs a gradient and a map per class: give those
+  models one class, or the prediction;
 - :meth:`ExplainJob.explain` explains one batch of raw pixels, :meth:`ExplainJob.summarise`
   turns results into the heatmap to show, regions and rows, and :meth:`ExplainJob.iter_run`
   does both over a whole (lazy) array, yielding progress and stopping when closed.
@@ -230,6 +232,8 @@ def find_targets(per_target, class_ids, scores, kept, lead, class_names, options
     lead = tuple(lead)
     regions = []
     for k in range(class_ids.shape[-1]):
+        if not kept[..., k].any():  # a class no image found: no regions to cut
+            continue
         heat = np.take(per_target, k, axis=len(lead))
         found = find_regions(heat, mask=mask, class_ids=class_ids[..., k],
                              scores=scores[..., k], **options)
