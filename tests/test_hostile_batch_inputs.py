@@ -382,3 +382,36 @@ def test_image_headers_are_read_without_decoding(tmp_path):
     assert memory.image_header(tmp_path / "s.tif") == ((5, 30, 40), np.dtype(np.uint16))
     (tmp_path / "junk.png").write_bytes(b"not an image")
     assert memory.image_header(tmp_path / "junk.png") is None
+
+
+# ---- the model's channels ---------------------------------------------------------------------
+
+def test_a_small_last_axis_equal_to_the_models_channels_is_channels_not_width(tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(),
+                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                 torch.nn.Linear(8, 3))
+    spec = ng.load_model(module, class_names=["a", "b", "c"])
+    assert spec.in_channels == 2
+    image = np.random.default_rng(0).random((64, 64, 2), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "two.tif", image)
+    out = tmp_path / "out"
+    units = collect_units([tmp_path / "two.tif"], in_channels=spec.in_channels)
+    records = process_units(units, spec, out, Options(device="cpu"))
+    assert [r.status for r in records] == ["ok"], records[0].message
+    assert records[0].image_count == 1 and list(records[0].shape) == [64, 64]
+    heat = tifffile.imread(out / "heatmaps" / "two.tif")
+    want = ng.explain(image, spec, device="cpu").heatmaps
+    assert heat.shape == want.shape == (64, 64)
+    np.testing.assert_allclose(heat, want, atol=1e-5)
+
+    # read in parts (a zarr stack): the heatmap array is shaped as the reader sees the axes
+    zarr = pytest.importorskip("zarr")
+    stack = np.stack([image, image[::-1]])
+    zarr.open(str(tmp_path / "s.zarr"), mode="w", shape=stack.shape, dtype="f4")[:] = stack
+    units = collect_units([tmp_path / "s.zarr"], in_channels=spec.in_channels)
+    assert [(u.kind, u.start, u.stop) for u in units] == [("parts", 0, 2)]
+    records = process_units(units, spec, tmp_path / "out2", Options(device="cpu"))
+    assert [r.status for r in records] == ["ok"], records[0].message
+    heat = zarr.open(str(tmp_path / "out2" / "heatmaps" / "s.zarr"), mode="r")[:]
+    np.testing.assert_allclose(heat, ng.explain(stack, spec, device="cpu").heatmaps, atol=1e-5)

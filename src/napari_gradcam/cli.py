@@ -110,12 +110,13 @@ def _batch_run(args, state: dict) -> int:
     if args.weights:
         model["weights"] = args.weights
     spec = load_model(**model)
-    opts = Options(method=args.method, target=args.target, threshold=_threshold(args.threshold),
+    opts = Options(method=args.method, target=args.target, threshold=args.threshold,
                    threshold_mode=args.threshold_mode, min_area=args.min_area,
                    simplify=args.simplify, device=args.device, batch_size=args.batch_size,
                    overlay=args.overlay, overwrite=args.overwrite, workers=args.workers)
     job = make_job(spec, opts)  # bad method, target or device: say so before reading anything
-    units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size, exclude=out)
+    units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size, exclude=out,
+                          in_channels=spec.in_channels)
     settings = run_settings(opts, model, spec, args.mask)  # hashes the model files once
     # the lock, then other settings refused, before any model runs
     with claim_output(out, settings, overwrite=args.overwrite) as run:
@@ -128,6 +129,7 @@ def _batch_run(args, state: dict) -> int:
             with make_client(args.dask_scheduler, args.dask_local, args.device) as client:
                 records = process_on_cluster(client, units, model, out, opts,
                                              spatial_dims=job.runner.dims,
+                                             in_channels=spec.in_channels,
                                              progress=progress)
         else:
             records = process_units(units, spec, out, opts, progress=progress)

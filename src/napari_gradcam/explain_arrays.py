@@ -313,6 +313,13 @@ def resolve_target(target, class_names) -> int | None:
     return target
 
 
+# The automatic batch size's pixel budget on the CPU (memory.estimate sizes its batches the same
+# way). Larger CPU batches fall out of the caches: measured on 2 cores, the demo model ran 29
+# img/s at 384^2 in batches of 1-4 and 15 img/s in batches of 8-32; ResNet-50 at 224^2 peaked at
+# 8 images (12 img/s vs 9 alone). Half a megapixel fits both.
+CPU_BATCH_PIXELS = 1 << 19
+
+
 def auto_batch_size(spatial, device: torch.device, count: int) -> int:
     """Images per batch: a pixel budget (0.5 MPix on the CPU, free memory / 4 KiB on CUDA);
     out-of-memory errors halve it later."""
@@ -321,10 +328,7 @@ def auto_batch_size(spatial, device: torch.device, count: int) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         budget = free // 4096
     else:
-        # Larger CPU batches fall out of the caches: measured on 2 cores, the demo model ran
-        # 29 img/s at 384^2 in batches of 1-4 and 15 img/s in batches of 8-32; ResNet-50 at
-        # 224^2 peaked at 8 images (12 img/s vs 9 alone). Half a megapixel fits both.
-        budget = 1 << 19
+        budget = CPU_BATCH_PIXELS  # see its comment: larger batches fall out of the caches
     return int(max(1, min(count, 256, budget // pixels)))
 
 

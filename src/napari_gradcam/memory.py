@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .explain_arrays import CPU_BATCH_PIXELS  # auto_batch_size's pixel budget on the CPU
+
 ACTIVATION_BYTES_PER_PIXEL = 128  # activations + gradients kept by CAM, per model-input pixel
 FLOAT_COPIES = 3  # float32 copies of a batch alive at once while preprocessing
-CPU_BATCH_PIXELS = 1 << 22  # batch.auto_batch_size's pixel budget on the CPU
 
 
 def _read_int(path: str) -> int | None:
@@ -158,8 +159,9 @@ class Need:
 
 def estimate(shape, dtype, lay, in_channels: int, input_size=None, *, already_decoded=False,
              targets: int = 1) -> Need:
-    """What an input of ``shape``/``dtype`` (with its :func:`batch.layout` ``lay``) needs on
-    its way through the pipeline, batches of at most ``CPU_BATCH_PIXELS`` model pixels."""
+    """What an input of ``shape``/``dtype`` (with its
+    :func:`~napari_gradcam.explain_arrays.layout` ``lay``) needs on its way through the
+    pipeline, batches of at most ``CPU_BATCH_PIXELS`` model pixels."""
     dtype = np.dtype(dtype)
     n = max(1, lay.count)
     pixels = max(1, math.prod(lay.spatial))

@@ -84,21 +84,25 @@ def groups_of(units: list[Unit], n_workers: int) -> list[list[Unit]]:
 
 
 def process_on_cluster(client, units: list[Unit], model: dict, out, opts: Options, *,
-                       spatial_dims: int = 2,
+                       spatial_dims: int = 2, in_channels: int | None = None,
                        progress: Callable[[int, int, str], None] | None = None) -> list[Record]:
     """Map groups of units over the cluster; records in the units' order. The client holds
     the output folder for the whole job (:func:`~napari_gradcam.batch.output.claim_output`),
-    claiming it here unless this process already does (as the CLI)."""
+    claiming it here unless this process already does (as the CLI). ``in_channels``: the
+    model's, for the heatmap arrays' shape (None: read from the model, loaded here)."""
     out = Path(out).resolve()
     run = held_run(out)
     if run is None:
         settings = run_settings(opts, model, worker_model(model))
         with claim_output(out, settings, overwrite=opts.overwrite) as run:
             return process_on_cluster(client, run.name(units), model, out, opts,
-                                      spatial_dims=spatial_dims, progress=progress)
+                                      spatial_dims=spatial_dims, in_channels=in_channels,
+                                      progress=progress)
     from distributed import as_completed
 
-    prepare_outputs(units, out, opts.channel_axis, spatial_dims)
+    if in_channels is None:
+        in_channels = worker_model(model).in_channels
+    prepare_outputs(units, out, opts.channel_axis, spatial_dims, in_channels)
     n_workers = len(client.scheduler_info().get("workers", {})) or 1
     futures = client.map(run_group, groups_of(units, n_workers), model=model, out=str(out),
                          opts=opts, settings=run.digest, pure=False)

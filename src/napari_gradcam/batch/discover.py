@@ -140,13 +140,16 @@ def format_mask(pattern: str, path: Path) -> str:
 
 
 def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 256,
-                  channel_axis=None, exclude=None, claims: dict | None = None) -> list[Unit]:
+                  channel_axis=None, exclude=None, claims: dict | None = None,
+                  in_channels: int | None = None) -> list[Unit]:
     """Units for files, folders (searched recursively for images and zarr arrays) and zarr
     arrays. ``mask`` is a pattern for each image's mask file with ``{dir}`` (the image's
     folder), ``{name}`` (file name) and ``{stem}`` (name without suffix), e.g.
     ``"{dir}/../lung-masks/{name}"``. ``exclude``: a folder to leave out (the output folder,
     when it lies inside an input folder). ``claims``: the output folder's names, see
-    :func:`name_units`."""
+    :func:`name_units`. ``in_channels``: the model's (``spec.in_channels``), so that a stack
+    is split along the same axes the reader sees (a small last axis of that many entries
+    holds channels, not pixels)."""
     inputs = list(inputs)
     exclude = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path | None]] = []
@@ -168,7 +171,7 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
         mask_path = None
         if mask:
             mask_path = format_mask(mask, path)
-        n = _stack_length(path, channel_axis, part_size)
+        n = _stack_length(path, channel_axis, part_size, in_channels)
         if n is not None:  # zarr arrays, and TIFF stacks longer than a part: read in parts
             units += [Unit(str(path), name, "parts", a, min(a + part_size, n), mask_path, name,
                            source_fingerprint(path, a, min(a + part_size, n), mask_path))

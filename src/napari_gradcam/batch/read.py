@@ -57,9 +57,12 @@ def open_lazy(path):
     return zarr.open(str(path), mode="r")
 
 
-def _stack_length(path: Path, channel_axis, part_size: int) -> int | None:
+def _stack_length(path: Path, channel_axis, part_size: int,
+                  in_channels: int | None = None) -> int | None:
     """The length of the first leading axis for inputs read in parts (zarr arrays, TIFF stacks
-    longer than ``part_size``), else None (read whole)."""
+    longer than ``part_size``), else None (read whole). ``in_channels``: the model's, as the
+    reader's :func:`layout` sees the axes (a small last axis of that many entries holds
+    channels)."""
     if _is_zarr(path):
         shape = open_lazy(path).shape
     elif path.suffix.lower() in (".tif", ".tiff"):
@@ -76,7 +79,7 @@ def _stack_length(path: Path, channel_axis, part_size: int) -> int | None:
     else:
         return None
     try:
-        lay = layout(shape, channel_axis)
+        lay = layout(shape, channel_axis, in_channels=in_channels)
     except ValueError:
         return None
     if not lay.lead:
@@ -114,8 +117,10 @@ def tiff_series_note(path) -> str:
         return ""
 
 
-def read_unit(unit: Unit, arrays: dict | None = None, channel_axis=None) -> np.ndarray:
-    """The unit's pixels as a NumPy array (images along the leading axes)."""
+def read_unit(unit: Unit, arrays: dict | None = None, channel_axis=None,
+              in_channels: int | None = None) -> np.ndarray:
+    """The unit's pixels as a NumPy array (images along the leading axes). ``in_channels``:
+    the model's, for :func:`layout` (which axes of a part's array are leading)."""
     if unit.kind == "array":
         return np.asarray(arrays[unit.name])
     path = Path(unit.path)
@@ -130,7 +135,7 @@ def read_unit(unit: Unit, arrays: dict | None = None, channel_axis=None) -> np.n
                          "leave it out")
     if unit.kind == "parts":
         array = open_lazy(path)
-        lay = layout(array.shape, channel_axis)
+        lay = layout(array.shape, channel_axis, in_channels=in_channels)
         return np.asarray(array[unit.start:unit.stop]) if lay.lead else np.asarray(array)
     try:
         data = np.asarray(_imread(path))
@@ -204,10 +209,10 @@ def memory_problem(unit: Unit, spec, opts: Options, dims: int, arrays=None) -> s
         return None
     shape, dtype, in_memory = head
     try:
-        lay = layout(shape, opts.channel_axis, dims)
+        lay = layout(shape, opts.channel_axis, dims, spec.in_channels)
         if unit.kind == "parts" and lay.lead and unit.stop is not None:  # this part only
             shape = (unit.stop - unit.start, *shape[1:])
-            lay = layout(shape, opts.channel_axis, dims)
+            lay = layout(shape, opts.channel_axis, dims, spec.in_channels)
     except ValueError:
         return None  # reading the unit reports the shape problem
     need = memory.estimate(shape, dtype, lay, spec.in_channels, spec.input_size,
@@ -225,8 +230,8 @@ def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
         problem = memory_problem(unit, spec, opts, dims, arrays)
         if problem:
             raise MemoryError(problem)
-        pixels = read_unit(unit, arrays, opts.channel_axis)
-        lay = layout(pixels.shape, opts.channel_axis, dims)
+        pixels = read_unit(unit, arrays, opts.channel_axis, spec.in_channels)
+        lay = layout(pixels.shape, opts.channel_axis, dims, spec.in_channels)
         check_channels(lay.channels, spec.in_channels)
         if lay.channels == 3 and spec.in_channels == 1 and \
                 not is_grey_rgb(pixels, lay.channel_axis):

@@ -72,7 +72,7 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
     if settings is None:
         settings = run.digest if run is not None else ""
     if clean:
-        prepare_outputs(units, out, opts.channel_axis, job.runner.dims)
+        prepare_outputs(units, out, opts.channel_axis, job.runner.dims, spec.in_channels)
     schedule = _Schedule(spec, out, opts, job, settings, progress, arrays)
     todo = []
     for unit in units:

@@ -110,15 +110,19 @@ def _write_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
 
 
 def prepare_outputs(units: list[Unit], out: Path, channel_axis=None,
-                    spatial_dims: int = 2) -> None:
+                    spatial_dims: int = 2, in_channels: int | None = None) -> None:
     """Create what units write into together: the heatmap zarr arrays of inputs read in
-    parts (made again when the source's shape changed). Only the process holding the output
-    folder (see :func:`claim_output`) calls it, before any unit is written."""
+    parts (made again when the source's shape changed), shaped as the reader lays the input
+    out for a model of ``in_channels``. Only the process holding the output folder (see
+    :func:`claim_output`) calls it, before any unit is written."""
     out = Path(out)
     (out / STATE_DIR / "records").mkdir(parents=True, exist_ok=True)
     for unit in {u.name: u for u in units if u.kind == "parts"}.values():
         target = out / "heatmaps" / f"{unit.name}.zarr"
-        lay = layout(open_lazy(unit.path).shape, channel_axis, spatial_dims)
+        try:
+            lay = layout(open_lazy(unit.path).shape, channel_axis, spatial_dims, in_channels)
+        except ValueError:
+            continue  # reading the unit fails it with the same message
         shape = (*lay.lead, *lay.spatial)
         if target.exists():
             try:
