@@ -663,3 +663,75 @@ def test_a_failing_model_file_notifies_and_keeps_the_model(viewer, qtbot, errors
     assert "not a complete safetensors file" in errors[-1]
     assert w.model.value == "demo" and w.target.value == "square"
     assert w.run_button.enabled and not w.running and layer_names(viewer) == ["x"]
+
+
+def test_the_model_asked_for_last_is_chosen_whichever_load_finishes_last(viewer, qtbot,
+                                                                          monkeypatch,
+                                                                          tmp_path):
+    import threading
+
+    real_prepare = widget_mod.prepare_model
+    delays = {"demo": 0.6, "a": 0.8, "b": 0.05, "c": 0.05}
+    threads = []
+
+    def prepare(source, trust_code=False):  # each load sleeps as long as its name says
+        if isinstance(source, ng.ModelSpec):
+            return real_prepare(source)
+        key = Path(str(source)).stem
+        threads.append(threading.current_thread())
+        time.sleep(delays[key])
+        spec = (ng.load_model("demo") if key == "demo" else
+                ng.load_model(small_cnn(), class_names=["p", "q", "r"], name=key))
+        return real_prepare(spec)
+
+    monkeypatch.setattr(widget_mod, "prepare_model", prepare)
+    # set_model right after construction: the start-up demo load, finishing later, doesn't
+    # take the choice back
+    w = GradCamWidget(viewer)
+    spec = w.set_model(ng.load_model(small_cnn(), class_names=["p", "q", "r"]), name="mine")
+    assert w.model.value == "mine" and w.loading
+    assert w.wait_until_ready()
+    assert w.model.value == "mine" and w._loaded().spec is spec
+    assert "demo" in w.model.choices and w.target.choices[-3:] == ("p", "q", "r")
+
+    # two picked files, the first finishing last: the second stays chosen, and the Run asked
+    # for meanwhile uses it
+    viewer.add_image(np.random.default_rng(0).random((48, 48), dtype=np.float32), name="x")
+    for key in "ab":
+        (tmp_path / f"{key}.safetensors").write_bytes(b"stand-in: the loader is patched")
+    w.model_file.value = tmp_path / "a.safetensors"
+    w.model_file.value = tmp_path / "b.safetensors"
+    assert w.run() is None  # waits for the loads
+    qtbot.waitUntil(lambda: "x gradcam heatmap" in layer_names(viewer), timeout=20_000)
+    finish(qtbot, w)
+    assert not w.loading and w.model.value == "b (b.safetensors)"
+    assert {"a (a.safetensors)", "b (b.safetensors)"} <= set(w.model.choices)
+    assert w._last.job.explain.spec.name == "b"
+
+    # a path handed to set_model loads on a worker too (None: the spec comes later), and a
+    # pick in the model list meanwhile wins over it
+    assert w.set_model(str(tmp_path / "c.safetensors")) is None and w.loading
+    assert w.model.value == "b (b.safetensors)"  # nothing chosen before it is ready
+    w.model.value = "mine"
+    assert w.wait_until_ready()
+    assert w.model.value == "mine" and "c" in w.model.choices
+    assert threading.main_thread() not in threads
+
+
+def test_a_class_named_found_is_one_class_not_every_class(viewer, qtbot):
+    torch.manual_seed(0)
+    spec = ng.load_model(small_cnn(), class_names=["found", "b", "c"], name="tricky")
+    image = np.random.default_rng(1).random((48, 48), dtype=np.float32)
+    viewer.add_image(image, name="x")
+    w = dock(viewer)
+    use(w, spec, "tricky")
+    w.target.value = "found"  # the class, not "every class found"
+    job = w.job()
+    assert not job.found and job.target == 0
+    run(qtbot, w)
+    expected = ng.explain(image, spec, target=0, device=auto_device()).heatmaps
+    np.testing.assert_allclose(viewer.layers["x gradcam heatmap"].data, expected, atol=1e-5)
+    rows = w._last.explained.rows
+    assert rows and all(r["class_id"] == 0 for r in rows)
+    if "x regions" in layer_names(viewer):
+        assert set(viewer.layers["x regions"].features["class_id"]) <= {0}

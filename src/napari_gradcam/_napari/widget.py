@@ -207,6 +207,13 @@ class GradCamWidget(Container):
         self._model_names = ["demo"]
         self._loaders: set = set()  # model load / probe workers in flight
         self._run_pending = False  # Run asked for while a model was loading
+        # each model the user asks for (set_model, a file pick, the trust re-load, a pick in
+        # the model list) bumps this; a load that finishes selects its model only if its
+        # request is still the latest (the start-up demo load is request 0), so a slow load
+        # finishing last can't override a later choice
+        self._request = 0
+        self._owners: dict[str, int] = {}  # model name -> the request that registered it
+        self._selecting = False  # the widget itself is setting the model list's value
         self._worker = None
         self._region_worker = None
         self._region_generation = 0
@@ -365,6 +372,8 @@ class GradCamWidget(Container):
         return [AUTO, *(layers or ())]
 
     def _on_model(self, _event=None):
+        if _event is not None and not self._selecting:  # the user picked in the list
+            self._new_request()
         self.target.reset_choices()
         self.target.value = PREDICTED
         self._show_target_layers()
@@ -409,54 +418,91 @@ class GradCamWidget(Container):
     def _model_choices(self, _widget=None):
         return list(self._model_names)
 
-    def set_model(self, model, name: str | None = None) -> ModelSpec:
+    def set_model(self, model, name: str | None = None) -> ModelSpec | None:
         """Use a model from Python: a :class:`ModelSpec`, an ``nn.Module`` or anything
-        :func:`napari_gradcam.load_model` takes. It is added to the model list and chosen; its
-        layers are probed on a worker (Run waits for that)."""
+        :func:`napari_gradcam.load_model` takes. It is added to the model list and chosen
+        (unless another model is asked for before it is ready); its layers are probed on a
+        worker (Run waits for that).
+
+        A ModelSpec or ``nn.Module`` is chosen at once and its spec returned. Anything else
+        (a path, an architecture or model name) is loaded on a worker, so the viewer doesn't
+        freeze: it joins the list when ready and None is returned (``wait_until_ready()``
+        waits for it; a failure is a notification)."""
+        from torch import nn
+
+        request = self._new_request()
+        if not isinstance(model, (ModelSpec, nn.Module)):
+            self._start_loading(model, name=name, request=request)
+            return None
         spec = model if isinstance(model, ModelSpec) else load_model(model)
         name = name or spec.name or "model"
-        self._register(name, LoadedModel(spec))
-        self._start_loading(spec, name=name)
+        self._register(name, LoadedModel(spec), request)
+        self._start_loading(spec, name=name, request=request)
         return spec
 
-    def _register(self, name: str, loaded: LoadedModel):
-        """Add ``loaded`` to the model list under ``name`` and choose it."""
+    def _new_request(self) -> int:
+        """The user asked for a model: loads asked for before it no longer choose theirs."""
+        self._request += 1
+        return self._request
+
+    def _register(self, name: str, loaded: LoadedModel, request: int):
+        """Add ``loaded`` to the model list under ``name``; choose it if ``request`` is still
+        the latest. A name a later request registered meanwhile is left as it is."""
+        if self._owners.get(name, -1) > request:
+            return
+        self._owners[name] = request
         self._models[name] = loaded
         if name not in self._model_names:
             self._model_names.append(name)
-            self.model.reset_choices()
-        if self.model.value == name:
+            self._selecting = True
+            try:
+                self.model.reset_choices()
+            finally:
+                self._selecting = False
+        if self.model.value == name:  # chosen already (it may have been waiting for this)
             self._on_model()
-        else:
-            self.model.value = name
+        elif request == self._request:
+            self._selecting = True
+            try:
+                self.model.value = name
+            finally:
+                self._selecting = False
 
     def _start_loading(self, source, *, name: str | None = None, label: str = "",
-                       trust_code: bool = False):
+                       trust_code: bool = False, request: int = 0):
         """Load and probe ``source`` on a worker; the model joins the list when ready (named
-        ``name``, or '<its name> (<label>)'). A failure is a notification and leaves the
-        chosen model as it was."""
+        ``name``, or '<its name> (<label>)') and is chosen if ``request`` is still the latest.
+        A failure is a notification and leaves the chosen model as it was."""
         worker = create_worker(prepare_model, source, trust_code, _start_thread=False,
                                _ignore_errors=True)
-        worker.returned.connect(
-            lambda loaded: self._on_loaded(loaded, name or f"{loaded.spec.name} ({label})"))
-        worker.errored.connect(self._on_load_error)
+
+        def named(loaded: LoadedModel) -> str:
+            if name:
+                return name
+            if label:
+                return f"{loaded.spec.name} ({label})"
+            return loaded.spec.name or "model"
+
+        worker.returned.connect(lambda loaded: self._on_loaded(loaded, named(loaded), request))
+        worker.errored.connect(lambda err: self._on_load_error(err, request))
         worker.finished.connect(lambda: self._on_load_finished(worker))
         self._loaders.add(worker)
-        self._show_busy(f"loading {label or name} …")
+        self._show_busy(f"loading {label or name or 'the model'} …")
         worker.start()
         return worker
 
-    def _on_loaded(self, loaded: LoadedModel, name: str):
+    def _on_loaded(self, loaded: LoadedModel, name: str, request: int = 0):
         current = self._models.get(name)
         if current is not None and current.spec is loaded.spec:  # set_model's, now probed
             current.layers = loaded.layers
             if self.model.value == name:
                 self._show_target_layers()
         else:
-            self._register(name, loaded)
+            self._register(name, loaded, request)
 
-    def _on_load_error(self, err: Exception):
-        self._run_pending = False  # the run was asked for with the model that failed
+    def _on_load_error(self, err: Exception, request: int = 0):
+        if request == self._request:  # the run was asked for with the model that failed
+            self._run_pending = False
         show_error(f"napari-gradcam: {err}")
 
     def _on_load_finished(self, worker):
@@ -482,7 +528,7 @@ class GradCamWidget(Container):
         if not path or not Path(path).is_file():
             return
         self._start_loading(Path(path), label=Path(path).name,
-                            trust_code=bool(self.trust_code.value))
+                            trust_code=bool(self.trust_code.value), request=self._new_request())
 
     @property
     def trust_pickle(self) -> CheckBox:
@@ -556,8 +602,11 @@ class GradCamWidget(Container):
         if found and not spec.class_names:
             raise ValueError("this model has no class names, so 'every class' means nothing; "
                              "give class_names to load_model or pick 'predicted class'.")
+        # one class by its index: a class literally named "found" must not mean every class
+        # (a name the model lacks stays a name, for the job's error that lists its classes)
+        names = list(spec.class_names or ())
         target = FOUND if found else None if self.target.value == PREDICTED else \
-            self.target.value
+            names.index(self.target.value) if self.target.value in names else self.target.value
         offset: tuple[int, ...] = ()
         images, total = data, lay.count
         if lay.lead and self.scope.value == SCOPES[0]:
