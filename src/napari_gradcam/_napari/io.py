@@ -1,4 +1,5 @@
-"""npe2 reader and writers for Shapes layers: QuPath GeoJSON, COCO JSON, CSV."""
+"""npe2 readers and writers: Shapes layers as QuPath GeoJSON, COCO JSON, CSV; NIfTI and DICOM
+volumes in."""
 
 from __future__ import annotations
 
@@ -74,3 +75,45 @@ def read_geojson_layer(path) -> list[tuple]:
         ndim = data[0].shape[1] if data else len(meta["scale"])
         kwargs["scale"] = list(meta["scale"])[-ndim:]
     return [(data, kwargs, "shapes")]
+
+
+def get_volume_reader(path):
+    """NIfTI files and DICOM series (a folder holding DICOM files, or one slice of it)."""
+    if isinstance(path, (list, tuple)):
+        return None
+    from ..volumes import is_volume_path
+
+    return read_volume_layer if is_volume_path(path) else None
+
+
+def read_volume_layer(path) -> list[tuple]:
+    """The scan as one Image layer in display order (..., Z, Y, X), placed in world millimetres.
+
+    ``metadata`` keeps what puts results back in the file: ``affine`` (the file's voxel ->
+    world RAS+ matrix), ``header``, ``kind`` ("nifti" / "dicom"), ``source``, and
+    ``file_order`` (the file's voxel axes are the layer's axes reversed);
+    ``volumes.volume_from_metadata(layer.metadata, heat)`` rebuilds the Volume that
+    ``volumes.write_nifti`` takes.
+    """
+    from ..volumes import read_volume
+
+    vol = read_volume(path)
+    p = Path(path)
+    if vol.kind == "nifti":
+        name = p.name[: -len(".nii.gz")] if p.name.lower().endswith(".nii.gz") else p.stem
+    else:
+        name = (vol.header.get("SeriesDescription") or Path(vol.source).name or "DICOM").strip()
+    kwargs = {
+        "name": name,
+        "axis_labels": vol.axis_labels,
+        "units": ("pixel",) * len(vol.lead_shape) + ("mm",) * 3,
+        "metadata": {
+            "affine": np.array(vol.affine, float),
+            "header": vol.header,
+            "kind": vol.kind,
+            "source": vol.source,
+            "file_order": "reversed",
+        },
+        **vol.layer_transform(),
+    }
+    return [(vol.data, kwargs, "image")]
