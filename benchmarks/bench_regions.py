@@ -1,6 +1,7 @@
-"""find_regions vs the seed's OpenCV recipe, side by side in one run.
+"""find_regions vs the seed's OpenCV recipe, and 3D regions vs SciPy, side by side in one run.
 
     python benchmarks/bench_regions.py [--maps 64] [--size 512] [--repeats 5]
+                                       [--volume 128 256 256] [--only 2d|3d]
 
 64 heatmaps of 512 x 512 with 2 to 6 Gaussian blobs each (different sizes and heights, so
 thresholds cut some blobs, merge others). Contenders, each over the whole set, in interleaved
@@ -12,6 +13,11 @@ rounds (median reported):
   contour (the floor of "boxes from OpenCV"; raw contours, no holes, no heat statistics);
 - ours: ``find_regions`` (boxes, exact and simplified valid polygons with holes, area, peak and
   mean heat), one thread and all threads.
+
+3D: one smooth heatmap volume (--volume, default 128 x 256 x 256, Gaussian blobs as above),
+``find_regions(..., ndim=3)`` (boxes, voxel counts, heat statistics and a simplified polygon in
+every plane of every region) vs ``scipy.ndimage.label`` (6-connectivity, as ours by default)
++ ``find_objects`` on the same threshold (boxes only), interleaved rounds, median.
 
 OpenCV is a benchmark-only dependency (``pip install opencv-python-headless``). A benchmark, not
 a test: it asserts nothing.
@@ -50,6 +56,68 @@ def heatmaps(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def volume(shape, seed: int = 0) -> np.ndarray:
+    """A smooth 3D heatmap: 5 to 12 anisotropic Gaussian blobs of different sizes and heights."""
+    rng = np.random.default_rng(seed)
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    out = np.zeros(shape, np.float32)
+    for _ in range(rng.integers(5, 13)):
+        d2 = 0
+        for g, s in zip(grids, shape):
+            c = rng.uniform(s / 12, s - s / 12)
+            w = rng.uniform(s / 12, s / 5)
+            d2 = d2 + ((g - c) / w) ** 2
+        out += (rng.uniform(0.4, 1.0) * np.exp(-d2 / 2)).astype(np.float32)
+    return out / out.max()
+
+
+def scipy_boxes(v: np.ndarray, threshold: float):
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(v >= threshold)
+    return ndimage.find_objects(labels)
+
+
+def timed(contenders: dict, repeats: int) -> dict:
+    """Median seconds of each contender over interleaved rounds (after one warm-up call)."""
+    for fn in contenders.values():
+        fn()
+    times = {k: [] for k in contenders}
+    order = list(contenders)
+    for _ in range(repeats):
+        random.Random(0).shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_3d(shape, threshold: float, repeats: int) -> None:
+    v = volume(tuple(shape))
+    cpus = os.cpu_count() or 1
+    contenders = {
+        "scipy.ndimage.label + find_objects": lambda: scipy_boxes(v, threshold),
+        "ours, ndim=3": lambda: find_regions(v, threshold, ndim=3, workers=1),
+        "ours, ndim=3, simplify=0": lambda: find_regions(v, threshold, ndim=3, workers=1,
+                                                         simplify=0),
+    }
+    med = timed(contenders, repeats)
+    regions = find_regions(v, threshold, ndim=3)
+    planes = sum(len(r.polygons) for r in regions)
+    print(f"## one volume of {' x '.join(map(str, shape))}, threshold {threshold}; "
+          f"{platform.machine()}, {cpus} CPUs; median of {repeats} interleaved rounds")
+    print(f"{len(regions)} 3D regions (min_area 16), {planes} plane polygons; "
+          f"{int((v >= threshold).sum())} voxels above the threshold")
+    print()
+    ref = med["scipy.ndimage.label + find_objects"]
+    print("| contender | ms per volume | / scipy label + find_objects |")
+    print("|---|---|---|")
+    for name, sec in med.items():
+        print(f"| {name} | {sec * 1e3:.1f} | {sec / ref:.2f} |")
+    print()
+
+
 def seed_recipe(h: np.ndarray):
     img = (h * 155).astype(np.uint8)
     grey = cv2.cvtColor(cv2.applyColorMap(img, cv2.COLORMAP_JET), cv2.COLOR_BGR2GRAY)
@@ -73,7 +141,13 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--volume", type=int, nargs=3, default=[128, 256, 256])
+    p.add_argument("--only", choices=["2d", "3d"])
     args = p.parse_args(argv)
+    if args.only != "2d":
+        bench_3d(args.volume, args.threshold, args.repeats)
+    if args.only == "3d":
+        return
     hs = heatmaps(args.maps, args.size)
     cpus = os.cpu_count() or 1
 
@@ -88,17 +162,7 @@ def main(argv=None):
                                                                           for h in hs]
         contenders["OpenCV threshold + findContours + boundingRect"] = lambda: [
             opencv_boxes(h, args.threshold) for h in hs]
-    for fn in contenders.values():
-        fn()
-    times = {k: [] for k in contenders}
-    order = list(contenders)
-    for _ in range(args.repeats):
-        random.Random(0).shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - t0)
-    per_map = {k: statistics.median(v) / args.maps * 1e3 for k, v in times.items()}
+    per_map = {k: sec / args.maps * 1e3 for k, sec in timed(contenders, args.repeats).items()}
 
     regions = find_regions(hs, args.threshold)
     polys = np.array([r.polygon for r in regions], dtype=object)
@@ -112,10 +176,12 @@ def main(argv=None):
           f"holes: {int(shapely.get_num_interior_rings(polys).sum())}")
     print()
     ref = per_map.get("OpenCV threshold + findContours + boundingRect")
-    print("| contender | ms per heatmap | / OpenCV threshold + contours |")
-    print("|---|---|---|")
+    seed = per_map.get("seed recipe (OpenCV, JET, first contour)")
+    print("| contender | ms per heatmap | / OpenCV threshold + contours | / seed recipe |")
+    print("|---|---|---|---|")
     for name, ms in per_map.items():
-        print(f"| {name} | {ms:.3f} | {ms / ref:.2f} |" if ref else f"| {name} | {ms:.3f} | |")
+        ratios = [f"{ms / x:.2f}" if x else "" for x in (ref, seed)]
+        print(f"| {name} | {ms:.3f} | {' | '.join(ratios)} |")
 
 
 if __name__ == "__main__":
