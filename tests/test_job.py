@@ -144,3 +144,84 @@ def test_offset_shifts_indices(spec, stack):
 def test_bad_settings_say_what_to_change(spec, kwargs, error, words):
     with pytest.raises(error, match=words):
         ExplainJob(spec, **kwargs)
+
+
+# ---- volumes and masks ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def spec3d():
+    from conftest import small_cnn
+
+    return ng.load_model(small_cnn(dims=3, classes=2), class_names=["a", "b"])
+
+
+def _blob_volumes():
+    """Two 12 x 20 x 20 volumes with a bright cube each, at different places."""
+    vols = np.zeros((2, 12, 20, 20), np.float32)
+    vols[0, 2:6, 3:9, 4:10] = 1
+    vols[1, 6:11, 10:17, 9:16] = 1
+    return vols
+
+
+def test_a_3d_model_gives_3d_regions_counted_per_volume(spec3d):
+    vols = _blob_volumes()
+    job = ExplainJob(spec3d, ("gradcam", "gradcampp"), None, device="cpu",
+                     regions={"threshold": 0.3, "min_area": 1})
+    res = job.run(vols)
+    assert res.heatmaps["gradcam"].shape == vols.shape
+    assert res.regions and all(r.ndim == 3 and len(r.index) == 1 for r in res.regions)
+    for r in res.regions:  # the volume's own regions, from its own map
+        again = ng.find_regions(res.per_target["gradcam"][r.index][0], 0.3, 1, ndim=3)
+        assert r.bbox in [a.bbox for a in again]
+    assert [row["regions"] for row in res.rows] == [
+        sum(r.index == (i,) for r in res.regions) for i in range(2)]
+    # one volume alone: the same regions, index ()
+    alone = job.run(vols[1])
+    assert [r.bbox for r in alone.regions] == [r.bbox for r in res.regions if r.index == (1,)]
+    # plane-wise regions when asked: the plane follows the volume's index, rows still per volume
+    flat = res.rederive(ndim=2)
+    assert flat.regions and all(r.ndim == 2 and len(r.index) == 2 for r in flat.regions)
+    assert [row["regions"] for row in flat.rows] == [
+        sum(r.index[0] == i for r in flat.regions) for i in range(2)]
+    shifted = ExplainJob(spec3d, "gradcam", None, device="cpu",
+                         regions={"threshold": 0.3, "min_area": 1, "ndim": 2}).run(
+        vols[1], offset=(4,))
+    assert shifted.regions and {r.index[0] for r in shifted.regions} == {4}
+    assert shifted.rows[0]["index"] == [4] and shifted.rows[0]["regions"] == len(shifted.regions)
+
+
+def test_a_2d_model_on_a_volume_explains_plane_by_plane(spec):
+    vol = np.stack([make_image(96, seed=s, classes=[1]).image for s in (1, 2, 3)])
+    res = ExplainJob(spec, "gradcam", 1, device="cpu").run(vol)
+    assert res.heatmaps["gradcam"].shape == vol.shape
+    assert all(r.ndim == 2 for r in res.regions) and len(res.rows) == 3
+    with pytest.raises(ValueError, match="explains 2D images"):
+        ExplainJob(spec, "gradcam", 1, regions={"ndim": 3})
+
+
+def test_mask_multiply_masks_the_heatmap_and_thresholds_inside(spec, stack):
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[:, : SIZE // 2] = True
+    options = {"threshold": 0.6, "threshold_mode": "relative"}
+    multiply = ExplainJob(spec, "gradcam", "found", device="cpu", mask=mask,
+                          regions=options).run(stack)
+    restrict = ExplainJob(spec, "gradcam", "found", device="cpu", mask=mask,
+                          regions={**options, "mask_mode": "restrict"}).run(stack)
+    heat = multiply.heatmaps["gradcam"]
+    assert np.all(heat[..., SIZE // 2:] == 0)
+    np.testing.assert_array_equal(heat[..., : SIZE // 2],
+                                  restrict.heatmaps["gradcam"][..., : SIZE // 2])
+    assert np.any(restrict.heatmaps["gradcam"][..., SIZE // 2:] > 0)
+    for res in (multiply, restrict):
+        assert all(r.bbox[3] <= SIZE // 2 for r in res.regions)
+    # the relative threshold: of the hottest pixel inside the mask, or of the whole map
+    for r in multiply.regions:
+        inside = multiply.per_target["gradcam"][r.index][r.class_id][:, : SIZE // 2]
+        assert r.threshold == pytest.approx(0.6 * inside.max(), rel=1e-6)
+    # rederive switches modes without the model
+    again = restrict.rederive(mask_mode="multiply")
+    np.testing.assert_array_equal(again.heatmaps["gradcam"], heat)
+    assert _boxes(again.regions) == _boxes(multiply.regions)
+    assert np.array_equal(restrict.rederive(mask=None).heatmaps["gradcam"],
+                          ExplainJob(spec, "gradcam", "found", device="cpu").run(
+                              stack).heatmaps["gradcam"])

@@ -5,7 +5,7 @@ from .explain_arrays import Explanation, Progress, explain, iter_explain
 from .cam import CamBatch, available_methods, explain_batch
 from .export import read_geojson, write_coco, write_csv, write_geojson, write_yolo
 from .models import ModelSpec, load_model
-from .regions import Region, find_regions
+from .regions import Region, find_regions, label_image, split_planes
 
 __version__ = "0.1.0"
 
@@ -23,9 +23,11 @@ __all__ = [
     "explain_batch",
     "find_regions",
     "iter_explain",
+    "label_image",
     "load_model",
     "read_geojson",
     "shapes_to_annotations",
+    "split_planes",
     "write_coco",
     "write_csv",
     "write_geojson",

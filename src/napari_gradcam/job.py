@@ -14,7 +14,15 @@ and method bookkeeping to it:
   models one class, or the prediction;
 - :meth:`ExplainJob.explain` explains one batch of raw pixels, :meth:`ExplainJob.summarise`
   turns results into the heatmap to show, regions and rows, and :meth:`ExplainJob.iter_run`
-  does both over a whole (lazy) array, yielding progress and stopping when closed.
+  does both over a whole (lazy) array, yielding progress and stopping when closed;
+- regions have the model's dimensions: a 3D model's volumes give 3D regions (boxes over planes,
+  a polygon in every plane crossed), a 2D model's images (also the planes of a volume it
+  explains slice by slice) 2D ones; ``regions={"ndim": 2}`` asks a 3D model for plane-wise
+  regions instead;
+- a mask either multiplies the heatmap (``mask_mode="multiply"``, the default, as a reader masks
+  an X-ray by its lungs: thresholds relative to the heat inside the mask, and the heatmap shown
+  or written is the masked one) or only restricts the regions (``"restrict"``: thresholds from
+  the whole map, heatmap unmasked).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from .explain_arrays import Progress, Runner, check_channels, layout, read_ahead
 from .regions import find_regions
 
 FOUND = "found"
-REGION_DEFAULTS = {"threshold": 0.5, "min_area": 16, "simplify": 1.0}
+REGION_DEFAULTS = {"threshold": 0.5, "min_area": 16, "simplify": 1.0, "mask_mode": "multiply"}
 
 
 def is_found(target) -> bool:
@@ -95,15 +103,20 @@ class JobResult:
     offset: tuple = ()
 
     def rederive(self, mask=..., **region_options) -> JobResult:
-        """Regions and rows again from the stored maps, without the model: new region options
-        (merged into the old ones) and optionally a new mask (None: no mask)."""
-        options = _check_regions({**self.region_options, **region_options})
-        mask = self.mask if mask is ... else mask
+        """Regions, rows and the combined heatmap again from the stored maps, without the
+        model: new region options (merged into the old ones) and optionally a new mask (None:
+        no mask)."""
         lead = self.class_ids.shape[:-1]
         first = self.per_target[self.methods[0]]
+        dims = first.ndim - len(lead) - 1
+        options = _check_regions({**self.region_options, **region_options}, dims)
+        mask = self.mask if mask is ... else mask
         regions, rows = find_targets(first, self.class_ids, self.scores, self.kept, lead,
                                      self.class_names, options, mask, self.offset)
-        return replace(self, regions=regions, rows=rows, region_options=options, mask=mask)
+        shown = {m: masked(combine(h, self.kept), mask, options)
+                 for m, h in self.per_target.items()}
+        return replace(self, heatmaps=shown, regions=regions, rows=rows,
+                       region_options=options, mask=mask)
 
 
 class ExplainJob:
@@ -117,9 +130,11 @@ class ExplainJob:
     target : None (each image's predicted class), a class index or name, or ``"found"`` (every
         class with a positive logit in the image).
     regions : keyword arguments for :func:`find_regions` (defaults: threshold 0.5, min_area
-        16, simplify 1.0).
-    mask : regions only where mask > 0: (H, W) for every image, or the leading shape plus
-        (H, W).
+        16, simplify 1.0, mask_mode "multiply", ndim the model's: 3 for a 3D model, whose
+        volumes then give 3D regions; 2 asks for plane-wise ones).
+    mask : regions only where mask > 0: the spatial shape ((H, W), or (D, H, W) for a 3D
+        model) for every image, or the leading shape plus the spatial shape. With mask_mode
+        "multiply" the combined heatmap is masked too.
     device, batch_size, target_layer, amp : as for :func:`napari_gradcam.explain`.
 
     Bad methods, targets, devices or region options raise ValueError / TypeError here, before
@@ -137,7 +152,8 @@ class ExplainJob:
         self.runner = Runner(spec, self.methods[0], None if self.found else target, device,
                              batch_size, target_layer=target_layer, amp=amp)
         self.spec = spec
-        self.region_options = _check_regions({**REGION_DEFAULTS, **(regions or {})})
+        self.region_options = _check_regions({**REGION_DEFAULTS, "ndim": self.runner.dims,
+                                              **(regions or {})}, self.runner.dims)
         self.mask = mask
 
     @property
@@ -174,7 +190,8 @@ class ExplainJob:
         scores = result.scores.reshape(*lead, -1)
         kept = result.kept.reshape(*lead, -1)
         per_target = {m: h.reshape(*lead, *h.shape[1:]) for m, h in result.heatmaps.items()}
-        shown = {m: combine(h, kept) for m, h in per_target.items()}
+        shown = {m: masked(combine(h, kept), mask, self.region_options)
+                 for m, h in per_target.items()}
         regions, rows = find_targets(per_target[self.methods[0]], ids, scores, kept, lead,
                                      list(self.spec.class_names), self.region_options, mask,
                                      offset)
@@ -225,30 +242,45 @@ def combine(per_target: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return (per_target * weights).max(axis=k_axis)
 
 
+def masked(heat: np.ndarray, mask, options: dict) -> np.ndarray:
+    """The heatmap to show and write: multiplied by the mask (> 0) when the regions are cut
+    from the masked heat (mask_mode "multiply"), else as explained."""
+    if mask is None or options.get("mask_mode", "multiply") != "multiply":
+        return heat
+    return heat * (np.asarray(mask) > 0)
+
+
 def find_targets(per_target, class_ids, scores, kept, lead, class_names, options, mask=None,
                  offset=()):
     """Regions of the targets that count, ordered by image then class, and one summary row per
-    counted target (an image where none counts gets a row with class '' and id -1)."""
+    counted target (an image where none counts gets a row with class '' and id -1). Regions
+    with fewer dimensions than the images (plane-wise regions of a volume) carry the plane in
+    their index after the image's."""
     lead = tuple(lead)
     regions = []
     for k in range(class_ids.shape[-1]):
         if not kept[..., k].any():  # a class no image found: no regions to cut
             continue
         heat = np.take(per_target, k, axis=len(lead))
-        found = find_regions(heat, mask=mask, class_ids=class_ids[..., k],
-                             scores=scores[..., k], **options)
+        maps = heat.shape[:heat.ndim - options.get("ndim", 2)]  # one class per map
+        planes = (1,) * (len(maps) - len(lead))
+        ids, values = (np.broadcast_to(a[..., k].reshape(lead + planes), maps)
+                       for a in (class_ids, scores))
+        found = find_regions(heat, mask=mask, class_ids=ids, scores=values, **options)
         regions += [r for r in found if kept[tuple(r.index[:len(lead)])][k]]
     regions.sort(key=lambda r: (tuple(r.index), -1 if r.class_id is None else r.class_id))
-    regions = [replace(r, index=shift_index(r.index, offset)) for r in regions] if offset \
-        else regions
+    n = len(lead)
+    regions = [replace(r, index=shift_index(r.index[:n], offset) + tuple(r.index[n:]))
+               for r in regions] if offset else regions
     return regions, summary_rows(class_ids, scores, kept, lead, class_names, regions, offset)
 
 
 def summary_rows(class_ids, scores, kept, lead, class_names, regions, offset=()) -> list:
     """One row per counted target per image: index, class, class_id, score, regions."""
     counts: dict = {}
-    for r in regions:
-        key = (tuple(r.index), r.class_id)
+    image_axes = max(len(lead), len(offset))
+    for r in regions:  # a plane-wise region of a volume counts for its volume
+        key = (tuple(r.index[:image_axes]), r.class_id)
         counts[key] = counts.get(key, 0) + 1
     rows = []
     for idx in np.ndindex(*lead):
@@ -275,14 +307,20 @@ def shift_index(index, offset) -> tuple:
     return tuple(i + o for i, o in zip(index, offset)) + index[len(offset):]
 
 
-def _check_regions(options: dict) -> dict:
+def _check_regions(options: dict, dims: int = 2) -> dict:
     """Fail on bad region options now, not after the model ran (find_regions says what is
-    wrong with which argument)."""
+    wrong with which argument). ``dims``: the model's spatial dimensions, the most a region
+    can have."""
     if "mask" in options or "class_ids" in options or "scores" in options:
         raise ValueError("region options take find_regions settings (threshold, min_area, "
-                         "simplify, threshold_mode, connectivity, workers); pass the mask as "
-                         "mask=.")
-    find_regions(np.zeros((2, 2), np.float32), **options)
+                         "simplify, threshold_mode, mask_mode, connectivity, ndim, workers); "
+                         "pass the mask as mask=.")
+    ndim = options.get("ndim", 2)
+    if isinstance(ndim, bool) or ndim not in (2, 3) or ndim > dims:
+        raise ValueError(f"regions ndim={ndim!r}: this model explains {dims}D images, so its "
+                         f"regions can be 2D" + (" (plane-wise) or 3D." if dims == 3 else
+                                                 "; give ndim=2 or leave it out."))
+    find_regions(np.zeros((2,) * ndim, np.float32), **options)
     return options
 
 
@@ -295,4 +333,4 @@ def _concat(parts: list) -> BatchResult:
 
 
 __all__ = ["FOUND", "BatchResult", "ExplainJob", "JobResult", "Summary", "combine",
-           "find_targets", "is_found", "shift_index", "summary_rows"]
+           "find_targets", "is_found", "masked", "shift_index", "summary_rows"]
