@@ -292,3 +292,44 @@ def test_polygons_rasterise_back_after_export(tmp_path):
     path = ng.write_geojson(regions_to_annotations([r], kinds=("polygon",)), tmp_path / "x.geojson")
     (b,), _ = ng.read_geojson(path)
     assert (rasterize(b.geometry, h.shape) == (h >= 0.5)).all()
+
+
+def test_3d_regions_export_plane_by_plane_and_group_again(tmp_path):
+    """A 3D region is written as its part in every plane it crosses: GeoJSON planes (z), COCO
+    images per plane (loads with pycocotools), CSV rows; every part names its region's label
+    and voxels, so the parts group back into the region."""
+    from pycocotools.coco import COCO
+
+    heat = np.zeros((6, 20, 20), np.float32)
+    heat[1:4, 2:8, 3:9] = 1.0  # a block over planes 1..3
+    heat[4, 12:16, 12:18] = 0.9  # a slab on plane 4
+    regions = ng.find_regions(heat, 0.5, min_area=1, ndim=3, class_ids=1, scores=2.0)
+    assert sorted(r.label for r in regions) == [1, 2]
+    block = next(r for r in regions if r.bbox[0] == 1)
+
+    ng.write_geojson(regions, tmp_path / "r.geojson", class_names=CLASSES)
+    doc = json.loads((tmp_path / "r.geojson").read_text())
+    planes = {}
+    for f in doc["features"]:
+        m = f["properties"]["measurements"]
+        planes.setdefault(m["region_label"], set()).add(f["geometry"]["plane"]["z"])
+        assert f["geometry"]["plane"]["c"] == -1
+        if m["region_label"] == block.label:
+            assert m["volume"] == block.area == 3 * 6 * 6 and m["area"] == 36
+    assert planes == {block.label: {1, 2, 3}, 3 - block.label: {4}}
+
+    ng.write_coco(regions, tmp_path / "c.json", class_names=CLASSES, image_shape=heat.shape)
+    coco = COCO(str(tmp_path / "c.json"))
+    assert len(coco.getImgIds()) == 6 and len(coco.getAnnIds()) == 4
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        z = int(coco.loadImgs(ann["image_id"])[0]["file_name"][len("image_"):-4])
+        assert z in planes[ann["attributes"]["region_label"]]
+        assert ann["category_id"] == 2
+
+    ng.write_csv(regions, tmp_path / "r.csv", class_names=CLASSES)
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8  # a rectangle and a polygon per plane part
+    assert {(r["region_label"], r["index0"]) for r in rows} == {
+        (str(block.label), "1"), (str(block.label), "2"), (str(block.label), "3"),
+        (str(3 - block.label), "4")}

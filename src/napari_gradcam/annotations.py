@@ -89,21 +89,70 @@ def regions_to_annotations(
     class_names: Sequence[str] | None = None,
     kinds: Sequence[str] = ("rectangle", "polygon"),
 ) -> list[Annotation]:
-    """One rectangle and one polygon per region (``kinds`` chooses), sharing a ``region`` id."""
+    """One rectangle and one polygon per region (``kinds`` chooses), sharing a ``region`` id.
+
+    A 3D region (a volume's connected component) gives its rectangle and polygon in every
+    plane it crosses, the plane appended to its index, so that it can be drawn, edited and
+    exported plane by plane like any stack; all its planes share its ``region`` id and carry
+    its ``region_label`` (its value in the volume's label map), which keeps them recognisable
+    as one region after editing and in every export. Their ``area`` is the plane's pixels;
+    ``volume`` is the whole region's voxels.
+    """
     bad = set(kinds) - {"rectangle", "polygon"}
     if bad:
         raise ValueError(f"kinds {sorted(bad)}: regions give 'rectangle' and 'polygon' only.")
     out = []
-    for i, r in enumerate(regions):
-        name = None
-        if r.class_id is not None:
-            name = class_name(class_names, r.class_id, str(r.class_id))
-        props = {"region": i, "class": name, "class_id": r.class_id, "score": r.score,
-                 "peak": r.peak, "mean": r.mean, "area": r.area}
-        for kind in kinds:
-            geom = r.box if kind == "rectangle" else r.polygon
-            out.append(Annotation(geom, kind, tuple(r.index), dict(props, kind=kind)))
+    for i, region in enumerate(regions):
+        if getattr(region, "ndim", 2) == 3:
+            from .regions import split_planes
+
+            planes = split_planes([region])
+            extra = {"region_label": region.label, "volume": region.area}
+        else:
+            planes, extra = [region], {}
+        for r in planes:
+            name = None
+            if r.class_id is not None:
+                name = class_name(class_names, r.class_id, str(r.class_id))
+            props = {"region": i, "class": name, "class_id": r.class_id, "score": r.score,
+                     "peak": r.peak, "mean": r.mean, "area": r.area, **extra}
+            for kind in kinds:
+                geom = r.box if kind == "rectangle" else r.polygon
+                out.append(Annotation(geom, kind, tuple(r.index), dict(props, kind=kind)))
     return out
+
+
+# the 12 edges of a box, as pairs of its corners (corner bits: z, row, col)
+_EDGES = [(a, b) for a in range(8) for b in range(8)
+          if a < b and bin(a ^ b).count("1") == 1]
+
+
+def box_wireframe(regions: Sequence, ndim: int | None = None):
+    """The boxes of the 3D regions as line segments, for a napari Vectors layer in the 3D view.
+
+    Returns ``(vectors, region_ids)``: float array (12 * n, 2, D), each segment a start point
+    and its displacement in napari (centre) coordinates, every point carrying the region's
+    leading indices (D = ``ndim``, default the regions' leading axes + 3), and the position of
+    each segment's region in ``regions``. 2D regions have no box in depth and are skipped.
+    """
+    boxes = [(i, r) for i, r in enumerate(regions) if getattr(r, "ndim", 2) == 3]
+    lead = max((len(r.index) for _, r in boxes), default=0)
+    if ndim is not None:
+        lead = max(lead, ndim - 3)
+    vectors = np.zeros((12 * len(boxes), 2, lead + 3))
+    ids = np.repeat(np.array([i for i, _ in boxes], int), 12)
+    for k, (_, r) in enumerate(boxes):
+        lo = np.asarray(r.bbox[:3], float) - 0.5  # voxel corners -> napari centre coordinates
+        hi = np.asarray(r.bbox[3:], float) - 0.5
+        corners = np.array([[hi[d] if (c >> (2 - d)) & 1 else lo[d] for d in range(3)]
+                            for c in range(8)])
+        index = np.zeros(lead)
+        if r.index:
+            index[lead - len(r.index):] = r.index
+        for e, (a, b) in enumerate(_EDGES):
+            vectors[12 * k + e, 0] = np.concatenate([index, corners[a]])
+            vectors[12 * k + e, 1, lead:] = corners[b] - corners[a]
+    return vectors, ids
 
 
 def as_annotations(items, class_names=None) -> list[Annotation]:

@@ -113,10 +113,12 @@ def _batch_run(args, state: dict) -> int:
     opts = Options(method=args.method, target=args.target, threshold=args.threshold,
                    threshold_mode=args.threshold_mode, min_area=args.min_area,
                    simplify=args.simplify, device=args.device, batch_size=args.batch_size,
-                   overlay=args.overlay, overwrite=args.overwrite, workers=args.workers)
+                   overlay=args.overlay, volume_overlay=args.volume_overlay,
+                   overwrite=args.overwrite, workers=args.workers)
     job = make_job(spec, opts)  # bad method, target or device: say so before reading anything
+    # parts cut only leading axes: a 3D model's volume is one image, never cut
     units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size, exclude=out,
-                          in_channels=spec.in_channels)
+                          in_channels=spec.in_channels, spatial_dims=job.runner.dims)
     settings = run_settings(opts, model, spec, args.mask)  # hashes the model files once
     # the lock, then other settings refused, before any model runs
     with claim_output(out, settings, overwrite=args.overwrite) as run:
@@ -214,16 +216,22 @@ def _batch_parser(sub) -> None:
 
     b = sub.add_parser(
         "batch",
-        help="explain image files, folders, TIFF stacks and zarr arrays without a display: "
-             "heatmaps, regions (QuPath GeoJSON, COCO) and a summary, resumable",
+        help="explain image files, folders, TIFF stacks, zarr arrays and NIfTI / DICOM "
+             "volumes without a display: heatmaps, regions (QuPath GeoJSON, COCO) and a "
+             "summary, resumable",
         description="Explain every image of the inputs and write into OUT: heatmaps/ (float32 "
-                    "TIFF per input, zarr for zarr inputs), geojson/ (QuPath GeoJSON per "
-                    "input), overlays/ (with --overlay), coco.json and summary.csv. A second "
-                    "run skips finished inputs. Exit status 1 when an input failed.",
+                    "TIFF per input, zarr for zarr inputs, NIfTI with the scan's affine for "
+                    "NIfTI / DICOM inputs), geojson/ (QuPath GeoJSON per input, plane by "
+                    "plane), regions/ (for volumes: 3D boxes CSV in voxels and millimetres, "
+                    "label map), overlays/ (with --overlay), coco.json and summary.csv. A "
+                    "3D model (Conv3d) explains each volume whole and finds 3D regions. A "
+                    "second run skips finished inputs. Exit status 1 when an input failed.",
     )
     b.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files (PNG, JPEG, TIFF incl. multi-page and 16-bit), folders "
-                        "(searched recursively) or zarr arrays (each leading index one image)")
+                   help="image files (PNG, JPEG, TIFF incl. multi-page and 16-bit), NIfTI "
+                        "volumes (.nii, .nii.gz), DICOM series (a folder of slices is one "
+                        "input), folders (searched recursively) or zarr arrays (each leading "
+                        "index one image)")
     b.add_argument("--out", required=True, metavar="DIR", help="output folder")
     b.add_argument("--model", default="demo",
                    help="demo, a weights file with its sidecar JSON, a sidecar JSON, a .pt2, or "
@@ -251,12 +259,18 @@ def _batch_parser(sub) -> None:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--batch-size", default=None, help="images per pass (auto)")
     b.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
+    b.add_argument("--volume-overlay", default="mip", choices=("mip", "mid"),
+                   help="how --overlay draws a volume explained by a 3D model: mip (default: "
+                        "maximum-intensity projection of image and heat, every region's box) "
+                        "or mid (the middle plane, the boxes crossing it)")
     b.add_argument("--overwrite", action="store_true", help="redo finished inputs")
     b.add_argument("--workers", default="2",
                    help="reader and writer threads each (default 2)")
     b.add_argument("--part-size", default="256",
                    help="images per unit of work for zarr arrays and TIFF stacks longer than "
-                        "this, which are read a part at a time (default 256)")
+                        "this, which are read a part at a time (default 256); only leading "
+                        "axes are cut: a 3D model's volume is never cut, a (T, D, H, W) stack "
+                        "is cut along T")
     b.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     group = b.add_mutually_exclusive_group()
     group.add_argument("--dask-scheduler", metavar="ADDRESS",

@@ -6,6 +6,12 @@ holds, edits included), in pixel-corner image coordinates (see annotations.py). 
 written atomically (see files.py): a temporary file in the same folder, renamed over the target
 when complete, with the mode a plain ``open()`` gives (0666 less the umask). JSON is strict: no
 NaN / Infinity tokens (a missing number is null).
+
+Every format is plane-wise, as QuPath and COCO are: a 3D region (a volume's connected component)
+is written as its part in each plane it crosses (its rectangle and polygon there, the plane
+appended to its index: GeoJSON's ``plane`` z, COCO's image of that plane, a CSV row), and every
+part carries the region's ``region_label`` (its value in the volume's label map) and ``volume``
+(its voxels), so the parts can be grouped into the region again.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from .files import atomic_output, atomic_write as _atomic_write  # noqa: F401 - 
 from .regions import rasterize
 
 FORMAT_KEY = "napari_gradcam"  # our round-trip information inside otherwise standard files
-MEASUREMENTS = ("score", "peak", "mean", "area")
+# QuPath measurements: a region's numbers; a plane of a 3D region also carries the region's
+# value in its volume's label map (``region_label``, to group its planes again) and its voxels
+MEASUREMENTS = ("score", "peak", "mean", "area", "region_label", "volume")
 
 
 def _number(v) -> bool:
@@ -593,7 +601,8 @@ def write_coco(
     image_shape: Sequence[int] | None = None,
     image_name: str = "image",
 ) -> Path:
-    """COCO JSON: images (one per leading index of ``image_shape``), categories (class_names,
+    """COCO JSON: images (one per leading index of ``image_shape``: for 3D regions pass the
+    volume's (..., D, H, W), and each plane is an image), categories (class_names,
     ids from 1), annotations (ids from 1; one per region: bbox [x, y, w, h] from its rectangle,
     segmentation from its polygon, RLE where it has holes; area; iscrowd 0). Loads with
     ``pycocotools.coco.COCO``. Hand-drawn shapes without a class go to an "unlabelled"
@@ -641,7 +650,8 @@ def write_coco_dataset(entries: Iterable, path, *,
                 ann["segmentation"] = [np.asarray(p.exterior.coords)[:-1].ravel().tolist()
                                        for p in parts]
                 ann["area"] = float(seg_geom.area)
-            attrs = {k: _strict(props[k]) for k in ("score", "peak", "mean", "region")
+            attrs = {k: _strict(props[k]) for k in ("score", "peak", "mean", "region",
+                                                    "region_label", "volume")
                      if props.get(k) is not None}
             if attrs:
                 ann["attributes"] = attrs

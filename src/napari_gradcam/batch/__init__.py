@@ -1,8 +1,10 @@
-"""``napari-gradcam batch``: files, folders, TIFF stacks and zarr arrays -> heatmaps, regions,
-QuPath GeoJSON, one COCO file and a summary table, resumably.
+"""``napari-gradcam batch``: files, folders, TIFF stacks, zarr arrays and NIfTI / DICOM volumes
+-> heatmaps, regions, QuPath GeoJSON, one COCO file and a summary table, resumably.
 
-The work is cut into units (:mod:`.discover`): an image file, or a range of leading indices of a
-zarr array or a long TIFF stack. :mod:`.read` decodes a unit and checks it fits; :mod:`.schedule`
+The work is cut into units (:mod:`.discover`): an image file, a volume (NIfTI file or DICOM
+series folder, with its affine: its heatmap and label map go back out as NIfTI), or a range of
+leading indices of a zarr array or a long TIFF stack (only leading axes: a 3D model's volume is
+one image). :mod:`.read` decodes a unit and checks it fits; :mod:`.schedule`
 overlaps reading, the model (one :class:`~napari_gradcam.job.ExplainJob`, built from the
 options by :mod:`.explainer`) and writing (:mod:`.write`), which writes each unit's files
 atomically and its record (:mod:`.records`) last, so a unit with a record is done and a rerun
@@ -20,18 +22,21 @@ from .discover import (
 )
 from .explainer import make_job, nan_cause
 from .output import OutputInUse, Run, SettingsChanged, check_output, claim_output, held_run
-from .read import IMAGE_SUFFIXES, open_lazy, read_unit, tiff_series_note
+from .read import (
+    IMAGE_SUFFIXES, VOLUME_SUFFIXES, is_volume_input, open_lazy, read_unit, tiff_series_note,
+    volume_header,
+)
 from .records import STATE_DIR, Record, count_done, is_done, load_record
 from .schedule import iter_progress, process_units
 from .settings import Options, model_fingerprint, run_settings, settings_changes
 from .write import finish_unit, prepare_outputs, write_summary
 
 __all__ = [
-    "FOUND", "IMAGE_SUFFIXES", "STATE_DIR", "Options", "OutputInUse", "Record", "Run",
-    "SettingsChanged", "Unit", "check_output", "claim_output", "collect_units", "count_done",
-    "finish_unit", "format_mask", "held_run", "is_done", "iter_progress", "load_record",
-    "make_job", "mask_pattern_problem", "model_fingerprint", "name_units", "nan_cause",
-    "open_lazy", "prepare_outputs", "process_units", "read_unit", "run_settings",
-    "settings_changes", "source_fingerprint", "tiff_series_note", "units_for_array",
-    "write_summary",
+    "FOUND", "IMAGE_SUFFIXES", "STATE_DIR", "VOLUME_SUFFIXES", "Options", "OutputInUse",
+    "Record", "Run", "SettingsChanged", "Unit", "check_output", "claim_output", "collect_units",
+    "count_done", "finish_unit", "format_mask", "held_run", "is_done", "is_volume_input",
+    "iter_progress", "load_record", "make_job", "mask_pattern_problem", "model_fingerprint",
+    "name_units", "nan_cause", "open_lazy", "prepare_outputs", "process_units", "read_unit",
+    "run_settings", "settings_changes", "source_fingerprint", "tiff_series_note",
+    "units_for_array", "volume_header", "write_summary",
 ]

@@ -1,9 +1,13 @@
 """Finding the work: files, folders (searched recursively) and zarr arrays -> units.
 
-A unit is an image file (PNG, JPEG, BMP, TIFF; a multi-page TIFF is a stack) or a range of up to
-``part_size`` leading indices of a zarr array or a long TIFF stack. Each unit carries the
-fingerprint of its source (resolved path, size, mtime, range, mask), which its record must match
-to count as done, and an output name no other source holds.
+A unit is an image file (PNG, JPEG, BMP, TIFF; a multi-page TIFF is a stack), a radiology
+volume (a NIfTI file, or a folder of DICOM slices: one input, read whole with its affine), or a
+range of up to ``part_size`` leading indices of a zarr array or a long TIFF stack. Only leading
+axes are cut: the images a model explains are its spatial axes, so a 3D model's (D, H, W)
+volume is never cut, a (T, D, H, W) stack is cut along T, and for a 2D model a volume's planes
+are its images. Each unit carries the fingerprint of its source (resolved path, size, mtime,
+range, mask; a DICOM folder's slice files), which its record must match to count as done, and
+an output name no other source holds.
 """
 
 from __future__ import annotations
@@ -14,18 +18,23 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .read import IMAGE_SUFFIXES, _is_zarr, _stack_length
+from .read import (
+    IMAGE_SUFFIXES, VOLUME_SUFFIXES, _is_zarr, _stack_length, is_volume_input, volume_stem,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One piece of work: a whole image file, or images ``start:stop`` of a zarr array."""
+    """One piece of work: a whole image file or volume, or images ``start:stop`` of a zarr
+    array or TIFF stack."""
 
     path: str  # the file or zarr array ('' for an in-memory array)
     name: str  # output stem, unique in the run
-    kind: str  # "file" (read whole), "parts" (zarr / large TIFF, read lazily) or "array"
+    # "file" (read whole), "volume" (NIfTI / DICOM, read whole with its affine), "parts"
+    # (zarr / large TIFF, read lazily) or "array"
+    kind: str
     start: int = 0
     stop: int | None = None  # zarr: end of the range (exclusive)
     mask: str | None = None  # mask file for this unit
@@ -46,7 +55,10 @@ def _stem(path: Path, root: Path | None) -> str:
     # (an input folder that can't be listed is its own unit: path == root)
     rel = path.relative_to(root) if root is not None and path != root else Path(path.name)
     parts = list(rel.parts)
-    parts[-1] = Path(parts[-1]).stem if path.suffix.lower() != ".zarr" else parts[-1][:-5]
+    if path.name.lower().endswith(VOLUME_SUFFIXES) or (path.is_dir() and not _is_zarr(path)):
+        parts[-1] = volume_stem(Path(parts[-1]))
+    else:
+        parts[-1] = Path(parts[-1]).stem if path.suffix.lower() != ".zarr" else parts[-1][:-5]
     return "__".join(parts) or path.stem
 
 
@@ -59,9 +71,10 @@ def _folder_id(path: Path) -> tuple | None:
 
 
 def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
-    """Image files and zarr arrays below ``root``, sorted, without descending into zarr
-    arrays, hidden folders or the output folder. Linked folders are followed, each real folder
-    visited once (a link back up the tree would otherwise loop forever). A folder that can't be
+    """Image files, NIfTI files, DICOM series folders and zarr arrays below ``root``, sorted,
+    without descending into zarr arrays, DICOM series, hidden folders or the output folder.
+    Linked folders are followed, each real folder visited once (a link back up the tree
+    would otherwise loop forever). A folder that can't be
     listed is yielded itself: reading it then fails with the reason, so it shows in the summary
     and the rest of the run goes on."""
     unreadable: list[Path] = []
@@ -76,7 +89,7 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
             sub = here / d
             if d.startswith(".") or (exclude is not None and sub.resolve() == exclude):
                 continue
-            if _is_zarr(sub):
+            if _is_zarr(sub) or is_volume_input(sub):  # one input each
                 yield sub
                 continue
             fid = _folder_id(sub)
@@ -89,7 +102,8 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
             keep.append(d)
         dirs[:] = keep
         for f in sorted(files):
-            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
+            if not f.startswith(".") and (Path(f).suffix.lower() in IMAGE_SUFFIXES
+                                          or f.lower().endswith(VOLUME_SUFFIXES)):
                 yield here / f
     yield from unreadable  # the last folder os.walk tried
 
@@ -141,7 +155,7 @@ def format_mask(pattern: str, path: Path) -> str:
 
 def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 256,
                   channel_axis=None, exclude=None, claims: dict | None = None,
-                  in_channels: int | None = None) -> list[Unit]:
+                  in_channels: int | None = None, spatial_dims: int = 2) -> list[Unit]:
     """Units for files, folders (searched recursively for images and zarr arrays) and zarr
     arrays. ``mask`` is a pattern for each image's mask file with ``{dir}`` (the image's
     folder), ``{name}`` (file name) and ``{stem}`` (name without suffix), e.g.
@@ -149,7 +163,9 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
     when it lies inside an input folder). ``claims``: the output folder's names, see
     :func:`name_units`. ``in_channels``: the model's (``spec.in_channels``), so that a stack
     is split along the same axes the reader sees (a small last axis of that many entries
-    holds channels, not pixels)."""
+    holds channels, not pixels). ``spatial_dims``: the model's (3 for a Conv3d model), so
+    that only leading axes are cut into parts. A folder of DICOM slices, given or found, is
+    one volume."""
     inputs = list(inputs)
     exclude = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path | None]] = []
@@ -157,7 +173,7 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
         path = Path(item)
         if not path.exists():
             raise ValueError(f"input {str(path)!r} does not exist.")
-        if path.is_dir() and not _is_zarr(path):
+        if path.is_dir() and not _is_zarr(path) and not is_volume_input(path):
             found += [(p, path) for p in sorted(_walk(path, exclude))]
         else:
             found.append((path, None))
@@ -171,7 +187,11 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
         mask_path = None
         if mask:
             mask_path = format_mask(mask, path)
-        n = _stack_length(path, channel_axis, part_size, in_channels)
+        if is_volume_input(path):
+            units.append(Unit(str(path), name, "volume", mask=mask_path, stem=name,
+                              fingerprint=source_fingerprint(path, 0, None, mask_path)))
+            continue
+        n = _stack_length(path, channel_axis, part_size, in_channels, spatial_dims)
         if n is not None:  # zarr arrays, and TIFF stacks longer than a part: read in parts
             units += [Unit(str(path), name, "parts", a, min(a + part_size, n), mask_path, name,
                            source_fingerprint(path, a, min(a + part_size, n), mask_path))
@@ -181,7 +201,9 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
                               fingerprint=source_fingerprint(path, 0, None, mask_path)))
     if not units:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))}: give image files "
-                         f"({', '.join(IMAGE_SUFFIXES)}), folders or zarr arrays.")
+                         f"({', '.join(IMAGE_SUFFIXES)}), NIfTI volumes "
+                         f"({', '.join(VOLUME_SUFFIXES)}), DICOM series folders, folders or "
+                         "zarr arrays.")
     return name_units(units, claims)[0]
 
 
@@ -196,16 +218,38 @@ def source_fingerprint(path, start: int = 0, stop: int | None = None,
                        mask: str | None = None) -> tuple:
     """What identifies a source's contents without reading them: its resolved path, size and
     mtime (for a zarr array, those of its metadata file) and the range of a unit read in
-    parts, then the mask file's size and mtime. A rerun redoes a unit whose fingerprint
-    changed; one ``stat`` per file keeps this cheap for any number of inputs."""
+    parts, then the mask file's size and mtime. For a DICOM series folder, its files: their
+    total size and a digest of every file's name, size and mtime (a slice replaced, added or
+    removed changes it). A rerun redoes a unit whose fingerprint changed; one ``stat`` per
+    file keeps this cheap for any number of inputs."""
     path = Path(path)
     meta = path
     if _is_zarr(path):
         meta = next(path / m for m in (".zarray", "zarr.json") if (path / m).exists())
-    fp: tuple = (_resolved(path), *_stat(meta), int(start), stop)
+    stat = _folder_stat(path) if path.is_dir() and not _is_zarr(path) else _stat(meta)
+    fp: tuple = (_resolved(path), *stat, int(start), stop)
     if mask is not None:
         fp += (_resolved(mask), *_stat(Path(mask)))
     return fp
+
+
+def _folder_stat(folder: Path) -> tuple[int, str]:
+    """(total size, digest of name, size and mtime per file) of a folder's files: a DICOM
+    series' slices. (-1, '') when it can't be listed: reading it fails, and it is redone."""
+    import hashlib
+
+    h, total = hashlib.sha256(), 0
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return -1, ""
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        size, mtime = _stat(Path(entry.path))
+        total += max(size, 0)
+        h.update(f"{entry.name}\0{size}\0{mtime}\0".encode())
+    return total, h.hexdigest()[:32]
 
 
 def _stat(path: Path) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Reading one unit: image files (multi-page TIFF = a stack), zarr arrays and long TIFF stacks
+"""Reading one unit: image files (multi-page TIFF = a stack), radiology volumes (NIfTI, DICOM
+series: read whole, in display order, with their affine), zarr arrays and long TIFF stacks
 read lazily in parts, masks, and the checks a unit passes before it joins a batch (its size
 against the memory available, its channels, finite pixels).
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii", ".nii.gz")  # NIfTI; DICOM series are folders (or one .dcm file)
 
 
 def _is_zarr(path: Path) -> bool:
@@ -36,6 +38,47 @@ def _is_zarr(path: Path) -> bool:
         return path.is_dir() and any((path / m).exists() for m in (".zarray", "zarr.json"))
     except OSError:  # an unreadable folder is not a zarr array; walking it reports why
         return False
+
+
+def is_volume_input(path: Path) -> bool:
+    """A radiology volume, read whole with its affine (:func:`napari_gradcam.volumes.
+    read_volume`): a NIfTI file (``.nii``, ``.nii.gz``), a folder whose files are the slices
+    of a DICOM series, or one DICOM file of a series. Such a folder is one input: its slices
+    are never explained one by one."""
+    path = Path(path)
+    if path.name.lower().endswith(VOLUME_SUFFIXES):
+        return True
+    if path.suffix.lower() in IMAGE_SUFFIXES or _is_zarr(path):
+        return False
+    try:
+        from ..volumes import is_volume_path
+
+        if not is_volume_path(path):
+            return False
+        if path.is_dir() and _holds_images(path):  # a folder of images with a stray slice
+            log.warning("%s holds image files and DICOM files: its images are explained and "
+                        "its DICOM files skipped; put a DICOM series in a folder of its own",
+                        path)
+            return False
+        return True
+    except Exception:  # noqa: BLE001 - not recognisable as a volume: an image, or nothing
+        return False
+
+
+def _holds_images(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(Path(e.name).suffix.lower() in IMAGE_SUFFIXES for e in entries
+                   if not e.name.startswith(".") and e.is_file())
+
+
+def volume_stem(path: Path) -> str:
+    """The name of a volume input without its suffix: ``brain.nii.gz`` -> ``brain``; a DICOM
+    folder keeps its whole name (``CT.1.2`` is not ``CT.1`` with a suffix)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return name
 
 
 def _zarr():
@@ -58,11 +101,12 @@ def open_lazy(path):
 
 
 def _stack_length(path: Path, channel_axis, part_size: int,
-                  in_channels: int | None = None) -> int | None:
+                  in_channels: int | None = None, spatial_dims: int = 2) -> int | None:
     """The length of the first leading axis for inputs read in parts (zarr arrays, TIFF stacks
     longer than ``part_size``), else None (read whole). ``in_channels``: the model's, as the
     reader's :func:`layout` sees the axes (a small last axis of that many entries holds
-    channels)."""
+    channels); ``spatial_dims``: the model's, so that a 3D model's volume, which has no
+    leading axis, is never cut."""
     if _is_zarr(path):
         shape = open_lazy(path).shape
     elif path.suffix.lower() in (".tif", ".tiff"):
@@ -79,7 +123,7 @@ def _stack_length(path: Path, channel_axis, part_size: int,
     else:
         return None
     try:
-        lay = layout(shape, channel_axis, in_channels=in_channels)
+        lay = layout(shape, channel_axis, spatial_dims, in_channels=in_channels)
     except ValueError:
         return None
     if not lay.lead:
@@ -117,12 +161,33 @@ def tiff_series_note(path) -> str:
         return ""
 
 
+def read_volume_unit(unit: Unit):
+    """A volume unit's :class:`~napari_gradcam.volumes.Volume` (pixels in display order, the
+    affine): any failure as one line for the summary."""
+    from ..volumes import read_volume
+
+    try:
+        return read_volume(unit.path)
+    except ValueError as err:  # the reader's own sentence
+        hint = ""
+        if "series=" in str(err):  # the library's choice; here each folder is one input
+            hint = ("; for the batch command, move each series into a folder of its own "
+                    "(each folder is one input) or give one slice file of the series wanted")
+        raise ValueError(f"can't read it as a volume: {err}{hint}") from None
+    except Exception as err:  # noqa: BLE001 - a damaged or truncated file
+        raise ValueError(f"can't read it as a volume ({_decoder_reason(err)}); the file is "
+                         "damaged or incomplete: copy or export it again") from None
+
+
 def read_unit(unit: Unit, arrays: dict | None = None, channel_axis=None,
-              in_channels: int | None = None) -> np.ndarray:
-    """The unit's pixels as a NumPy array (images along the leading axes). ``in_channels``:
-    the model's, for :func:`layout` (which axes of a part's array are leading)."""
+              in_channels: int | None = None, spatial_dims: int = 2) -> np.ndarray:
+    """The unit's pixels as a NumPy array (images along the leading axes). ``in_channels``,
+    ``spatial_dims``: the model's, for :func:`layout` (which axes of a part's array are
+    leading)."""
     if unit.kind == "array":
         return np.asarray(arrays[unit.name])
+    if unit.kind == "volume":
+        return np.asarray(read_volume_unit(unit).data)
     path = Path(unit.path)
     if path.is_dir() and not _is_zarr(path):  # a folder the search could not list
         try:
@@ -135,7 +200,7 @@ def read_unit(unit: Unit, arrays: dict | None = None, channel_axis=None,
                          "leave it out")
     if unit.kind == "parts":
         array = open_lazy(path)
-        lay = layout(array.shape, channel_axis, in_channels=in_channels)
+        lay = layout(array.shape, channel_axis, spatial_dims, in_channels=in_channels)
         return np.asarray(array[unit.start:unit.stop]) if lay.lead else np.asarray(array)
     try:
         data = np.asarray(_imread(path))
@@ -170,8 +235,20 @@ def _imread(path: Path):
 def _read_mask(unit: Unit) -> np.ndarray | None:
     if unit.mask is None:
         return None
-    if not Path(unit.mask).is_file():
+    if not Path(unit.mask).exists():
         raise ValueError(f"its mask {unit.mask!r} does not exist (check the --mask pattern)")
+    if is_volume_input(Path(unit.mask)):  # a brain mask as NIfTI / DICOM: in display order
+        from ..volumes import read_volume
+
+        try:
+            return np.asarray(read_volume(unit.mask).data) > 0
+        except Exception as err:  # noqa: BLE001 - one line for the summary
+            raise ValueError(f"its mask {unit.mask!r} can't be read as a volume "
+                             f"({_decoder_reason(err)}); replace it, or check the --mask "
+                             "pattern") from None
+    if not Path(unit.mask).is_file():
+        raise ValueError(f"its mask {unit.mask!r} is a folder, not an image or volume; check "
+                         "the --mask pattern")
     try:
         m = np.asarray(_imread(Path(unit.mask)))
     except Exception as err:  # noqa: BLE001 - a decoder's own advice (install pyav) misleads
@@ -193,8 +270,43 @@ def _unit_header(unit: Unit, arrays) -> tuple | None:
     if unit.kind == "parts":
         a = open_lazy(unit.path)
         return tuple(a.shape), a.dtype, False
+    if unit.kind == "volume":
+        head = volume_header(unit.path)
+        return None if head is None else (*head, False)
     head = memory.image_header(unit.path)
     return None if head is None else (*head, False)
+
+
+def volume_header(path) -> tuple[tuple, np.dtype] | None:
+    """(shape in display order, dtype) of what reading a volume decodes, from headers only: a
+    NIfTI header (nibabel reads no voxels to give it), or a DICOM series' first slice and its
+    number of files. None when that can't be told cheaply (reading reports any problem).
+    Voxels are counted as float32 when the file scales them (slope / intercept)."""
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(VOLUME_SUFFIXES):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            shape = tuple(int(s) for s in img.shape)
+            display = (*reversed(shape[3:]), *reversed(shape[:3]))
+            dtype = np.dtype(img.get_data_dtype())
+            slope, inter = img.header.get_slope_inter()
+            if (slope not in (None, 1.0) or inter not in (None, 0.0)) or dtype.kind == "f":
+                dtype = np.promote_types(dtype, np.float32)
+            return display, dtype
+        if path.is_dir():
+            import pydicom
+
+            files = sorted(e.path for e in os.scandir(path)
+                           if e.is_file() and not e.name.startswith("."))
+            if not files:
+                return None
+            first = pydicom.dcmread(files[0], stop_before_pixels=True)
+            return (len(files), int(first.Rows), int(first.Columns)), np.dtype(np.float32)
+    except Exception:  # noqa: BLE001 - not readable as a header: reading says why
+        return None
+    return None
 
 
 def memory_problem(unit: Unit, spec, opts: Options, dims: int, arrays=None) -> str | None:
@@ -225,12 +337,18 @@ def memory_problem(unit: Unit, spec, opts: Options, dims: int, arrays=None) -> s
 
 
 def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
-    """Reader thread: pixels, raw (n, *spatial, C), leading shape, mask; or the exception."""
+    """Reader thread: pixels, raw (n, *spatial, C), leading shape, mask and the volume (its
+    affine, for the NIfTI outputs; None for other inputs); or the exception."""
     try:
         problem = memory_problem(unit, spec, opts, dims, arrays)
         if problem:
             raise MemoryError(problem)
-        pixels = read_unit(unit, arrays, opts.channel_axis, spec.in_channels)
+        volume = None
+        if unit.kind == "volume":
+            volume = read_volume_unit(unit)
+            pixels = np.asarray(volume.data)
+        else:
+            pixels = read_unit(unit, arrays, opts.channel_axis, spec.in_channels, dims)
         lay = layout(pixels.shape, opts.channel_axis, dims, spec.in_channels)
         check_channels(lay.channels, spec.in_channels)
         if lay.channels == 3 and spec.in_channels == 1 and \
@@ -253,6 +371,6 @@ def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
         if mask is not None and tuple(mask.shape) != tuple(lay.spatial):
             raise ValueError(f"its mask {unit.mask!r} has shape {tuple(mask.shape)}, the image "
                              f"{tuple(lay.spatial)}")
-        return pixels, raw, lay.lead, mask
+        return pixels, raw, lay.lead, mask, volume
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
         return err

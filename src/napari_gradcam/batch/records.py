@@ -32,12 +32,13 @@ class Record:
     status: str  # "ok" or "failed"
     message: str = ""
     images: list = field(default_factory=list)  # per image: index, class, score, regions
-    shape: list = field(default_factory=list)  # the unit's image shape (leading..., H, W)
+    shape: list = field(default_factory=list)  # the unit's shape (leading..., H, W / D, H, W)
     geojson: str = ""
     seconds: float = 0.0
     name: str = ""  # the unit's output name (heatmap, overlays)
     fingerprint: list = field(default_factory=list)  # the unit's source when it was done
     settings: str = ""  # digest of the run's settings (see run_settings)
+    dims: int = 2  # the images' spatial axes: 3 for volumes explained by a 3D model
 
     @property
     def image_count(self) -> int:

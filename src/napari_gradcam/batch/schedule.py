@@ -39,6 +39,7 @@ class _Pending:
     lead: tuple
     mask: np.ndarray | None
     t0: float
+    volume: object = None  # a NIfTI / DICOM input's Volume (affine for its NIfTI outputs)
     parts: list = field(default_factory=list)  # BatchResults of its images, in order
     done: int = 0
 
@@ -151,8 +152,8 @@ class _Schedule:
         self.finished(_failed(unit, self.out, message, self.settings))
 
     def pending(self, unit: Unit, loaded: tuple) -> _Pending:
-        pixels, raw, lead, mask = loaded
-        return _Pending(unit, pixels, raw, lead, mask, time.perf_counter())
+        pixels, raw, lead, mask, volume = loaded
+        return _Pending(unit, pixels, raw, lead, mask, time.perf_counter(), volume)
 
     def add(self, p: _Pending) -> None:
         """Gather ``p`` into the batch, first running the batch if ``p`` can't join it."""
@@ -206,7 +207,8 @@ class _Schedule:
     def submit_finish(self, p: _Pending) -> None:
         self.writes.append(self.writers.submit(
             _finish_safely, p.unit, self.out, p.pixels, BatchResult.join(p.parts), p.lead,
-            p.mask, self.job, self.opts, time.perf_counter() - p.t0, self.settings))
+            p.mask, self.job, self.opts, time.perf_counter() - p.t0, self.settings,
+            volume=p.volume))
 
 
 def iter_progress(total_units: int, quiet: bool) -> Callable:

@@ -26,6 +26,7 @@ class Options:
     device: str = "auto"
     batch_size: int | None = None
     overlay: bool = False
+    volume_overlay: str = "mip"  # how --overlay draws a 3D model's volume: "mip" or "mid"
     overwrite: bool = False
     channel_axis: object = None
     workers: int = 2  # threads for reading and for writing
@@ -37,6 +38,7 @@ _SETTING_NAMES = {
     "threshold": "--threshold", "threshold_mode": "--threshold-mode",
     "min_area": "--min-area", "simplify": "--simplify", "mask": "--mask",
     "channel_axis": "channel axis", "overlay": "--overlay",
+    "volume_overlay": "--volume-overlay",
     "model_input": "the model's input (channels, size, normalisation, classes, layer)",
 }
 
@@ -126,7 +128,9 @@ def run_settings(opts: Options, model, spec=None, mask: str | None = None) -> di
     """The settings that change a run's results, as plain JSON values: the model (see
     :func:`model_fingerprint`), method, target, region and mask settings, overlays, and what
     the model is fed (channels, input size, normalisation, classes, target layer). Device,
-    batch size and worker counts are left out: they don't change the results."""
+    batch size and worker counts are left out: they don't change the results. How overlays
+    draw volumes is recorded only when overlays are on and it is not the default, so that the
+    settings of runs made before volumes had a choice keep their digest."""
     settings = {
         "model": model_fingerprint(model if model is not None else spec),
         "method": opts.method, "target": opts.target,
@@ -134,6 +138,8 @@ def run_settings(opts: Options, model, spec=None, mask: str | None = None) -> di
         "min_area": opts.min_area, "simplify": opts.simplify, "mask": mask,
         "channel_axis": opts.channel_axis, "overlay": bool(opts.overlay),
     }
+    if opts.overlay and opts.volume_overlay != Options.volume_overlay:
+        settings["volume_overlay"] = opts.volume_overlay
     if spec is not None:
         settings["model_input"] = {
             "in_channels": spec.in_channels, "input_size": spec.input_size,

@@ -3,6 +3,17 @@
 A unit's files (heatmap TIFF, or its range of the heatmap zarr array; GeoJSON; overlay PNGs)
 are each written atomically, its record last. ``summary.csv`` and ``coco.json`` are rebuilt
 from the records and the GeoJSON files at the end of every run.
+
+Volumes: a 3D model's regions are 3D. GeoJSON and COCO stay plane-wise (each region's part in
+every plane it crosses, carrying the region's ``region_label``); COCO has an image per plane,
+named ``<name>[_<t>]_z<k>`` after its plane. Each volume also gets ``regions/<name>_boxes.csv``
+(the 3D boxes in voxels, and in world millimetres) and a label map (each region's voxels set
+to its label): ``regions/<name>_regions.nii.gz`` beside ``heatmaps/<name>_heatmap.nii.gz``
+with the source's affine for NIfTI and DICOM inputs, whose outputs then overlay the scan in
+3D Slicer or ITK-SNAP; ``regions/<key>_regions.tif`` for TIFF and zarr volumes, whose world
+columns are voxel coordinates. ``--overlay`` draws a volume as one PNG: the maximum-intensity
+projection of image and heat with every box's footprint (``mip``), or its middle plane with
+the boxes crossing it (``mid``).
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..annotations import regions_to_annotations
+from ..annotations import class_color, regions_to_annotations
 from ..explain_arrays import layout
 from ..export import read_geojson, write_coco_dataset, write_geojson
 from ..files import atomic_output, atomic_write
@@ -38,12 +49,13 @@ def _nonfinite_images(result: BatchResult) -> np.ndarray:
 
 def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, result: BatchResult,
                 lead: tuple, mask, job: ExplainJob, opts: Options, seconds: float,
-                settings: str = "") -> Record:
-    """Regions, heatmap file, GeoJSON, overlays, then the record (last: it marks the unit
-    done). ``result`` holds the unit's n images as ``job`` explained them (one map per target;
-    with "found" the classes that count are those with a positive logit), and ``job`` turns
-    them into the heatmap to write, the regions and a row per image and class. Runs on a
-    writer thread or a dask worker."""
+                settings: str = "", *, volume=None) -> Record:
+    """Regions, heatmap file, GeoJSON, volume files, overlays, then the record (last: it
+    marks the unit done). ``result`` holds the unit's n images as ``job`` explained them (one
+    map per target; with "found" the classes that count are those with a positive logit), and
+    ``job`` turns them into the heatmap to write, the regions and a row per image and class.
+    ``volume``: a NIfTI / DICOM input's :class:`~napari_gradcam.volumes.Volume`, whose affine
+    its NIfTI outputs take. Runs on a writer thread or a dask worker."""
     # a part of a stack numbers its images from its start; a single image stored as zarr has
     # no leading axis to shift
     offset = (unit.start,) if unit.kind == "parts" and lead else ()
@@ -61,26 +73,39 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, result: BatchR
     summary = job.summarise(result, lead, mask, offset=offset)
     heat, regions = summary.heatmaps[job.methods[0]], summary.regions
     class_names = list(job.spec.class_names)
-    _write_heat(unit, out, heat, bool(lead))
+    dims = heat.ndim - len(lead)  # the images' spatial axes: 3 for a 3D model's volumes
+    _write_heat(unit, out, heat, bool(lead), volume)
     geo = out / "geojson" / f"{unit.key}.geojson"
     write_geojson(regions_to_annotations(regions, class_names), geo, class_names=class_names)
+    if dims == 3 or volume is not None:
+        _write_volume_regions(unit, out, heat.shape, offset, regions, volume, class_names)
     if opts.overlay and pixels is not None:
-        _write_overlays(unit, out, pixels, heat, lead, offset)
+        if dims == 3:
+            _write_volume_overlays(unit, out, pixels, heat, lead, offset, regions,
+                                   getattr(opts, "volume_overlay", "mip"))
+        else:
+            _write_overlays(unit, out, pixels, heat, lead, offset)
     shape = [*(lead if not offset else (unit.stop,) + tuple(lead[1:])), *heat.shape[len(lead):]]
-    note = tiff_series_note(unit.path) if unit.kind != "array" else ""  # skipped series
+    note = tiff_series_note(unit.path) if unit.kind not in ("array", "volume") else ""
     record = Record(unit.key, unit.path or unit.name, "ok", note, summary.rows, shape,
-                    str(geo.relative_to(out)), round(seconds, 4))
+                    str(geo.relative_to(out)), round(seconds, 4), dims=dims)
     return _write_record(out, unit, record, settings)
 
 
-def _finish_safely(unit, out, *args) -> Record:
+def _finish_safely(unit, out, *args, volume=None) -> Record:
     try:
-        return finish_unit(unit, out, *args)
+        return finish_unit(unit, out, *args, volume=volume)
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
         return _failed(unit, out, f"writing its results failed: {err}", args[-1])
 
 
-def _write_heat(unit: Unit, out: Path, heat: np.ndarray, stacked: bool) -> None:
+def _write_heat(unit: Unit, out: Path, heat: np.ndarray, stacked: bool, volume=None) -> None:
+    if volume is not None:  # NIfTI in the file's voxel order with its affine: overlays the scan
+        from ..volumes import write_nifti
+
+        write_nifti(heat.astype(np.float32, copy=False), volume,
+                    out / "heatmaps" / f"{unit.name}_heatmap.nii.gz")
+        return
     if unit.kind == "parts":
         target = _zarr().open(str(out / "heatmaps" / f"{unit.name}.zarr"), mode="r+")
         if stacked:
@@ -107,6 +132,86 @@ def _write_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
         with atomic_output(path) as tmp:
             iio.imwrite(str(tmp), overlay_rgb(image, heat[idx] if idx else heat),
                         extension=".png")
+
+
+# boxes.csv's columns (volumes.box_rows' keys), for a volume without regions
+BOX_COLUMNS = ("label", "index", "class_id", "class", "score", "voxels", "peak", "mean", "z0",
+               "row0", "col0", "z1", "row1", "col1", "x_min_mm", "x_max_mm", "y_min_mm",
+               "y_max_mm", "z_min_mm", "z_max_mm", "volume_mm3")
+
+
+def _write_volume_regions(unit: Unit, out: Path, shape: tuple, offset: tuple, regions: list,
+                          volume, class_names: list) -> None:
+    """The unit's regions as a label map (each region's voxels = its label; plane-wise regions
+    of a 2D model: their number in their plane) and a CSV of boxes in voxels and world
+    millimetres. With a source volume: NIfTI with its affine; else a TIFF (a part of a stack:
+    its own files, the rows indexed in the whole stack) whose world is voxel coordinates."""
+    from ..regions import label_image
+    from ..volumes import Volume, box_rows, write_nifti
+
+    geometry = volume
+    if geometry is None:  # TIFF / zarr: no affine, world = voxel centres
+        geometry = Volume(data=np.broadcast_to(np.uint8(0), shape[-3:]), affine=np.eye(4),
+                          header=None, kind="array", source=unit.path)
+    rows = box_rows(regions, geometry, class_names=class_names)
+    seen: dict = {}
+    for r, row in zip(regions, rows):  # plane-wise regions: their value in the label map
+        seen[tuple(r.index)] = seen.get(tuple(r.index), 0) + 1
+        if row.get("label") is None:
+            row["label"] = seen[tuple(r.index)]
+    buf = io.StringIO()
+    columns = list(rows[0]) if rows else list(BOX_COLUMNS)
+    w = csv.DictWriter(buf, columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    atomic_write(out / "regions" / f"{unit.key}_boxes.csv", buf.getvalue())
+    local = regions
+    if offset:  # a part of a stack: its label map covers its own images
+        local = [replace(r, index=(r.index[0] - offset[0], *r.index[1:])) for r in regions]
+    labels = label_image(local, tuple(shape))
+    if volume is not None:
+        write_nifti(labels, volume, out / "regions" / f"{unit.name}_regions.nii.gz")
+        return
+    import tifffile
+
+    with atomic_output(out / "regions" / f"{unit.key}_regions.tif") as tmp:
+        tifffile.imwrite(str(tmp), labels, photometric="minisblack")
+
+
+def _draw_boxes(rgb: np.ndarray, boxes) -> None:
+    """Outline each (row0, col0, row1, col1, colour) box (max exclusive) one pixel wide."""
+    h, w = rgb.shape[:2]
+    for r0, c0, r1, c1, colour in boxes:
+        r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, h) - 1, min(c1, w) - 1
+        if r1 < r0 or c1 < c0:
+            continue
+        rgb[[r0, r1], c0:c1 + 1] = colour
+        rgb[r0:r1 + 1, [c0, c1]] = colour
+
+
+def _write_volume_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
+                           lead: tuple, offset: tuple, regions: list, mode: str) -> None:
+    """One PNG per volume: ``mip`` paints the maximum-intensity projections of image and heat
+    along the first spatial axis with every 3D box's footprint (each region shows, wherever
+    it lies); ``mid`` the middle plane with the boxes that cross it."""
+    import imageio.v3 as iio
+
+    for idx in np.ndindex(*lead) if lead else [()]:
+        image = pixels[idx] if idx else pixels  # (D, H, W) or (D, H, W, C)
+        h = heat[idx] if idx else heat
+        full = shift_index(idx, offset)
+        boxes = [r for r in regions if tuple(r.index) == full and len(r.bbox) == 6]
+        if mode == "mid":
+            z = h.shape[0] // 2
+            rgb = overlay_rgb(image[z], h[z])
+            boxes = [r for r in boxes if r.bbox[0] <= z < r.bbox[3]]
+        else:
+            rgb = overlay_rgb(image.max(axis=0), h.max(axis=0))
+        _draw_boxes(rgb, [(*r.bbox[1:3], *r.bbox[4:6], class_color(r.class_id))
+                          for r in boxes])
+        suffix = "".join(f"_{i}" for i in full)
+        with atomic_output(out / "overlays" / f"{unit.name}{suffix}.png") as tmp:
+            iio.imwrite(str(tmp), rgb, extension=".png")
 
 
 def prepare_outputs(units: list[Unit], out: Path, channel_axis=None,
@@ -139,7 +244,9 @@ SUMMARY_COLUMNS = ("file", "index", "class", "score", "regions", "status", "mess
 
 def write_summary(records: list[Record], out: Path, class_names: list) -> tuple[Path, Path]:
     """summary.csv (a row per image, a row per failed unit) and coco.json (every image of
-    every finished unit, regions read back from the units' GeoJSON)."""
+    every finished unit, regions read back from the units' GeoJSON; a volume explained by a 3D
+    model gives an image per plane, ``<name>[_<t>]_z<k>``, holding its regions' parts in that
+    plane)."""
     out = Path(out)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -153,17 +260,21 @@ def write_summary(records: list[Record], out: Path, class_names: list) -> tuple[
             w.writerow([rec.source, " ".join(map(str, img["index"])), img["class"],
                         f"{img['score']:.6g}", img["regions"], "ok", rec.message])
         annotations, _meta = read_geojson(out / rec.geojson)
-        lead = len(rec.shape) - 2
+        dims = rec.dims if rec.dims in (2, 3) else 2
+        lead = len(rec.shape) - dims
         indices = list(dict.fromkeys(tuple(img["index"]) for img in rec.images))
         base = rec.name or (Path(rec.source).stem if rec.source else rec.unit)
         suffix = Path(rec.source).suffix.lower()
         suffix = Path(rec.source).suffix if suffix in IMAGE_SUFFIXES else ".png"
+        planes = range(rec.shape[-3]) if dims == 3 else [None]
         for idx in indices:
             stem = base + "".join(f"_{i}" for i in idx) if lead else base
-            entries.append((stem, rec.shape[lead:],
-                            [replace(a, index=()) for a in annotations
-                             if tuple(a.index) == idx or not lead]))
-            file_names.append(_unique(stem, suffix, used))
+            for z in planes:  # a volume: its planes are COCO's images
+                key = idx if z is None else (*idx, z)
+                entries.append((stem if z is None else f"{stem}_z{z}", rec.shape[-2:],
+                                [replace(a, index=()) for a in annotations
+                                 if tuple(a.index) == key or not (lead or dims == 3)]))
+                file_names.append(_unique(entries[-1][0], suffix, used))
     summary = atomic_write(out / "summary.csv", buf.getvalue())
     coco = write_coco_dataset(entries, out / "coco.json", class_names=class_names)
     if file_names != [f"{e[0]}.png" for e in entries]:
