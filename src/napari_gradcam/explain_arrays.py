@@ -29,7 +29,7 @@ from ._device import describe_device, resolve_device
 from .cam import explain_batch, get_method, resolve_target_layer
 from .cam.engine import size_errors
 from .models import ModelSpec, normalise_intensity
-from .models.spec import first_conv, refuse_torchscript
+from .models.spec import check_input_size, first_conv, refuse_torchscript
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +356,7 @@ class Runner:
                             f"{type(spec).__name__}.")
         get_method(method)  # unknown names fail before any work
         refuse_torchscript(spec.module)
+        check_input_size(spec.module, spec.input_size)  # a spec built by hand, not load_model
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size}: give a positive number, or None for "
                              "auto.")

@@ -105,6 +105,9 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
 
     Among nested modules that return the very same tensor (``layer4``, ``layer4.1``, ...) the
     outermost is chosen, so that names read as users expect (``layer4``, ``features``).
+    Modules that run more than once per forward pass are passed over: their activation is
+    ambiguous (MONAI's EfficientNet applies one ``_swish`` after its stem and its head, so the
+    head's ``_bn1`` is chosen).
     """
     cached = _AUTO_CACHE.get(module, {}).get(batch.ndim)
     if cached is not None:
@@ -113,9 +116,13 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
         except AttributeError:  # the architecture changed since: discover again
             pass
     records = _record_outputs(module, batch[:1])
-    candidates = [i for i, (_, out) in enumerate(records) if _spatial(out, batch.ndim)]
+    runs: dict[str, int] = {}
+    for name, _ in records:
+        runs[name] = runs.get(name, 0) + 1
+    once = [i for i, (name, _) in enumerate(records) if runs[name] == 1]
+    candidates = [i for i in once if _spatial(records[i][1], batch.ndim)]
     if not candidates:  # e.g. inputs so small that the last map is 1 x 1
-        candidates = [i for i, (_, out) in enumerate(records) if out.ndim == batch.ndim]
+        candidates = [i for i in once if records[i][1].ndim == batch.ndim]
     if not candidates:
         raise ValueError(
             f"no layer of this {type(module).__name__} outputs a (N, C, "
@@ -125,7 +132,7 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
     last = candidates[-1]
     tensor = records[last][1]
     for j in range(last + 1, len(records)):
-        if records[j][1] is tensor:
+        if records[j][1] is tensor and runs[records[j][0]] == 1:
             last = j
     name = records[last][0]
     _AUTO_CACHE.setdefault(module, {})[batch.ndim] = name

@@ -1,7 +1,7 @@
 """``load_model``: the models users have, loaded safely.
 
 Sources: ``"demo"``; an ``nn.Module``; a :class:`ModelSpec`; a torchvision or timm architecture
-name or ``"package.module:factory"`` plus a weights file; a weights file (or its sidecar JSON)
+name, a MONAI network (``"monai:DenseNet121"``) or ``"package.module:factory"`` plus a weights file; a weights file (or its sidecar JSON)
 alone, the sidecar naming the architecture; a ``torch.export`` program (``.pt2``).
 
 Model files are untrusted input, and nothing in them runs unless the user passes
@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import logging
 import os
 import pickle
 import pickletools
+import re
 import stat
 import warnings
 import zipfile
@@ -42,7 +44,7 @@ from torch import nn
 
 from . import _optional, _pt2
 from .schema import FIELDS, MAX_SIDECAR_BYTES, check_fields, file_argument_names
-from .spec import ModelSpec, first_conv, normalise_intensity, refuse_torchscript
+from .spec import ModelSpec, check_input_size, first_conv, normalise_intensity, refuse_torchscript
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pt2")
 SIDECAR_FIELDS = {name: what for name, (_check, what) in FIELDS.items()}
 # architecture families a model file may name without trust_code: building them runs only the
 # library's own constructors (add a model-zoo family here once build_architecture knows it)
-KNOWN_FAMILIES = ("torchvision", "timm")
+KNOWN_FAMILIES = ("torchvision", "timm", "monai")
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
 _PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
 
@@ -297,8 +299,10 @@ def _import_optional(name: str, what: str):
                          f"pip install {name}") from None
 
 
-def _known_names() -> list[str]:
-    names = []
+def _known_names(monai: bool = False) -> list[str]:
+    """Architecture names for suggestions; MONAI's only when asked for (``monai``), since
+    importing it takes seconds and it is needed only for ``"monai:"`` names."""
+    names = [f"monai:{n}" for n in _monai_names()] if monai else []
     try:
         torchvision = _optional.import_library("torchvision")
 
@@ -321,11 +325,17 @@ def build_architecture(arch: str, num_classes: int | None = None,
     may hold mean / std / input_size known for that family.
 
     ``"package.module:factory"`` calls the user's factory; ``"torchvision:name"`` and
-    ``"timm:name"`` need that library; a plain name is looked up in torchvision, then timm."""
+    ``"timm:name"`` need that library; a plain name is looked up in torchvision, then timm.
+    ``"monai:Name"`` builds a network class of ``monai.networks.nets`` (see :func:`_from_monai`).
+    """
     arguments = dict(arguments or {})
     if _is_factory(arch):
         return _from_factory(arch, arguments), {}
     family, _, name = arch.rpartition(":")
+    if family == "monai":
+        _import_optional("monai", f"architecture {arch!r}")
+        nets = _optional.import_library("monai.networks.nets")
+        return _from_monai(nets, name, num_classes, in_channels, arguments), {}
     for library, builder in (("torchvision", _from_torchvision), ("timm", _from_timm)):
         if family not in ("", library):
             continue
@@ -392,7 +402,125 @@ def _from_timm(timm, name, num_classes, in_channels, arguments):
     return model, defaults
 
 
+# MONAI's networks name their shapes differently: the first name a network takes is used
+_MONAI_CLASS_ARGS = ("out_channels", "num_classes")
+_MONAI_INPUT_ARGS = ("in_channels", "n_input_channels")
+_MONAI_FUNCTIONS = re.compile(r"resnet\d+")  # resnet18 ...: ResNet with a depth's blocks
+# arguments that make a MONAI network fetch weights when true (pretrained, pretrained_url,
+# TorchVisionFCModel's weights, Transchex's path_or_repo_id / filename); use_checkpoint and
+# the like are gradient checkpointing and stay allowed
+_MONAI_FETCH_ARGS = re.compile(r"^pretrained|^weights$|url|repo|file", re.IGNORECASE)
+# networks that download while being built whatever their arguments say (Transchex loads BERT;
+# MONAI releases before its path_or_repo_id argument hid the download inside)
+_MONAI_FETCHING = ("Transchex",)
+
+
+def _monai_network(nets, name: str):
+    """``(builder, parameters)`` for ``name`` in ``monai.networks.nets`` (a network class, or
+    one of the ResNet depth functions), else None: a name in a model file reaches nothing
+    else of MONAI (its helper functions download weights)."""
+    obj = None if name.startswith("_") else getattr(nets, name, None)
+    if inspect.isclass(obj) and issubclass(obj, nn.Module):
+        return obj, dict(inspect.signature(obj).parameters)
+    if inspect.isfunction(obj) and _MONAI_FUNCTIONS.fullmatch(name):
+        return obj, {**inspect.signature(nets.ResNet).parameters,
+                     **inspect.signature(obj).parameters}
+    return None
+
+
+def _monai_names() -> list[str]:
+    """The names ``"monai:"`` accepts ([] without MONAI)."""
+    try:
+        nets = _optional.import_library("monai.networks.nets")
+    except ImportError:
+        return []
+    return [n for n in dir(nets) if _monai_network(nets, n) is not None]
+
+
+def _monai_example(params) -> str:
+    shapes = {"spatial_dims": 3}
+    for names, value in ((_MONAI_INPUT_ARGS, 1), (_MONAI_CLASS_ARGS, 2)):
+        key = next((k for k in names if k in params), None)
+        if key:
+            shapes[key] = value
+    return json.dumps(shapes)
+
+
+def _from_monai(nets, name: str, num_classes, in_channels, arguments: dict) -> nn.Module:
+    """A network of ``monai.networks.nets`` built from ``arguments`` (``spatial_dims``,
+    ``in_channels``, ``out_channels`` ...); ``num_classes`` / ``in_channels`` fill the
+    network's own argument for them (``out_channels`` or ``num_classes``; ``in_channels`` or
+    ``n_input_channels``) unless ``arguments`` give it. Nothing is downloaded: ``pretrained``
+    is False (EfficientNetBN defaults to True), a true one is refused, and networks whose
+    defaults fetch files are refused."""
+    found = _monai_network(nets, name)
+    if found is None:
+        raise _unknown(f"monai:{name}")
+    builder, params = found
+    fetching = [f"{k}={p.default!r}" for k, p in params.items() if k != "pretrained"
+                and isinstance(p.default, str) and p.default
+                and re.search(r"path|file|url|repo|dir", k, re.IGNORECASE)]
+    if fetching or builder.__name__ in _MONAI_FETCHING:
+        fetching = fetching or ["it loads a pretrained language model"]
+        raise ValueError(f"monai:{name} reads or downloads files when it is built "
+                         f"({', '.join(fetching)}), so it can't be loaded by name; build it in "
+                         "your own code and pass the module: load_model(module, weights=...).")
+    asked = [k for k, v in arguments.items() if _MONAI_FETCH_ARGS.search(k) and v]
+    if asked:
+        raise ValueError(f"monai:{name}: {', '.join(asked)} would download weights or read "
+                         "them from another file; the weights come from the weights file: "
+                         "leave it out (or set it to false).")
+    arguments = dict(arguments)
+    if "pretrained" in params:
+        arguments.setdefault("pretrained", False)
+    for names, value in ((_MONAI_CLASS_ARGS, num_classes), (_MONAI_INPUT_ARGS, in_channels)):
+        key = next((k for k in names if k in params), None)
+        if key and value is not None:
+            arguments.setdefault(key, int(value))
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in arguments if k not in params and not takes_any]
+    if unknown:
+        close = {k: difflib.get_close_matches(k, params, 1) for k in unknown}
+        hints = [f"{k!r} (did you mean {close[k][0]!r}?)" if close[k] else repr(k)
+                 for k in unknown]
+        raise ValueError(f"monai:{name} takes no argument {', '.join(hints)}; its arguments "
+                         f"are {', '.join(k for k in params if k not in ('args', 'kwargs'))}.")
+    missing = [k for k, p in params.items() if p.default is p.empty and k not in arguments
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               and not inspect.isfunction(builder)]
+    if missing:
+        raise ValueError(f"monai:{name} needs the argument(s) {', '.join(missing)}: give them "
+                         f"in arguments (e.g. {_monai_example(params)}, as the network was "
+                         "trained).")
+    try:
+        model = builder(**arguments)
+    except Exception as err:  # noqa: BLE001 - MONAI checks its arguments in many ways
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ValueError(f"can't build monai:{name} with arguments {json.dumps(arguments)}: "
+                         f"{type(err).__name__}: {first}; give the arguments the network was "
+                         "trained with.") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"monai:{name} returned a {type(model).__name__}, not a network.")
+    return model
+
+
+def _weights_spatial_dims(state: dict) -> int | None:
+    """2 or 3 when the weights' convolution kernels (4-D or 5-D tensors) are all of one rank."""
+    ranks = {t.ndim for t in state.values() if isinstance(t, torch.Tensor) and t.ndim in (4, 5)}
+    return ranks.pop() - 2 if len(ranks) == 1 else None
+
+
 def _unknown(arch: str) -> ValueError:
+    family, _, name = arch.partition(":")
+    if family == "monai":
+        known = _monai_names()
+        same = [k for k in known if k.lower() == name.lower()]
+        close = same or difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        hint = (f" Did you mean {', '.join(repr('monai:' + c) for c in close)}?" if close
+                else " Give a network class name of monai.networks.nets, e.g. "
+                     "'monai:DenseNet121'.")
+        return ValueError(f"unknown architecture {arch!r}: monai.networks.nets has no network "
+                          f"class {name!r}.{hint}")
     known = _known_names()
     close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -488,6 +616,7 @@ def load_model(
     source,
     *,
     weights=None,
+    arguments: dict | None = None,
     class_names: Sequence[str] | None = None,
     in_channels: int | None = None,
     input_size: Sequence[int] | None = None,
@@ -504,14 +633,19 @@ def load_model(
     ``source``:
 
     - ``"demo"``: the bundled synthetic-shapes model (offline);
+    - ``"demo3d"``: the bundled 3D model (spheres, cubes, cones in grey volumes; offline);
     - an ``nn.Module`` (``weights=`` optionally loaded into it) or a ``ModelSpec``;
     - an architecture name with ``weights=``: torchvision (``"resnet18"``, ``"densenet121"``,
       ``"torchvision:efficientnet_b0"``), timm (``"timm:convnext_tiny"``, or a plain name
-      torchvision doesn't have) or ``"package.module:factory"``; the number of classes and
-      input channels are read from the weights;
+      torchvision doesn't have), a MONAI network class (``"monai:DenseNet121"``, needs the
+      optional ``monai`` package) or ``"package.module:factory"``; the number of classes and
+      input channels are read from the weights (MONAI's ``spatial_dims`` too);
     - a weights file (``.safetensors``, ``.pt`` / ``.pth`` state dict, ``.pt2`` torch.export
       program) whose sidecar JSON (``<weights>.json`` or ``model.json`` beside it) names the
       architecture, or that sidecar JSON itself (its ``weights`` field names the file).
+
+    ``arguments``: keyword arguments for the architecture (e.g. ``{"spatial_dims": 3,
+    "in_channels": 1, "out_channels": 2}`` for MONAI), over a sidecar's ``arguments``.
 
     Keywords override the source and its sidecar. ``trust_code=True`` allows what would run
     code stored in a file: pickled modules, pickled payloads in ``.pt2`` archives, and a
@@ -523,8 +657,14 @@ def load_model(
     keywords = check_fields({"class_names": class_names, "in_channels": in_channels,
                              "input_size": input_size, "mean": mean, "std": std,
                              "target_layer": target_layer, "intensity": intensity,
-                             "name": name}, "load_model")
+                             "name": name, "arguments": arguments}, "load_model")
     in_channels = keywords["in_channels"]
+    arguments = keywords.pop("arguments")
+    if arguments and (not isinstance(source, (str, Path))
+                                  or str(source).lower() in ("demo", "demo3d")):
+        raise ValueError("arguments= is for building an architecture: give it with an "
+                         "architecture name (load_model('monai:DenseNet121', weights=..., "
+                         "arguments={...})) or a model file whose description names one.")
     sidecar: dict = {}
     spec: ModelSpec | None = None
     if isinstance(source, ModelSpec):
@@ -538,10 +678,14 @@ def load_model(
         from . import demo_spec
 
         spec = demo_spec()
+    elif isinstance(source, (str, Path)) and str(source).lower() == "demo3d":
+        from .demo3d import demo3d_spec
+
+        spec = demo3d_spec()
     elif isinstance(source, (str, Path)) and _looks_like_file(source):
-        spec, sidecar = _from_file(Path(source), weights, trust_code)
+        spec, sidecar = _from_file(Path(source), weights, trust_code, arguments)
     elif isinstance(source, str):
-        spec = _from_architecture(source, weights, trust_code, {}, in_channels)
+        spec = _from_architecture(source, weights, trust_code, arguments or {}, in_channels)
     else:
         raise TypeError(f"can't load a model from a {type(source).__name__}; give 'demo', an "
                         "architecture name with weights=, a weights or sidecar file, or an "
@@ -567,7 +711,10 @@ def _weights_dict(weights, trust_code: bool) -> dict:
     return loaded
 
 
-def _from_file(path: Path, weights, trust_code: bool) -> tuple[ModelSpec, dict]:
+def _from_file(path: Path, weights, trust_code: bool,
+               arguments: dict | None = None) -> tuple[ModelSpec, dict]:
+    """The model of a weights or sidecar file; ``arguments`` (the caller's) go over the
+    sidecar's."""
     if path.suffix.lower() == ".json":
         sidecar = read_sidecar(path)
         _check_named_code(sidecar, path, trust_code)
@@ -589,10 +736,14 @@ def _from_file(path: Path, weights, trust_code: bool) -> tuple[ModelSpec, dict]:
     label = sidecar.get("name") or weights.stem
     loaded = read_weights(weights, trust_code)
     if isinstance(loaded, nn.Module):
+        if arguments:
+            raise ValueError(f"{str(weights)!r} holds a whole model, which is not built from "
+                             "an architecture: leave arguments= out.")
         spec = _spec_from_module(loaded, label)
     elif sidecar.get("architecture"):
         spec = _from_architecture(sidecar["architecture"], loaded, trust_code,
-                                  sidecar.get("arguments") or {}, sidecar.get("in_channels"))
+                                  {**(sidecar.get("arguments") or {}), **(arguments or {})},
+                                  sidecar.get("in_channels"))
         spec.name = label
     else:
         raise ValueError(
@@ -620,7 +771,8 @@ def _check_named_code(sidecar: dict, path: Path, trust_code: bool) -> None:
     if arch and _is_factory(arch):
         raise ValueError(
             f"{str(path)!r} names the Python callable {arch!r} as its architecture: building "
-            "it would run code chosen by the file, so it is refused. Use a torchvision or timm "
+            "it would run code chosen by the file, so it is refused. Use a torchvision, timm "
+            "or MONAI ('monai:DenseNet121') "
             f"architecture name, or, if you trust the file, {TRUST_HINT}.")
     risky = file_argument_names(sidecar.get("arguments") or {})
     if risky:
@@ -638,8 +790,14 @@ def _from_architecture(arch: str, weights, trust_code: bool, arguments: dict,
             "mean nothing (and pretrained weights can't be downloaded here); pass the file "
             f"your model was trained into: load_model({arch!r}, weights='model.safetensors')."
         )
-    probe, _ = build_architecture(arch, arguments=arguments)  # name errors first
-    state = _weights_dict(weights, trust_code)
+    if arch.partition(":")[0] == "monai":
+        params = _monai_parameters(arch)  # name errors first
+        state = _weights_dict(weights, trust_code)
+        arguments, probe_arguments = _monai_shapes(params, arguments, state)
+        probe, _ = build_architecture(arch, arguments=probe_arguments)
+    else:
+        probe, _ = build_architecture(arch, arguments=arguments)  # name errors first
+        state = _weights_dict(weights, trust_code)
     classes, channels = _shapes_from_weights(probe, state)
     if in_channels is not None:
         channels = int(in_channels)
@@ -658,6 +816,35 @@ def _from_architecture(arch: str, weights, trust_code: bool, arguments: dict,
     return spec
 
 
+def _monai_parameters(arch: str) -> dict:
+    """The constructor parameters of the MONAI network ``arch`` (``"monai:Name"``)."""
+    _import_optional("monai", f"architecture {arch!r}")
+    found = _monai_network(_optional.import_library("monai.networks.nets"),
+                           arch.partition(":")[2])
+    if found is None:
+        raise _unknown(arch)
+    return found[1]
+
+
+def _monai_shapes(params: dict, arguments: dict, state: dict) -> tuple[dict, dict]:
+    """(arguments, probe arguments) for a MONAI network and its weights. MONAI's classifiers
+    require ``spatial_dims``, ``in_channels`` and ``out_channels``; what the arguments leave
+    open is read from the weights: ``spatial_dims`` from the rank of the convolution kernels
+    here, the channels and classes from the probe (a network built with placeholder channels,
+    whose first convolution and last Linear say where to look in the weights)."""
+    arguments = dict(arguments)
+    if "spatial_dims" in params and "spatial_dims" not in arguments:
+        dims = _weights_spatial_dims(state)
+        if dims:
+            arguments["spatial_dims"] = dims
+    probe = dict(arguments)
+    for names in (_MONAI_CLASS_ARGS, _MONAI_INPUT_ARGS):
+        key = next((k for k in names if k in params), None)
+        if key:
+            probe.setdefault(key, 1)
+    return arguments, probe
+
+
 def _override(spec: ModelSpec, sidecar: dict, **keywords) -> ModelSpec:
     """Sidecar values, then keywords, over what the source said; validated."""
     values: dict[str, Any] = {k: sidecar[k] for k in
@@ -673,6 +860,7 @@ def _override(spec: ModelSpec, sidecar: dict, **keywords) -> ModelSpec:
         if not size or any(s < 1 for s in size):
             raise ValueError(f"input_size={values['input_size']}: give (H, W) in pixels.")
         spec.input_size = size
+    check_input_size(spec.module, spec.input_size)
     for key in ("mean", "std"):
         if key in values:
             v = values[key]

@@ -28,6 +28,11 @@ _MAX_DEPTH = 8  # nesting of factory arguments
 # checkpoint_path unpickles it): the weights come from the weights file, so a file may not ask
 _FILE_ARGUMENTS = re.compile(r"checkpoint|pretrained|weights|path|file|url|cache|dir",
                              re.IGNORECASE)
+# argument values that name a file, a folder or a download, whatever the argument is called
+# (MONAI's HoVerNet takes pretrained_url, Transchex a path_or_repo_id "org/name"): a separator,
+# a URL scheme, a home or relative prefix, or the suffix of a weights or archive file
+_FILE_VALUE = re.compile(r"[/\\]|://|^~|^\.\.?$|\.(safetensors|pt2?|pth|bin|ckpt|pkl|pickle|npz|"
+                         r"h5|hdf5|onnx|json|zip|tar|gz|tgz|yaml|yml)$", re.IGNORECASE)
 
 
 class Invalid(ValueError):
@@ -155,13 +160,15 @@ def _arguments(value) -> dict:
 # field -> (check returning the normalised value, what the README says it is)
 FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "architecture": (lambda v: _string(v, "an architecture name"),
-                     "torchvision / timm name or 'package.module:factory'"),
+                     ("torchvision / timm name, 'monai:NetworkClass' or "
+                      "'package.module:factory'")),
     "weights": (lambda v: _string(v, "a file name (relative to the JSON)"),
                 "weights file, relative to the JSON (when the JSON itself is opened)"),
     "arguments": (_arguments, "keyword arguments for the architecture's factory"),
     "class_names": (_class_names, "one name per output"),
     "in_channels": (_in_channels, "input channels"),
-    "input_size": (_input_size, "[H, W] the model needs (images are resized to it), or null"),
+    "input_size": (_input_size, ("[H, W] (3D models: [D, H, W]) the model needs (images "
+                                 "are resized to it), or null")),
     "mean": (lambda v: _numbers(v, positive=False),
              "per-channel mean subtracted after intensity scaling"),
     "std": (lambda v: _numbers(v, positive=True), "per-channel std divided by"),
@@ -189,6 +196,18 @@ def check_fields(values: dict, where: str) -> dict:
     return {k: check_value(k, v, where) if k in FIELDS else v for k, v in values.items()}
 
 
+def _names_file(value) -> bool:
+    if isinstance(value, str):
+        return bool(_FILE_VALUE.search(value.strip()))
+    if isinstance(value, (list, tuple)):
+        return any(_names_file(v) for v in value)
+    if isinstance(value, dict):
+        return any(_FILE_ARGUMENTS.search(str(k)) or _names_file(v) for k, v in value.items())
+    return False
+
+
 def file_argument_names(arguments: dict) -> list[str]:
-    """Factory arguments that would make a factory load another file."""
-    return sorted(k for k in arguments if _FILE_ARGUMENTS.search(k))
+    """Factory arguments that would make a factory load another file: by their name
+    (``checkpoint_path``, ``pretrained``) or by a value that names a file, a folder or a URL,
+    also inside nested lists and objects."""
+    return sorted(k for k, v in arguments.items() if _FILE_ARGUMENTS.search(k) or _names_file(v))

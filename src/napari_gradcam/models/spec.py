@@ -55,6 +55,27 @@ def first_conv(module: nn.Module) -> tuple[str, nn.Module] | tuple[None, None]:
     return None, None
 
 
+def check_input_size(module: nn.Module, input_size) -> None:
+    """Raise a ValueError when ``input_size`` has not one value per spatial axis of the model
+    (three for a model whose first convolution is 3D, two for a 2D one): the resize would fail
+    deep inside PyTorch, or a volume would be squeezed into a 2D model's image."""
+    if input_size is None:
+        return
+    _name, conv = first_conv(module)
+    if conv is None:
+        return
+    dims = 3 if isinstance(conv, nn.Conv3d) else 2
+    if len(input_size) == dims:
+        return
+    if dims == 3:
+        raise ValueError(f"input_size={tuple(input_size)} has {len(input_size)} values but the "
+                         "model is 3D (its first convolution is Conv3d); give three, (D, H, W) "
+                         "in voxels, or none to use each volume's own size.")
+    raise ValueError(f"input_size={tuple(input_size)} has {len(input_size)} values but the "
+                     "model is 2D (its first convolution is Conv2d) and explains a volume "
+                     "slice by slice; give two, (H, W) in pixels, or none.")
+
+
 def refuse_torchscript(module) -> None:
     """Raise a TypeError for a TorchScript module: CAM reads layers through Python hooks,
     which scripted modules don't call."""
