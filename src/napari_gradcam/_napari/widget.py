@@ -31,14 +31,14 @@ from magicgui.widgets import (
     Select,
     SpinBox,
 )
-from napari.layers import Image, Labels, Shapes
+from napari.layers import Image, Labels, Shapes, Vectors
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.progress import cancelable_progress
 
 from .._device import describe_device, resolve_device
 from ..annotations import (
-    annotations_to_shapes, class_color, class_name, regions_to_annotations,
+    annotations_to_shapes, box_wireframe, class_color, class_name, regions_to_annotations,
 )
 from ..cam import available_methods
 from ..explain_arrays import Progress, check_channels, layout, model_spatial_dims
@@ -57,6 +57,24 @@ NO_MASK = "none"
 SCOPES = ("current slice", "whole stack")
 MODEL_FILES = "*.safetensors *.pt *.pth *.pt2 *.ckpt *.bin *.json"
 THRESHOLD_MODES = ("absolute", "relative", "otsu")
+MASK_MODES = ("multiply", "restrict")
+# a heatmap volume in the 3D view: the hottest voxel along each ray, dimmed by what lies in
+# front of it (attenuated MIP), so the hot spot stands out where it is, in depth
+VOLUME_RENDERING = "attenuated_mip"
+VOLUME_ATTENUATION = 0.05
+# what the volume reader keeps in an image layer's metadata to write results back into the file
+VOLUME_METADATA = ("affine", "header", "kind", "source", "file_order")
+
+
+def explains(dims: int, layer_ndim: int | None) -> str:
+    """What a run does with the chosen image, for the label next to the model: a 3D model
+    explains each volume in one run, a 2D model a volume slice by slice (its regions are then
+    plane-wise, not 3D)."""
+    if dims == 3:
+        return "each volume in one run (3D model)"
+    if layer_ndim is not None and layer_ndim > 2:
+        return "slice by slice (2D model: each plane on its own)"
+    return "each image (2D model)"
 
 
 def heat_colormap():
@@ -163,6 +181,18 @@ def compute(job: Job):
     return Result(job, explained, time.perf_counter() - t0)
 
 
+def _shown_mask_changed(old: JobResult, new: JobResult) -> bool:
+    """Whether the heatmap shown differs: it is masked only when the mask multiplies."""
+    def used(result):
+        multiply = result.region_options.get("mask_mode", "multiply") == "multiply"
+        return result.mask if multiply else None
+
+    a, b = used(old), used(new)
+    if a is None or b is None:
+        return (a is None) != (b is None)
+    return a.shape != b.shape or not np.array_equal(a, b)
+
+
 @dataclass
 class LoadedModel:
     """A model the widget offers: the core's spec plus what the widget learnt about it (the
@@ -250,6 +280,10 @@ class GradCamWidget(Container):
                     "(.pt / .pth), sidecars naming a Python factory ('package.module:factory') "
                     "and pickled payloads in .pt2 programs. Tick only for files from a source "
                     "you trust.")
+        self.explains = Label(label="explains", tooltip=(
+            "A 3D model (Conv3d) explains each volume (the last three axes) in one run and "
+            "finds 3D regions; a 2D model explains a volume slice by slice, with regions per "
+            "plane."))
 
     def _build_explain_controls(self):
         self.methods = Select(label="methods", choices=available_methods(), value=["gradcam"],
@@ -284,7 +318,15 @@ class GradCamWidget(Container):
                                                         "0 = exact pixel outline.")
         self.mask = ComboBox(label="mask", choices=self._mask_choices,
                              tooltip="Regions only where this Labels / Image layer is > 0 "
-                                     "(e.g. lung masks on chest X-rays).")
+                                     "(e.g. lung masks on chest X-rays, a brain mask on an "
+                                     "MRI volume): the image's spatial shape, or its whole "
+                                     "shape.")
+        self.mask_mode = ComboBox(
+            label="mask mode", choices=list(MASK_MODES), value=MASK_MODES[0],
+            tooltip="multiply: the heatmap is multiplied by the mask before thresholding "
+                    "(relative / otsu thresholds come from the heat inside the mask; the "
+                    "heatmap shown is the masked one). restrict: thresholds from the whole "
+                    "heatmap, regions kept only inside the mask; the heatmap shown unmasked.")
 
     def _build_layout(self):
         self.run_button = PushButton(text="Run")
@@ -294,10 +336,11 @@ class GradCamWidget(Container):
         self.status = Label(label="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image, self.model, self.model_file, self.trust_code, self.methods, self.target,
+            self.image, self.model, self.explains, self.model_file, self.trust_code,
+            self.methods, self.target,
             self.target_layer, self.device,
             self.device_label, self.batch_size, self.scope, self.threshold,
-            self.threshold_mode, self.min_area, self.simplify, self.mask,
+            self.threshold_mode, self.min_area, self.simplify, self.mask, self.mask_mode,
             Container(widgets=[self.run_button, self.cancel_button, self.grid_button],
                       layout="horizontal", labels=False),
             self.status,
@@ -312,8 +355,10 @@ class GradCamWidget(Container):
         self.trust_code.changed.connect(self._on_trust)
         self.device.changed.connect(self._on_device)
         self.image.changed.connect(self._on_image)
-        for w in (self.threshold, self.threshold_mode, self.min_area, self.simplify, self.mask):
+        for w in (self.threshold, self.threshold_mode, self.min_area, self.simplify, self.mask,
+                  self.mask_mode):
             w.changed.connect(self._on_region_settings)
+        self._viewer.dims.events.ndisplay.connect(self._on_ndisplay)
         layers = self._viewer.layers
         layers.events.inserted.connect(self._refresh_layers)
         layers.events.removed.connect(self._refresh_layers)
@@ -348,9 +393,12 @@ class GradCamWidget(Container):
     def _on_image(self, _event=None):
         layer, loaded = self.image.value, self._loaded()
         lead = 0
-        if layer is not None:
-            dims = model_spatial_dims(loaded.spec.module) if loaded is not None else 2
-            lead = layer.ndim - dims
+        dims = model_spatial_dims(loaded.spec.module) if loaded is not None else 2
+        shape = image_shape(layer) if layer is not None else None
+        if shape is not None:
+            lead = len(shape) - dims
+        self.explains.value = "" if loaded is None else \
+            explains(dims, None if shape is None else len(shape))
         self.scope.enabled = lead > 0
         if lead <= 0:
             self.scope.value = SCOPES[0]
@@ -552,6 +600,7 @@ class GradCamWidget(Container):
             "threshold_mode": "absolute" if mode == "otsu" else mode,
             "min_area": int(self.min_area.value),
             "simplify": float(self.simplify.value),
+            "mask_mode": self.mask_mode.value,
         }
 
     def _current_index(self, layer, lead: int) -> tuple[int, ...]:
@@ -696,8 +745,11 @@ class GradCamWidget(Container):
             self._show_heatmap(job, explained, method)
         self._show_regions(job, explained)
         self._last = result
+        dims = model_spatial_dims(job.explain.spec.module)
+        how = "; 3D regions" if dims == 3 else \
+            "; 2D model: explained slice by slice" if len(image_shape(job.layer)) > 2 else ""
         self.status.value = (f"{', '.join(job.methods)}: {self._summary(result)}; "
-                             f"{len(explained.regions)} regions; {result.seconds:.2f} s on "
+                             f"{len(explained.regions)} regions{how}; {result.seconds:.2f} s on "
                              f"{describe_device(resolve_device(explained.device))}")
 
     @staticmethod
@@ -740,7 +792,10 @@ class GradCamWidget(Container):
 
         def done(new: JobResult):
             if generation == self._region_generation and self._last is last:
-                last.explained = new
+                old, last.explained = last.explained, new
+                if _shown_mask_changed(old, new):  # the heatmap shown is masked differently
+                    for method in new.methods:
+                        self._show_heatmap(job, new, method)
                 self._show_regions(job, new)
 
         worker.returned.connect(done)
@@ -764,9 +819,12 @@ class GradCamWidget(Container):
 
     @staticmethod
     def _geometry(job: Job) -> dict:
-        """Scale, translate, units and axis labels of the source layer, for result layers."""
+        """Scale, translate, affine, units and axis labels of the source layer, for result
+        layers: they lie on the image also when its affine is oblique (a scan's voxel-to-world
+        matrix)."""
         src = job.layer
-        out = {"scale": tuple(src.scale), "translate": tuple(src.translate)}
+        out = {"scale": tuple(src.scale), "translate": tuple(src.translate),
+               "affine": np.array(src.affine.affine_matrix)}
         for key in ("units", "axis_labels"):
             value = getattr(src, key, None)
             if value is not None:
@@ -808,16 +866,30 @@ class GradCamWidget(Container):
         meta = {META_KEY: {"role": "heatmap", "source": job.layer.name, "method": method,
                            "target_layer": explained.target_layer,
                            "class_names": list(explained.class_names)}}
+        if not job.offset:  # the scan's file geometry (NIfTI / DICOM reader): the heatmap
+            # has the scan's shape, so it can be written back aligned with it
+            meta.update({key: job.layer.metadata[key] for key in VOLUME_METADATA
+                         if key in job.layer.metadata})
         name = f"{job.layer.name} {method} heatmap"
+
+        # a volume (a 3D model's, or a stack of planes): rendered in the 3D view as well
+        volume = model_spatial_dims(job.explain.spec.module) == 3 or \
+            len(image_shape(job.layer)) - len(job.offset) >= 3
+        look = {"rendering": VOLUME_RENDERING} if volume else {}
 
         def update(layer):
             layer.data = heat
             self._place(layer, geo, meta)
             layer.contrast_limits = (0.0, 1.0)
+            for key, value in look.items():
+                setattr(layer, key, value)
 
-        return self._upsert(name, "heatmap", heat.ndim, lambda: Image(
+        layer = self._upsert(name, "heatmap", heat.ndim, lambda: Image(
             heat, name=name, colormap=heat_colormap(), blending="translucent", opacity=0.7,
-            contrast_limits=(0.0, 1.0), metadata=meta, **geo), update)
+            contrast_limits=(0.0, 1.0), metadata=meta, **look, **geo), update)
+        if volume:
+            layer.attenuation = VOLUME_ATTENUATION
+        return layer
 
     def _show_regions(self, job: Job, explained: JobResult):
         """The first method's regions as one Shapes layer (the job indexes them in the layer's
@@ -864,7 +936,47 @@ class GradCamWidget(Container):
         layer = self._upsert(name, "regions", ndim, create, update)
         layer.feature_defaults = defaults
         layer.current_edge_color = new_color
+        self._show_wireframe(job, explained)
         return layer
+
+    def _show_wireframe(self, job: Job, explained: JobResult):
+        """The boxes of the 3D regions as edges in the 3D view (a Vectors layer, shown only
+        while the viewer is in 3D: in a 2D slice the Shapes layer's rectangles are the boxes).
+        No 3D regions and no such layer yet: nothing is added."""
+        ndim = job.layer.ndim
+        vectors, ids = box_wireframe(explained.regions, ndim=ndim)
+        name = f"{job.layer.name} boxes 3D"
+        if not len(vectors) and self._find(name, "wireframe") is None:
+            return None
+        regions = explained.regions
+        colors = np.array([[*class_color(regions[i].class_id), 255] for i in ids],
+                          float).reshape(-1, 4) / 255
+        features = {"region": ids, "region_label": np.array(
+            [np.nan if getattr(regions[i], "label", None) is None else regions[i].label
+             for i in ids], float)}
+        meta = {META_KEY: {"role": "wireframe", "source": job.layer.name}}
+        geo = self._geometry(job)
+        style = {"edge_width": 1.0, "vector_style": "line", "length": 1.0}
+
+        def update(layer):
+            layer.data = vectors
+            layer.features = features
+            layer.edge_color = colors if len(vectors) else "white"
+            self._place(layer, geo, meta)
+
+        layer = self._upsert(name, "wireframe", ndim, lambda: Vectors(
+            vectors, name=name, features=features, edge_color=colors if len(vectors) else
+            "white", metadata=meta, **style, **geo), update)
+        layer.visible = self._viewer.dims.ndisplay == 3
+        return layer
+
+    def _on_ndisplay(self, _event=None):
+        """Box wireframes only in the 3D view: in 2D they would repeat the rectangles of the
+        planes where the boxes begin and end."""
+        three = self._viewer.dims.ndisplay == 3
+        for layer in self._viewer.layers:
+            if layer.metadata.get(META_KEY, {}).get("role") == "wireframe":
+                layer.visible = three
 
     def toggle_grid(self, _event=None):
         """Heatmaps side by side (napari grid mode), or back to one overlaid view."""
