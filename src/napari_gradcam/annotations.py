@@ -124,7 +124,7 @@ def regions_to_annotations(
 
 # the 12 edges of a box, as pairs of its corners (corner bits: z, row, col)
 _EDGES = [(a, b) for a in range(8) for b in range(8)
-          if a < b and bin(a ^ b).count("1") == 1]
+          if a < b and (a ^ b).bit_count() == 1]
 
 
 def box_wireframe(regions: Sequence, ndim: int | None = None):

@@ -21,19 +21,25 @@ def _demo(args) -> int:
         return _demo_headless(args)
     from ._napari.demo import run_demo
 
-    return run_demo(stack=args.stack, methods=args.method or None, device=args.device,
-                    screenshot=args.screenshot)
+    return run_demo(stack=args.stack, volume=args.volume, methods=args.method or None,
+                    device=args.device, screenshot=args.screenshot)
 
 
 def _demo_headless(args) -> int:
     """The main job without a display: the sample and the demo model, files in DIR."""
     from .batch import Options, process_units, units_for_array, write_summary
     from .models import load_model
-    from .samples import IMAGE_NAME, STACK_NAME, sample_image, sample_stack
+    from .samples import IMAGE_NAME, STACK_NAME, VOLUME_NAME, sample_image, sample_stack
+    from .samples import sample_volume
 
-    data, name = (sample_stack(), STACK_NAME) if args.stack else (sample_image(), IMAGE_NAME)
+    if args.volume:  # the synthetic volume and the 3D model: 3D heatmap and regions
+        data, name, model = sample_volume(), VOLUME_NAME, "demo3d"
+    elif args.stack:
+        data, name, model = sample_stack(), STACK_NAME, "demo"
+    else:
+        data, name, model = sample_image(), IMAGE_NAME, "demo"
     units, arrays = units_for_array(data, name.replace(" ", "-"))
-    spec = load_model("demo")
+    spec = load_model(model)
     opts = Options(method=(args.method or ["gradcam"])[0], device=args.device, overlay=True,
                    overwrite=True, target="found")  # as the window: every object it finds
     records = process_units(units, spec, args.headless, opts, arrays=arrays)
@@ -302,8 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
              "the heatmap and the editable regions",
     )
     _method_and_device(demo, "one heatmap layer each; default gradcam")
-    demo.add_argument("--stack", action="store_true",
+    kind = demo.add_mutually_exclusive_group()
+    kind.add_argument("--stack", action="store_true",
                       help="use the 16-frame synthetic stack instead of the single image")
+    kind.add_argument("--3d", action="store_true", dest="volume",
+                      help="use the synthetic volume and the 3D demo model (spheres, cubes, "
+                           "cones), shown in napari's 3D view")
     demo.add_argument("--screenshot", metavar="PNG",
                       help="save a picture of the window after the run, then close")
     demo.add_argument("--headless", metavar="DIR",

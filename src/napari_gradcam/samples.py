@@ -12,6 +12,7 @@ from .models.demo.synthetic import make_image, make_stack
 
 IMAGE_NAME = "synthetic shapes"
 STACK_NAME = "synthetic stack"
+VOLUME_NAME = "synthetic volume"
 
 
 def sample_image() -> np.ndarray:
@@ -26,4 +27,13 @@ def sample_stack() -> np.ndarray:
     return stack
 
 
-__all__ = ["IMAGE_NAME", "STACK_NAME", "sample_image", "sample_stack"]
+def sample_volume() -> np.ndarray:
+    """A 48 x 64 x 64 float volume (z, y, x) in [0, 1] with a sphere, a cube and a cone, from
+    the generator the 3D demo model (``load_model("demo3d")``) was trained on."""
+    from .models.demo3d.synthetic import sample_volume as make
+
+    return make().volume
+
+
+__all__ = ["IMAGE_NAME", "STACK_NAME", "VOLUME_NAME", "sample_image", "sample_stack",
+           "sample_volume"]

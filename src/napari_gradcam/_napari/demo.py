@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .sample_data import synthetic_image, synthetic_stack
+from .sample_data import synthetic_image, synthetic_stack, synthetic_volume
 
 
 def has_display() -> bool:
@@ -16,18 +16,25 @@ def has_display() -> bool:
                 or os.environ.get("QT_QPA_PLATFORM"))
 
 
-def open_demo(viewer=None, *, stack: bool = False, methods=None, device: str = "auto"):
-    """Add the sample, dock the widget and start the run; returns (viewer, widget, worker)."""
+def open_demo(viewer=None, *, stack: bool = False, volume: bool = False, methods=None,
+              device: str = "auto"):
+    """Add the sample, dock the widget and start the run; returns (viewer, widget, worker).
+    ``volume``: the synthetic volume and the 3D demo model, shown in napari's 3D view."""
     import napari
 
     from .widget import PRESENT
 
     if viewer is None:
         viewer = napari.Viewer(title="napari-gradcam demo")
-    data, kwargs, _kind = (synthetic_stack if stack else synthetic_image)()[0]
+    sample = synthetic_volume if volume else synthetic_stack if stack else synthetic_image
+    data, kwargs, _kind = sample()[0]
     viewer.add_image(data, **kwargs)
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM")
     widget.wait_until_ready()  # the demo model loads on a worker; its classes come with it
+    if volume:
+        widget.set_model("demo3d", name="demo3d")
+        widget.wait_until_ready()
+        viewer.dims.ndisplay = 3
     widget.methods.value = list(methods or ["gradcam"])
     widget.target.value = PRESENT  # the demo model is multi-label: show every object it finds
     widget.device.value = device
@@ -36,7 +43,7 @@ def open_demo(viewer=None, *, stack: bool = False, methods=None, device: str = "
     return viewer, widget, widget.run()
 
 
-def run_demo(*, stack: bool = False, methods=None, device: str = "auto",
+def run_demo(*, stack: bool = False, volume: bool = False, methods=None, device: str = "auto",
              screenshot: str | None = None, size=(1400, 860)) -> int:
     """Open the demo window and run napari's event loop. With ``screenshot``, save a picture
     of the whole window once the run has finished and close."""
@@ -49,7 +56,8 @@ def run_demo(*, stack: bool = False, methods=None, device: str = "auto",
     import napari
     from qtpy.QtCore import QTimer
 
-    viewer, _widget, worker = open_demo(stack=stack, methods=methods, device=device)
+    viewer, _widget, worker = open_demo(stack=stack, volume=volume, methods=methods,
+                                        device=device)
     viewer.window.resize(*size)
     if screenshot:
         def shoot():
