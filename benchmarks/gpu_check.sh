@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine: the whole test suite on the GPU, then bench_engine.py
-# in fp32 and bf16, bench_batch.py, bench_targets.py and bench_found_cli.py. Everything it prints lands under $OUT.
+# in fp32 and bf16, bench_volumes.py (3D), bench_batch.py, bench_targets.py and
+# bench_found_cli.py. Everything it prints lands under $OUT.
 #
 # It installs nothing from the network: wheels the machine's image lacks travel in .whl/
 # (pytorch-grad-cam and ttach at least: pip wheel --no-deps grad-cam==1.5.7 ttach==0.0.3 -w .whl;
@@ -13,6 +14,7 @@
 #   TESTS="tests/..."       which tests (default: the whole suite)
 #   DEVICE=cuda             the benchmarks' device; EXTRA="..." more benchmark arguments
 #   BENCH=0                 skip the benchmarks (the CPU dry run in DEVELOPERS.md)
+#   BENCHES="engine volumes batch targets"   which benchmark groups (default: all four)
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -21,6 +23,8 @@ TESTS=${TESTS:-tests}
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}
 BENCH=${BENCH:-1}
+BENCHES=${BENCHES:-engine volumes batch targets}
+want() { case " $BENCHES " in *" $1 "*) return 0;; esac; return 1; }
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -43,18 +47,26 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
 fi
 
 if [ "$BENCH" != 0 ] && { [ "$STAGE" = all ] || [ "$STAGE" = bench ]; }; then
-    timeout 200 python3 benchmarks/bench_engine.py --device "$DEVICE" --repeats 10 \
-        --scorecam-model resnet50 --scorecam-bf16 $EXTRA 2>&1 | tee "$OUT/bench-gpu-fp32.md"
-    timeout 90 python3 benchmarks/bench_engine.py --device "$DEVICE" --repeats 10 --amp bf16 \
-        --no-scorecam --no-peer $EXTRA 2>&1 | tee "$OUT/bench-gpu-bf16.md"
-    # the batch run end to end vs the engine alone, demo model and ResNet-50
-    timeout 120 python3 benchmarks/bench_batch.py --device "$DEVICE" --images 256 --rounds 3 \
-        --batch-size 32 2>&1 | tee "$OUT/bench-batch-demo.md"
-    timeout 120 python3 benchmarks/bench_batch.py --device "$DEVICE" --images 256 --rounds 3 \
-        --batch-size 32 --model resnet50 2>&1 | tee "$OUT/bench-batch-resnet50.md"
-    # "every class found" vs one class: the library, and the batch command
-    timeout 90 python3 benchmarks/bench_targets.py --device "$DEVICE" --images 64 --size 384 \
-        --rounds 5 2>&1 | tee "$OUT/bench-targets.md"
-    timeout 120 python3 benchmarks/bench_found_cli.py --images 96 --rounds 3 2>&1 \
-        | tee "$OUT/bench-found-cli.md"
+    if want volumes; then  # 3D Grad-CAM / 3D inference at 96^3: demo3d and MONAI DenseNet121
+        timeout 150 python3 benchmarks/bench_volumes.py --device "$DEVICE" --repeats 20 2>&1 \
+            | tee "$OUT/bench-volumes.md"
+    fi
+    if want engine; then
+        timeout 200 python3 benchmarks/bench_engine.py --device "$DEVICE" --repeats 10 \
+            --scorecam-model resnet50 --scorecam-bf16 $EXTRA 2>&1 | tee "$OUT/bench-gpu-fp32.md"
+        timeout 90 python3 benchmarks/bench_engine.py --device "$DEVICE" --repeats 10 \
+            --amp bf16 --no-scorecam --no-peer $EXTRA 2>&1 | tee "$OUT/bench-gpu-bf16.md"
+    fi
+    if want batch; then  # the batch run end to end vs the engine alone, demo and ResNet-50
+        timeout 120 python3 benchmarks/bench_batch.py --device "$DEVICE" --images 256 \
+            --rounds 3 --batch-size 32 2>&1 | tee "$OUT/bench-batch-demo.md"
+        timeout 120 python3 benchmarks/bench_batch.py --device "$DEVICE" --images 256 \
+            --rounds 3 --batch-size 32 --model resnet50 2>&1 | tee "$OUT/bench-batch-resnet50.md"
+    fi
+    if want targets; then  # "every class found" vs one class: the library, and the batch command
+        timeout 90 python3 benchmarks/bench_targets.py --device "$DEVICE" --images 64 \
+            --size 384 --rounds 5 2>&1 | tee "$OUT/bench-targets.md"
+        timeout 120 python3 benchmarks/bench_found_cli.py --images 96 --rounds 3 2>&1 \
+            | tee "$OUT/bench-found-cli.md"
+    fi
 fi
