@@ -150,9 +150,19 @@ def test_bad_settings_say_what_to_change(spec, kwargs, error, words):
 
 @pytest.fixture(scope="module")
 def spec3d():
-    from conftest import small_cnn
+    """A 3D model whose Grad-CAM is the smoothed brightness (fixed weights, so the test does
+    not depend on the random state other tests leave): bright blocks are its regions."""
+    import torch
+    from torch import nn
 
-    return ng.load_model(small_cnn(dims=3, classes=2), class_names=["a", "b"])
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
+                        nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(1 / 27)
+        net[0].bias.zero_()
+        net[4].weight.fill_(1.0)
+        net[4].bias.zero_()
+    return ng.load_model(net.eval(), class_names=["a", "b"])
 
 
 def _blob_volumes():
