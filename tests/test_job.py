@@ -235,3 +235,20 @@ def test_mask_multiply_masks_the_heatmap_and_thresholds_inside(spec, stack):
     assert np.array_equal(restrict.rederive(mask=None).heatmaps["gradcam"],
                           ExplainJob(spec, "gradcam", "found", device="cpu").run(
                               stack).heatmaps["gradcam"])
+
+
+def test_3d_regions_of_every_class_found_get_one_label_each(spec3d):
+    """Each class's map numbers its regions from 1; a volume's label map and boxes need one id
+    per region across classes."""
+    vols = _blob_volumes()
+    res = ExplainJob(spec3d, "gradcam", "found", device="cpu",
+                     regions={"threshold": 0.3, "min_area": 1}).run(vols)
+    for v in range(2):
+        mine = [r for r in res.regions if r.index == (v,)]
+        assert len({r.class_id for r in mine}) == 2  # both classes: same map, same blobs
+        assert [r.label for r in mine] == list(range(1, len(mine) + 1))
+    labels = ng.label_image([r for r in res.regions if r.index == (1,)], vols.shape[1:])
+    last = [r for r in res.regions if r.index == (1,)][-1]
+    z0, r0, c0, z1, r1, c1 = last.bbox
+    where = np.argwhere(labels == last.label)
+    assert where.min(0).tolist() == [z0, r0, c0] and (where.max(0) + 1).tolist() == [z1, r1, c1]

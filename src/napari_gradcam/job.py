@@ -270,9 +270,26 @@ def find_targets(per_target, class_ids, scores, kept, lead, class_names, options
         regions += [r for r in found if kept[tuple(r.index[:len(lead)])][k]]
     regions.sort(key=lambda r: (tuple(r.index), -1 if r.class_id is None else r.class_id))
     n = len(lead)
+    regions = _one_label_per_region(regions, n)
     regions = [replace(r, index=shift_index(r.index[:n], offset) + tuple(r.index[n:]))
                for r in regions] if offset else regions
     return regions, summary_rows(class_ids, scores, kept, lead, class_names, regions, offset)
+
+
+def _one_label_per_region(regions: list, image_axes: int) -> list:
+    """3D regions numbered 1..n per volume across all its classes, in order: each class's map
+    numbers its own regions from 1, and one volume's label map, boxes table and exports need
+    one id per region."""
+    count: dict = {}
+    out = []
+    for r in regions:
+        if r.label is None:
+            out.append(r)
+            continue
+        key = tuple(r.index[:image_axes])
+        count[key] = count.get(key, 0) + 1
+        out.append(r if r.label == count[key] else replace(r, label=count[key]))
+    return out
 
 
 def summary_rows(class_ids, scores, kept, lead, class_names, regions, offset=()) -> list:
