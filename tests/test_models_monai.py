@@ -199,6 +199,40 @@ def test_pretrained_weights_are_never_downloaded(tmp_path):
     assert isinstance(built, nets.SwinUNETR)
 
 
+def test_a_builder_that_downloads_through_its_arguments_is_stopped(tmp_path, monkeypatch):
+    """TorchVisionFCModel passes unknown arguments to a torchvision builder; a detection
+    builder's default backbone weights would be fetched while it is built. No argument name
+    says so, so the download itself is refused (and nothing reaches the network)."""
+    import socket
+
+    import torchvision.models._api as api
+
+    fetched = []
+
+    def record(url, *args, **kwargs):
+        fetched.append(url)
+        raise RuntimeError("the test's stand-in for a download ran")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", record)
+    monkeypatch.setattr(api, "load_state_dict_from_url", record)
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.zeros(2, 4)}, str(tmp_path / "m.safetensors"))
+    (tmp_path / "m.safetensors.json").write_text(json.dumps({
+        "architecture": "monai:TorchVisionFCModel", "class_names": ["a", "b"],
+        "arguments": {"model_name": "get_model", "name": "fasterrcnn_resnet50_fpn",
+                      "num_classes": 2}}))
+    with pytest.raises(ValueError, match="tried to download files while being built"):
+        ng.load_model(tmp_path / "m.safetensors")
+    assert fetched == []
+    # the guard is gone afterwards, and other threads were never concerned
+    assert torch.hub.load_state_dict_from_url is record
+    assert socket.socket.connect.__name__ == "connect"
+    with pytest.raises(ValueError, match="weights_backbone would download weights"):
+        build_architecture("monai:TorchVisionFCModel", 2, 3,
+                           {"model_name": "get_model", "weights_backbone": "DEFAULT"})
+
+
 def test_unknown_names_helpers_and_bad_arguments_say_what_to_give(tmp_path):
     model = nets.DenseNet(spatial_dims=2, in_channels=1, out_channels=2, **SMALL_DENSENET)
     path = save(model, tmp_path / "w.safetensors")

@@ -23,6 +23,7 @@ regular files (folders, devices, pipes) are refused before anything is read from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -32,7 +33,9 @@ import os
 import pickle
 import pickletools
 import re
+import socket
 import stat
+import threading
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -335,7 +338,8 @@ def build_architecture(arch: str, num_classes: int | None = None,
     if family == "monai":
         _import_optional("monai", f"architecture {arch!r}")
         nets = _optional.import_library("monai.networks.nets")
-        return _from_monai(nets, name, num_classes, in_channels, arguments), {}
+        with _offline(arch):
+            return _from_monai(nets, name, num_classes, in_channels, arguments), {}
     for library, builder in (("torchvision", _from_torchvision), ("timm", _from_timm)):
         if family not in ("", library):
             continue
@@ -346,10 +350,75 @@ def build_architecture(arch: str, num_classes: int | None = None,
                 lib = _optional.import_library(library)
             except ImportError:
                 continue
-        built = builder(lib, name, num_classes, in_channels, arguments)
+        with _offline(arch):
+            built = builder(lib, name, num_classes, in_channels, arguments)
         if built is not None:
             return built
     raise _unknown(arch)
+
+
+class _Offline:
+    """Which threads are building a named architecture right now (see :func:`_offline`)."""
+
+    lock = threading.Lock()
+    threads: dict = {}  # thread id -> the architecture being built
+    saved: dict = {}
+
+
+def _refuse_download(*_args, **_kwargs):
+    arch = _Offline.threads.get(threading.get_ident())
+    raise ValueError(f"{arch} tried to download files while being built (its arguments or "
+                     "defaults ask for pretrained weights); the weights come from the weights "
+                     "file: drop the argument that asks for them, or build the model in your "
+                     "own code and pass the module.")
+
+
+def _guarded(original):
+    def call(*args, **kwargs):
+        if threading.get_ident() in _Offline.threads:
+            _refuse_download()
+        return original(*args, **kwargs)
+    return call
+
+
+def _patch_targets() -> list:
+    """(module, attribute) pairs through which named architectures fetch files: torch.hub
+    (torchvision's and timm's pretrained weights, also when torchvision bound the function at
+    import) and, for anything else, opening a network connection."""
+    import sys
+
+    targets = [(torch.hub, "load_state_dict_from_url"), (torch.hub, "download_url_to_file"),
+               (socket.socket, "connect")]
+    api = sys.modules.get("torchvision.models._api")
+    if api is not None and hasattr(api, "load_state_dict_from_url"):
+        targets.append((api, "load_state_dict_from_url"))
+    return targets
+
+
+@contextlib.contextmanager
+def _offline(arch: str):
+    """Building a named architecture (from a model file or a name the user typed) never
+    fetches anything: a builder whose arguments or defaults ask for pretrained weights (a
+    torchvision detection backbone behind MONAI's TorchVisionFCModel, say) fails with a
+    sentence instead of downloading. Only the building thread is refused; others (a viewer's
+    own connections) go on, and the originals are restored when the last build ends."""
+    me = threading.get_ident()
+    with _Offline.lock:
+        if not _Offline.threads:
+            for owner, name in _patch_targets():
+                original = getattr(owner, name)
+                _Offline.saved[(owner, name)] = original
+                setattr(owner, name, _guarded(original))
+        _Offline.threads[me] = arch
+    try:
+        yield
+    finally:
+        with _Offline.lock:
+            _Offline.threads.pop(me, None)
+            if not _Offline.threads:
+                for (owner, name), original in _Offline.saved.items():
+                    setattr(owner, name, original)
+                _Offline.saved.clear()
 
 
 def _from_factory(arch: str, arguments: dict) -> nn.Module:
@@ -409,7 +478,7 @@ _MONAI_FUNCTIONS = re.compile(r"resnet\d+")  # resnet18 ...: ResNet with a depth
 # arguments that make a MONAI network fetch weights when true (pretrained, pretrained_url,
 # TorchVisionFCModel's weights, Transchex's path_or_repo_id / filename); use_checkpoint and
 # the like are gradient checkpointing and stay allowed
-_MONAI_FETCH_ARGS = re.compile(r"^pretrained|^weights$|url|repo|file", re.IGNORECASE)
+_MONAI_FETCH_ARGS = re.compile(r"^pretrained|^weights|url|repo|file", re.IGNORECASE)
 # networks that download while being built whatever their arguments say (Transchex loads BERT;
 # MONAI releases before its path_or_repo_id argument hid the download inside)
 _MONAI_FETCHING = ("Transchex",)
