@@ -252,3 +252,16 @@ def test_3d_regions_of_every_class_found_get_one_label_each(spec3d):
     z0, r0, c0, z1, r1, c1 = last.bbox
     where = np.argwhere(labels == last.label)
     assert where.min(0).tolist() == [z0, r0, c0] and (where.max(0) + 1).tolist() == [z1, r1, c1]
+
+
+def test_a_volume_mask_with_plane_wise_regions_of_several_volumes(spec3d):
+    vols = _blob_volumes()
+    mask = np.zeros(vols.shape[1:], bool)
+    mask[:, :, :12] = True
+    res = ExplainJob(spec3d, "gradcam", None, device="cpu", mask=mask,
+                     regions={"threshold": 0.3, "min_area": 1, "ndim": 2}).run(vols)
+    assert res.regions and all(r.bbox[3] <= 12 for r in res.regions)
+    assert {r.index[0] for r in res.regions} == {0, 1}
+    assert _boxes(res.rederive(ndim=3).regions) == _boxes(
+        ExplainJob(spec3d, "gradcam", None, device="cpu", mask=mask,
+                   regions={"threshold": 0.3, "min_area": 1}).run(vols).regions)

@@ -266,7 +266,8 @@ def find_targets(per_target, class_ids, scores, kept, lead, class_names, options
         planes = (1,) * (len(maps) - len(lead))
         ids, values = (np.broadcast_to(a[..., k].reshape(lead + planes), maps)
                        for a in (class_ids, scores))
-        found = find_regions(heat, mask=mask, class_ids=ids, scores=values, **options)
+        found = find_regions(heat, mask=_mask_for(mask, heat.shape), class_ids=ids,
+                             scores=values, **options)
         regions += [r for r in found if kept[tuple(r.index[:len(lead)])][k]]
     regions.sort(key=lambda r: (tuple(r.index), -1 if r.class_id is None else r.class_id))
     n = len(lead)
@@ -274,6 +275,21 @@ def find_targets(per_target, class_ids, scores, kept, lead, class_names, options
     regions = [replace(r, index=shift_index(r.index[:n], offset) + tuple(r.index[n:]))
                for r in regions] if offset else regions
     return regions, summary_rows(class_ids, scores, kept, lead, class_names, regions, offset)
+
+
+def _mask_for(mask, shape):
+    """The job's mask (the images' spatial shape, or the leading shape plus it) for maps of
+    ``shape``: a volume's mask given for plane-wise regions of several volumes is repeated
+    for each (find_regions takes one plane's shape or the maps' whole shape)."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim == 2 or mask.shape == tuple(shape):
+        return mask
+    try:
+        return np.broadcast_to(mask, shape)
+    except ValueError:
+        return mask  # find_regions says which shapes it takes
 
 
 def _one_label_per_region(regions: list, image_axes: int) -> list:
