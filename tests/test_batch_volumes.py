@@ -429,3 +429,108 @@ def test_a_folder_of_images_with_a_stray_dicom_file_stays_a_folder_of_images(tmp
         units = collect_units([folder], spatial_dims=3)
     assert sorted((u.kind, u.name) for u in units) == [("file", "photos__a"), ("volume", "ct")]
     assert "holds image files and DICOM files" in caplog.text
+
+
+def test_a_slice_file_input_is_its_series_named_and_fingerprinted_as_its_folder(tmp_path):
+    from napari_gradcam.batch import collect_units
+
+    series = dicom_series(tmp_path / "ct", n=4)
+    first = min(series.iterdir())
+    unit, = collect_units([first], spatial_dims=3)
+    assert unit.kind == "volume" and unit.name == "ct"
+    max(series.iterdir()).unlink()  # a slice beside it: what is read changes
+    again, = collect_units([first], spatial_dims=3)
+    assert again.fingerprint != unit.fingerprint
+
+
+def test_a_dicom_folder_mask_is_fingerprinted_by_its_slices(tmp_path):
+    from napari_gradcam.batch.discover import source_fingerprint
+
+    mask = dicom_series(tmp_path / "mask", n=2)
+    write_nifti_volume(tmp_path / "img.nii.gz", np.zeros((2, 4, 4), np.float32), np.eye(4))
+    before = source_fingerprint(tmp_path / "img.nii.gz", mask=str(mask))
+    slice_ = min(mask.iterdir())
+    slice_.write_bytes(slice_.read_bytes() + b"\0\0")  # a slice rewritten, the folder not
+    os.utime(mask, ns=(0, 0))
+    assert source_fingerprint(tmp_path / "img.nii.gz", mask=str(mask)) != before
+
+
+def test_a_cd_layout_with_dicomdir_finds_the_nested_series(tmp_path):
+    """DICOMDIR + DICOM/ST0/SE0/IM*: the index is skipped, the folders below are searched,
+    and a folder with slices and subfolders is its own series plus those below."""
+    from pydicom.data import get_testdata_file
+
+    from napari_gradcam.batch import collect_units
+
+    disc = tmp_path / "disc"
+    disc.mkdir()
+    shutil.copy(get_testdata_file("DICOMDIR"), disc / "DICOMDIR")
+    se0 = dicom_series(disc / "DICOM" / "ST0" / "SE0", n=2)
+    for p in se0.iterdir():
+        p.rename(p.with_suffix(""))  # CDs name slices without a suffix
+    dicom_series(se0 / "SE1", n=2)
+    units = collect_units([disc], spatial_dims=3)
+    assert sorted((u.kind, u.name) for u in units) == [
+        ("volume", "DICOM__ST0__SE0"), ("volume", "DICOM__ST0__SE0__SE1")]
+    given = collect_units([se0], spatial_dims=3)
+    assert sorted(u.name for u in given) == ["SE0", "SE1"]
+
+
+def _mask_unit(tmp_path, mask_display, mask_affine, image_affine):
+    from napari_gradcam.batch.discover import Unit
+    from napari_gradcam.batch.read import _read_mask
+    from napari_gradcam.volumes import read_volume
+
+    img = write_nifti_volume(tmp_path / "scan.nii.gz", block_volume(), image_affine)
+    mask = write_nifti_volume(tmp_path / "mask.nii.gz", mask_display, mask_affine)
+    unit = Unit(str(img), "scan", "volume", mask=str(mask))
+    return _read_mask(unit, read_volume(img))
+
+
+def test_a_nifti_mask_stored_flipped_is_reoriented_and_another_grid_is_refused(tmp_path):
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    keep = np.zeros((16, 24, 24), np.uint8)
+    keep[:, :, :12] = 1  # the left half of the scan, by its own x axis
+    flipped = affine.copy()
+    flipped[0, 0], flipped[0, 3] = -1.0, 23.0  # the same world points, x stored reversed
+    mask = _mask_unit(tmp_path, keep[:, :, ::-1], flipped, affine)
+    np.testing.assert_array_equal(mask, keep > 0)
+    shifted = affine.copy()
+    shifted[0, 3] = 5.0
+    with pytest.raises(ValueError, match="not on the scan's voxel grid.*resample"):
+        _mask_unit(tmp_path, keep, shifted, affine)
+
+
+def test_a_volume_mask_restricts_a_2d_model_explaining_plane_by_plane(tmp_path):
+    from conftest import small_cnn
+    from safetensors.torch import save_file
+
+    save_file(small_cnn(in_ch=1, classes=3).state_dict(), str(tmp_path / "m2.safetensors"))
+    (tmp_path / "m2.safetensors.json").write_text(json.dumps({
+        "architecture": "conftest:small_cnn", "class_names": ["a", "b", "c"]}))
+    write_nifti_volume(tmp_path / "in" / "scan.nii.gz", block_volume((3, 24, 24)),
+                       oblique_affine())
+    keep = np.zeros((3, 24, 24), np.uint8)
+    keep[:, :, :13] = 1
+    write_nifti_volume(tmp_path / "masks" / "scan.nii.gz", keep, oblique_affine())
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "in"), "--out", str(out), "--model",
+                 str(tmp_path / "m2.safetensors"), "--trust-code", "--device", "cpu", "--quiet",
+                 "--min-area", "1", "--mask", str(tmp_path / "masks" / "{name}")]) == 0
+    assert all(r["status"] == "ok" for r in read_csv(out / "summary.csv"))
+    assert all(int(b["col1"]) <= 13 for b in read_csv(out / "regions" / "scan_boxes.csv"))
+
+
+def test_searching_a_tree_of_image_folders_opens_no_file_to_look_for_dicom(tmp_path,
+                                                                         monkeypatch):
+    from napari_gradcam import volumes
+    from napari_gradcam.batch import collect_units
+
+    for d in range(3):
+        for f in range(5):
+            (tmp_path / "in" / f"d{d}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "in" / f"d{d}" / f"i{f}.png").write_bytes(b"\x89PNG")
+    opened = []
+    monkeypatch.setattr(volumes, "_has_dicom_magic", lambda p: opened.append(p) or False)
+    assert len(collect_units([tmp_path / "in"])) == 15
+    assert opened == []

@@ -153,3 +153,16 @@ def test_a_damaged_volume_fails_with_the_reason(make_napari_viewer, tmp_path):
     with pytest.raises(ValueError, match="'cut.nii.gz'.*truncated or damaged.*export it again"):
         viewer.open(str(path), plugin="napari-gradcam")
     assert len(viewer.layers) == 0
+
+
+def test_a_micron_nifti_layer_is_placed_in_millimetres_and_written_back_in_microns(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([500.0, 250.0, 2000.0, 1]))
+    img.header.set_xyzt_units("micron")
+    nib.save(img, tmp_path / "um.nii.gz")
+    data, kwargs, kind = read_volume_layer(str(tmp_path / "um.nii.gz"))[0]
+    assert kind == "image" and kwargs["units"] == ("mm", "mm", "mm")
+    assert kwargs["scale"] == pytest.approx([2.0, 0.25, 0.5])
+    vol = volume_from_metadata(kwargs["metadata"], np.ones(data.shape, np.float32))
+    out = nib.load(write_nifti(vol.data, vol, tmp_path / "heat.nii.gz"))
+    np.testing.assert_allclose(out.affine, img.affine)
+    assert out.header.get_xyzt_units()[0] == "micron"

@@ -508,3 +508,127 @@ def test_box_rows_on_the_oblique_scan_enclose_every_voxel_and_take_plane_regions
         box_rows([SimpleNamespace(**{**vars(plane), "index": (1, 30)})], vol)
     with pytest.raises(ValueError, match=r"ndim=3"):
         box_rows([SimpleNamespace(**{**vars(plane), "index": ()})], vol)
+
+
+# ------------------------------------------------------------------- hostile files and layouts
+
+
+def _raw_tag(ds, keyword: str, value: bytes) -> None:
+    """Put a tag's bytes in the file as they are (pydicom would refuse "abc" as a number)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    tag = Tag(tag_for_keyword(keyword))
+    value += b" " * (len(value) % 2)
+    ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda ds: delattr(ds, "Rows"), "has no Rows tag"),
+    (lambda ds: _raw_tag(ds, "RescaleSlope", b"abc"), "unusable RescaleSlope"),
+    (lambda ds: _raw_tag(ds, "NumberOfFrames", b"abc"), "unusable NumberOfFrames"),
+    (lambda ds: (delattr(ds, "ImagePositionPatient"), _raw_tag(ds, "InstanceNumber", b"x")),
+     "unusable InstanceNumber"),
+    (lambda ds: setattr(ds, "ImageOrientationPatient", [0, 0, 0, 0, 0, 0]),
+     "degenerate ImageOrientationPatient"),
+    (lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]),
+     "degenerate ImageOrientationPatient"),
+])
+def test_hostile_dicom_tags_are_one_sentence_naming_file_and_tag(tmp_path, edit, words):
+    paths, _ = make_series(tmp_path / "s", n=3)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        edit(ds)
+        ds.save_as(p)
+    with pytest.raises(ValueError, match=words) as err:
+        read_volume(tmp_path / "s")
+    assert ".dcm" in str(err.value) and ("re-export" in str(err.value) or "fix" in str(err.value))
+
+
+def test_zero_pixel_spacing_on_every_slice_falls_back_to_1_mm_with_a_warning(tmp_path):
+    make_series(tmp_path / "s", n=3, PixelSpacing=["0", "0"])
+    with pytest.warns(UserWarning, match="no usable PixelSpacing"):
+        vol = read_volume(tmp_path / "s")
+    assert vol.spacing[1:] == pytest.approx((1.0, 1.0))
+
+
+def test_apple_double_files_and_dicomdir_are_not_slices(tmp_path):
+    paths, _ = make_series(tmp_path / "s", n=3)
+    for p in paths:  # macOS companions: junk after a name that looks like a slice
+        (p.parent / ("._" + p.name)).write_bytes(b"\x00\x05\x16\x07Mac OS X" + b"\0" * 500)
+    shutil.copy(get_testdata_file("DICOMDIR"), tmp_path / "s" / "DICOMDIR")
+    vol = read_volume(tmp_path / "s")
+    assert vol.spatial_shape == (3, 128, 128)
+    assert len(vol.header["files"]) == 3
+    only = tmp_path / "cd"
+    only.mkdir()
+    shutil.copy(get_testdata_file("DICOMDIR"), only / "DICOMDIR")
+    assert not is_volume_path(only)  # an index without slices is no series
+    shutil.move(only / "DICOMDIR", only / "report")  # any DICOM file without pixels
+    assert not is_volume_path(only)
+
+
+def test_a_folder_of_images_is_told_from_dicom_without_opening_files(tmp_path, monkeypatch):
+    from napari_gradcam import volumes
+
+    for n in range(20):
+        (tmp_path / f"i{n:02d}.png").write_bytes(b"\x89PNG")
+    (tmp_path / "scan.nii.gz").write_bytes(b"x")
+    (tmp_path / ".hidden").write_bytes(b"x")
+    opened = []
+    monkeypatch.setattr(volumes, "_has_dicom_magic", lambda p: opened.append(p) or False)
+    assert not is_volume_path(tmp_path)
+    assert opened == []
+
+
+def test_nifti_units_other_than_mm_give_millimetres_and_are_written_back_raw(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([500.0, 500.0, 2000.0, 1]))
+    img.header.set_xyzt_units("micron")
+    nib.save(img, tmp_path / "um.nii.gz")
+    vol = read_volume(tmp_path / "um.nii.gz")
+    assert vol.spacing == pytest.approx((2.0, 0.5, 0.5))
+    assert vol.layer_transform()["scale"] == pytest.approx([2.0, 0.5, 0.5])
+    row = box_rows([region3d((0, 0, 0, 1, 1, 1), 1)], vol)[0]
+    assert (row["x_min_mm"], row["x_max_mm"], row["volume_mm3"]) == pytest.approx(
+        (-0.25, 0.25, 0.5))
+    out = nib.load(write_nifti(np.ones(vol.spatial_shape, np.float32), vol,
+                               tmp_path / "o.nii.gz"))
+    np.testing.assert_allclose(out.affine, img.affine)
+    assert out.header.get_xyzt_units()[0] == "micron"
+    assert out.header.get_zooms() == pytest.approx((500.0, 500.0, 2000.0))
+    img.header.set_xyzt_units("meter")
+    nib.save(img, tmp_path / "m.nii")
+    assert read_volume(tmp_path / "m.nii").spacing == pytest.approx((2e6, 5e5, 5e5))
+
+
+def test_written_results_carry_no_header_extensions_or_free_text(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(2, b"PatientName=Doe^Jane"))
+    img.header["descrip"] = b"Doe^Jane 1970"
+    img.header["aux_file"] = b"jane.txt"
+    nib.save(img, tmp_path / "s.nii")
+    vol = read_volume(tmp_path / "s.nii")
+    path = write_nifti(np.ones(vol.spatial_shape, np.float32), vol, tmp_path / "o.nii")
+    out = nib.load(path)
+    assert len(out.header.extensions) == 0
+    assert out.header["descrip"].item() == b"" and out.header["aux_file"].item() == b""
+    assert b"Doe" not in path.read_bytes()
+
+
+def test_a_nifti_with_no_voxels_or_a_huge_header_is_refused_with_a_sentence(tmp_path):
+    import gzip
+    import struct
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    block = bytearray(img.header.binaryblock)
+    body = b"\0" * 4 + np.zeros(64, np.int16).tobytes()
+    struct.pack_into("<8h", block, 40, 3, 4, 0, 4, 1, 1, 1, 1)
+    (tmp_path / "zero.nii").write_bytes(bytes(block) + body)
+    with pytest.raises(ValueError, match="has no voxels"):
+        read_volume(tmp_path / "zero.nii")
+    struct.pack_into("<8h", block, 40, 3, 30000, 30000, 30000, 1, 1, 1, 1)
+    with gzip.open(tmp_path / "huge.nii.gz", "wb") as f:
+        f.write(bytes(block) + body)
+    with pytest.raises(ValueError, match="too large to read.*more than the"):
+        read_volume(tmp_path / "huge.nii.gz")

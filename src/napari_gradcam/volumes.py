@@ -73,7 +73,8 @@ class Volume:
     """A scan in display order with the geometry of its file.
 
     data : array (..., Z, Y, X), the file's voxel axes reversed; extra NIfTI axes (time) lead.
-    affine : 4x4, the file's voxel (i, j, k) -> world millimetres (RAS+). Display index
+    affine : 4x4, the file's voxel (i, j, k) -> world millimetres (RAS+; a NIfTI file's
+        matrix converted from the unit its header states). Display index
         (z, y, x) is voxel (i, j, k) = (x, y, z); the voxel's *centre* sits at ``affine @
         (i, j, k, 1)``.
     header : the nibabel header of a NIfTI file (reused when writing results back), or for a
@@ -228,13 +229,48 @@ def _has_dicom_magic(path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+# Files that never hold a series' slices, told by name without opening them: images and NIfTI
+# files (a folder of PNGs costs no reads when folders are searched for DICOM), and DICOMDIR,
+# the index a CD or export writes above its series folders (a DICOM file without pixels).
+_NOT_SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz",
+                       ".gif", ".txt", ".json", ".csv", ".xml", ".zip", ".geojson")
+
+
+def _maybe_slice(name: str) -> bool:
+    """Whether a file name may be a DICOM slice: not hidden (macOS writes ``._im000.dcm``
+    AppleDouble companions next to every file on shared drives), not a DICOMDIR, not an
+    image or NIfTI file by its suffix."""
+    low = name.lower()
+    return not (name.startswith(".") or low == "dicomdir" or low.endswith(_NOT_SLICE_SUFFIXES))
+
+
+def _is_image_dicom(path) -> bool:
+    """Whether a file with the DICOM signature holds an image (it has Rows), read from its
+    header only. A report, presentation state or index beside the series is not a slice; a
+    file that can't be parsed counts, so that reading the folder names it."""
+    try:
+        ds = _pydicom().dcmread(str(path), stop_before_pixels=True, specific_tags=["Rows"])
+    except ImportError:
+        return True  # reading says what to install
+    except Exception:  # noqa: BLE001 - damaged: reading reports it with the file's name
+        return True
+    return "Rows" in ds
+
+
 def _folder_has_dicom(folder: Path) -> bool:
+    """Whether a folder holds DICOM image slices, by the signature of its first files (and the
+    header of the first one with it). Files named as anything else are not opened, so a
+    folder of images is told apart by names alone."""
     try:
         with os.scandir(folder) as it:
-            for n, entry in enumerate(it):
-                if n >= _DICOM_PROBE_FILES:
+            probed = 0
+            for entry in it:
+                if not _maybe_slice(entry.name) or not entry.is_file():
+                    continue
+                if probed >= _DICOM_PROBE_FILES:
                     return False
-                if entry.is_file() and _has_dicom_magic(entry.path):
+                probed += 1
+                if _has_dicom_magic(entry.path) and _is_image_dicom(entry.path):
                     return True
     except OSError:
         return False
@@ -265,7 +301,9 @@ def read_volume(path, *, series: str | int | None = None) -> Volume:
     NIfTI data of an uncompressed, unscaled file in native byte order is memory-mapped (read
     when touched); otherwise it is read once, scaled by scl_slope / scl_inter (to float32, or
     float64 for float64 files) and in native byte order. NaN voxels are kept as the file has
-    them (see ``volume_array``).
+    them (see ``volume_array``). The affine is converted to millimetres from the header's
+    spatial unit (micron, meter); 'unknown' counts as millimetres, as nibabel and the common
+    viewers take it. ``write_nifti`` writes the file's own unit and matrices back.
     """
     p = Path(path)
     if not p.exists():
@@ -305,6 +343,9 @@ def _read_nifti(p: Path) -> Volume:
         raise ValueError(f"{p.name!r} holds {raw_dtype} voxels (RGB or complex); napari-gradcam "
                          "reads grey scalar volumes: save one channel as a scalar NIfTI")
     shape = tuple(int(n) for n in img.shape)
+    if not shape or min(shape) <= 0:
+        raise ValueError(f"{p.name!r} has no voxels: its header gives the shape {shape} (an axis "
+                         "of length 0 or less, or no axes); export the image again")
     # nibabel moves scl_slope / scl_inter from the header into the array proxy when loading
     slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
     if not (math.isfinite(slope) and slope != 0 and math.isfinite(inter)):
@@ -318,6 +359,12 @@ def _read_nifti(p: Path) -> Volume:
         if have < need:
             raise ValueError(f"{p.name!r} is truncated: its header promises {need} bytes, the "
                              f"file has {have}; copy or export it again")
+    else:  # decompressed into memory: a damaged header can promise terabytes
+        itemsize = max(raw_dtype.itemsize, 8 if raw_dtype == np.float64 else 4) if scaled \
+            else raw_dtype.itemsize
+        need = int(np.prod(shape, dtype=np.float64)) * itemsize
+        if need > 1 << 30:
+            _check_fits(p, shape, need)
     try:
         if not compressed and not scaled and raw_dtype.isnative:
             data = np.asanyarray(proxy)  # a copy-on-write memory map: read when touched
@@ -331,6 +378,10 @@ def _read_nifti(p: Path) -> Volume:
                 data = np.asarray(proxy)
             if not data.dtype.isnative:
                 data = data.astype(data.dtype.newbyteorder("="))
+    except MemoryError:
+        raise ValueError(f"{p.name!r} is too large to read: its {' x '.join(map(str, shape))} "
+                         "voxels do not fit in the memory available; crop or downsample it, "
+                         "or read it on a machine with more memory") from None
     except Exception as err:  # gzip / zlib / EOF errors of a damaged file
         raise ValueError(f"{p.name!r} could not be read completely ({type(err).__name__}: "
                          f"{err}); the file is truncated or damaged: copy or export it again"
@@ -341,8 +392,39 @@ def _read_nifti(p: Path) -> Volume:
         data = data[..., 0]
     while data.ndim < 3:
         data = data[..., np.newaxis]
-    return Volume(data=data.T, affine=np.array(img.affine, float), header=img.header.copy(),
-                  kind="nifti", source=str(p))
+    # Volume.affine is in millimetres whatever unit the file states (micron for microscopy
+    # and preclinical scans); the header keeps the file's own, which write_nifti writes back.
+    affine = np.diag([*[_unit_factor(img.header)] * 3, 1.0]) @ np.array(img.affine, float)
+    return Volume(data=data.T, affine=affine, header=img.header.copy(), kind="nifti",
+                  source=str(p))
+
+
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
+
+
+def _unit_factor(header) -> float:
+    """Millimetres per world unit of a NIfTI header's xyzt_units. 'unknown' (the code 0 most
+    writers leave) counts as millimetres, as nibabel, ITK and the common viewers take it."""
+    try:
+        unit = header.get_xyzt_units()[0]
+    except Exception:  # noqa: BLE001 - a header without the field: NIfTI's default
+        return 1.0
+    return _MM_PER_UNIT.get(unit, 1.0)
+
+
+def _check_fits(p: Path, shape: tuple, need: int) -> None:
+    """Refuse a NIfTI whose decoded voxels can't fit in memory before decompressing it."""
+    try:
+        from .memory import available_host_memory
+
+        have = available_host_memory()
+    except Exception:  # noqa: BLE001 - unknown: try to read it
+        return
+    if have is not None and need > have:
+        raise ValueError(f"{p.name!r} is too large to read: its header promises "
+                         f"{' x '.join(map(str, shape))} voxels ({need / 2**30:.1f} GiB), more "
+                         f"than the {have / 2**30:.1f} GiB of memory available; crop or "
+                         "downsample it, or read it on a machine with more memory")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,8 +444,8 @@ def _dicom_candidates(folder: Path, only_file: Path | None) -> list[Path]:
     except OSError as err:
         raise ValueError(f"the DICOM folder {str(folder)!r} cannot be listed ({err}); check its "
                          "permissions") from err
-    files = [e for e in entries
-             if e.suffix.lower() in _DICOM_SUFFIXES or _has_dicom_magic(e)]
+    files = [e for e in entries if _maybe_slice(e.name)
+             and (e.suffix.lower() in _DICOM_SUFFIXES or _has_dicom_magic(e))]
     if only_file is not None and only_file not in files:
         files.append(only_file)
     return files
@@ -427,6 +509,30 @@ def _choose_series(slices: list[_Slice], folder: Path, series, only_file) -> lis
     return next(iter(groups.values()))
 
 
+def _tag(s: _Slice, name: str, convert=int, default=None):
+    """A slice's tag through ``convert``, or ``default`` when it is absent or empty. Exported
+    series carry hand-edited or damaged tags ("abc" as a number); a value that does not convert
+    (TypeError / ValueError / AttributeError from pydicom or ``convert``) becomes one sentence
+    naming the file and the tag, instead of a bare conversion error."""
+    try:
+        value = s.ds.get(name, None)
+        if value is None or value == "":
+            return default
+        return convert(value)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{s.path.name!r} in {str(s.path.parent)!r} has an unusable {name} "
+                         f"({type(err).__name__}: {err}); fix that tag in the file or re-export "
+                         "the series") from None
+
+
+def _required(s: _Slice, name: str) -> int:
+    value = _tag(s, name, int)
+    if value is None:
+        raise ValueError(f"{s.path.name!r} in {str(s.path.parent)!r} has no {name} tag, so its "
+                         "pixels can't be laid out; re-export the series or remove that file")
+    return value
+
+
 def _vec(ds, name: str, n: int) -> np.ndarray | None:
     v = ds.get(name, None)
     if v is None:
@@ -448,14 +554,14 @@ def _read_dicom(folder: Path, *, series, only_file: Path | None) -> Volume:
     first = slices[0].ds
 
     for s in slices:
-        frames = int(s.ds.get("NumberOfFrames", 1) or 1)
+        frames = _tag(s, "NumberOfFrames", int, 1) or 1
         if frames > 1:
             raise ValueError(f"{s.path.name!r} is a multi-frame DICOM file ({frames} frames); "
                              "convert the series to NIfTI (e.g. with dcm2niix) and open that")
-        if int(s.ds.get("SamplesPerPixel", 1) or 1) != 1:
+        if (_tag(s, "SamplesPerPixel", int, 1) or 1) != 1:
             raise ValueError(f"{s.path.name!r} holds colour pixels; napari-gradcam reads grey "
                              "DICOM series (CT, MR, PET): convert it to grey first")
-    sizes = {(int(s.ds.Rows), int(s.ds.Columns)) for s in slices}
+    sizes = {(_required(s, "Rows"), _required(s, "Columns")) for s in slices}
     if len(sizes) > 1:
         listing = ", ".join(f"{r} x {c}" for r, c in sorted(sizes))
         raise ValueError(f"the slices of the series in {str(folder)!r} have different sizes "
@@ -464,16 +570,20 @@ def _read_dicom(folder: Path, *, series, only_file: Path | None) -> Volume:
 
     iops = [_vec(s.ds, "ImageOrientationPatient", 6) for s in slices]
     ipps = [_vec(s.ds, "ImagePositionPatient", 3) for s in slices]
-    spacing_rc = _vec(first, "PixelSpacing", 2)
+    first_ps = _vec(first, "PixelSpacing", 2)
+    for s in slices[1:]:  # compared as the files hold them, before any fallback
+        ps = _vec(s.ds, "PixelSpacing", 2)
+        if (ps is None) != (first_ps is None) or (
+                ps is not None and not np.allclose(ps, first_ps, rtol=1e-4)):
+            raise ValueError(f"{s.path.name!r} has PixelSpacing "
+                             f"{None if ps is None else ps.tolist()}, the first slice "
+                             f"{None if first_ps is None else first_ps.tolist()}; keep one "
+                             "acquisition per folder")
+    spacing_rc = first_ps
     if spacing_rc is None or np.any(spacing_rc <= 0):
         spacing_rc = np.array([1.0, 1.0])
-        warnings.warn(f"the series in {str(folder)!r} has no PixelSpacing: voxels are taken as "
-                      "1 mm in-plane", UserWarning, stacklevel=3)
-    for s in slices[1:]:
-        ps = _vec(s.ds, "PixelSpacing", 2)
-        if ps is not None and not np.allclose(ps, spacing_rc, rtol=1e-4):
-            raise ValueError(f"{s.path.name!r} has PixelSpacing {ps.tolist()}, other slices "
-                             f"{spacing_rc.tolist()}; keep one acquisition per folder")
+        warnings.warn(f"the series in {str(folder)!r} has no usable PixelSpacing: voxels are "
+                      "taken as 1 mm in-plane", UserWarning, stacklevel=3)
 
     geometric = all(v is not None for v in iops) and all(v is not None for v in ipps)
     if geometric:
@@ -485,6 +595,11 @@ def _read_dicom(folder: Path, *, series, only_file: Path | None) -> Volume:
                                  "move those slices out of the folder")
         row_dir, col_dir = iop[:3], iop[3:]
         normal = np.cross(row_dir, col_dir)
+        if np.linalg.norm(normal) < 0.5:  # unit, perpendicular vectors give a normal of length 1
+            raise ValueError(f"{slices[0].path.name!r} has a degenerate ImageOrientationPatient "
+                             f"{iop.tolist()} (its row and column directions are not two "
+                             "perpendicular unit vectors), so the slices can't be placed; fix "
+                             "that tag or re-export the series")
         dist = np.array([float(np.dot(v, normal)) for v in ipps])
         order = np.argsort(dist, kind="stable")
         slices = [slices[n] for n in order]
@@ -506,8 +621,8 @@ def _read_dicom(folder: Path, *, series, only_file: Path | None) -> Volume:
             step = normal * _slice_spacing(first)
         origin = ipps[0]
     else:
-        numbers = [s.ds.get("InstanceNumber", None) for s in slices]
-        if any(n is None for n in numbers) or len({int(n) for n in numbers}) != len(numbers):
+        numbers = [_tag(s, "InstanceNumber", int) for s in slices]
+        if any(n is None for n in numbers) or len(set(numbers)) != len(numbers):
             raise ValueError(f"the slices in {str(folder)!r} lack ImagePositionPatient / "
                              "ImageOrientationPatient and unique InstanceNumbers, so their "
                              "order is unknown; export the series with its geometry")
@@ -515,9 +630,11 @@ def _read_dicom(folder: Path, *, series, only_file: Path | None) -> Volume:
                       "ImageOrientationPatient: ordered by InstanceNumber, placed at the world "
                       "origin with the default orientation (world positions are not the "
                       "scanner's)", UserWarning, stacklevel=3)
-        order = np.argsort([int(n) for n in numbers], kind="stable")
+        order = np.argsort(numbers, kind="stable")
         slices = [slices[n] for n in order]
         iop = iops[0] if iops[0] is not None else np.array([1.0, 0, 0, 0, 1.0, 0])
+        if np.linalg.norm(np.cross(iop[:3], iop[3:])) < 0.5:
+            iop = np.array([1.0, 0, 0, 0, 1.0, 0])  # placed at a default anyway (warned above)
         row_dir, col_dir = iop[:3], iop[3:]
         step = np.cross(row_dir, col_dir) * _slice_spacing(first)
         origin = np.zeros(3)
@@ -569,8 +686,8 @@ def _stack_pixels(slices: list[_Slice]) -> np.ndarray:
                              f"({type(err).__name__}: {err}); for compressed transfer syntaxes "
                              "install pylibjpeg (pip install pylibjpeg pylibjpeg-libjpeg) or "
                              "re-export the series uncompressed") from err
-        slopes.append(float(s.ds.get("RescaleSlope", 1) or 1))
-        inters.append(float(s.ds.get("RescaleIntercept", 0) or 0))
+        slopes.append(_tag(s, "RescaleSlope", float, 1.0) or 1.0)
+        inters.append(_tag(s, "RescaleIntercept", float, 0.0) or 0.0)
     raw = np.stack(planes)
     if all(a == 1.0 for a in slopes) and all(b == 0.0 for b in inters):
         return raw
@@ -628,7 +745,15 @@ def write_nifti(array, volume: Volume, path) -> Path:
     affine = np.asarray(volume.affine, float)
     src = volume.header
     if volume.kind == "nifti" and isinstance(src, (nib.Nifti1Header, nib.Nifti2Header)):
+        # back in the file's own world unit: the header's units are written with it
+        affine = np.diag([*[1.0 / _unit_factor(src)] * 3, 1.0]) @ affine
         header = src.copy()
+        # A result needs the geometry, not what else the scan's header carries: extensions
+        # (DICOM headers with patient data, code 2) and the free-text fields are dropped.
+        header.extensions.clear()
+        for key in ("descrip", "aux_file", "db_name"):
+            if key in header:
+                header[key] = b""
         if header.endianness != native_code:  # big-endian sources: write native, as readers expect
             header = header.as_byteswapped(native_code)
         cls = nib.Nifti2Image if isinstance(src, nib.Nifti2Header) else nib.Nifti1Image

@@ -51,8 +51,16 @@ class Unit:
         return self.name
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """One slice file given for its DICOM series (read whole from its folder)."""
+    return path.is_file() and not path.name.lower().endswith(VOLUME_SUFFIXES) and \
+        path.suffix.lower() not in IMAGE_SUFFIXES and is_volume_input(path)
+
+
 def _stem(path: Path, root: Path | None) -> str:
     # (an input folder that can't be listed is its own unit: path == root)
+    if root is None and _is_dicom_file(path):  # its series, named as its folder would be
+        path = path.parent
     rel = path.relative_to(root) if root is not None and path != root else Path(path.name)
     parts = list(rel.parts)
     if path.name.lower().endswith(VOLUME_SUFFIXES) or (path.is_dir() and not _is_zarr(path)):
@@ -72,7 +80,9 @@ def _folder_id(path: Path) -> tuple | None:
 
 def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
     """Image files, NIfTI files, DICOM series folders and zarr arrays below ``root``, sorted,
-    without descending into zarr arrays, DICOM series, hidden folders or the output folder.
+    without descending into zarr arrays, hidden folders or the output folder. A DICOM series
+    folder is yielded and still searched: a CD's layout nests series below folders that hold
+    only a DICOMDIR, and a folder may hold a series and further series below it.
     Linked folders are followed, each real folder visited once (a link back up the tree
     would otherwise loop forever). A folder that can't be
     listed is yielded itself: reading it then fails with the reason, so it shows in the summary
@@ -89,9 +99,11 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
             sub = here / d
             if d.startswith(".") or (exclude is not None and sub.resolve() == exclude):
                 continue
-            if _is_zarr(sub) or is_volume_input(sub):  # one input each
+            if _is_zarr(sub):  # one input
                 yield sub
                 continue
+            if is_volume_input(sub):  # one input, and maybe more series below
+                yield sub
             fid = _folder_id(sub)
             if fid is not None and fid in visited:
                 log.warning("%s leads to a folder already searched (%s); searched once",
@@ -173,7 +185,9 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
         path = Path(item)
         if not path.exists():
             raise ValueError(f"input {str(path)!r} does not exist.")
-        if path.is_dir() and not _is_zarr(path) and not is_volume_input(path):
+        if path.is_dir() and not _is_zarr(path):
+            if is_volume_input(path):  # a series folder given: it, and any series below it
+                found.append((path, None))
             found += [(p, path) for p in sorted(_walk(path, exclude))]
         else:
             found.append((path, None))
@@ -226,11 +240,22 @@ def source_fingerprint(path, start: int = 0, stop: int | None = None,
     meta = path
     if _is_zarr(path):
         meta = next(path / m for m in (".zarray", "zarr.json") if (path / m).exists())
-    stat = _folder_stat(path) if path.is_dir() and not _is_zarr(path) else _stat(meta)
-    fp: tuple = (_resolved(path), *stat, int(start), stop)
+    fp: tuple = (_resolved(path), *_source_stat(path, meta), int(start), stop)
     if mask is not None:
-        fp += (_resolved(mask), *_stat(Path(mask)))
+        fp += (_resolved(mask), *_source_stat(Path(mask)))
     return fp
+
+
+def _source_stat(path: Path, meta: Path | None = None) -> tuple:
+    """What stands for a source's (or a mask's) contents: a DICOM series folder's files, or,
+    for one slice file, those of its folder (the whole series is read, so a slice added or
+    removed beside it changes what is read); a file's (a zarr array's ``meta``) size and
+    mtime otherwise."""
+    if path.is_dir() and not _is_zarr(path):
+        return _folder_stat(path)
+    if _is_dicom_file(path):
+        return (*_stat(path), *_folder_stat(path.parent))
+    return _stat(meta if meta is not None else path)
 
 
 def _folder_stat(folder: Path) -> tuple[int, str]:

@@ -232,7 +232,9 @@ def _imread(path: Path):
     return iio.imread(str(path))
 
 
-def _read_mask(unit: Unit) -> np.ndarray | None:
+def _read_mask(unit: Unit, volume=None) -> np.ndarray | None:
+    """The unit's mask as booleans; a NIfTI / DICOM mask of a volume on the volume's voxel
+    grid (see :func:`_mask_on_grid`)."""
     if unit.mask is None:
         return None
     if not Path(unit.mask).exists():
@@ -241,11 +243,13 @@ def _read_mask(unit: Unit) -> np.ndarray | None:
         from ..volumes import read_volume
 
         try:
-            return np.asarray(read_volume(unit.mask).data) > 0
+            mvol = read_volume(unit.mask)
         except Exception as err:  # noqa: BLE001 - one line for the summary
             raise ValueError(f"its mask {unit.mask!r} can't be read as a volume "
                              f"({_decoder_reason(err)}); replace it, or check the --mask "
                              "pattern") from None
+        data = np.asarray(mvol.data) > 0
+        return data if volume is None else _mask_on_grid(data, mvol, volume, unit.mask)
     if not Path(unit.mask).is_file():
         raise ValueError(f"its mask {unit.mask!r} is a folder, not an image or volume; check "
                          "the --mask pattern")
@@ -260,6 +264,38 @@ def _read_mask(unit: Unit) -> np.ndarray | None:
     if m.ndim == 3 and m.shape[-1] in (3, 4):
         m = m[..., 0]
     return m > 0
+
+
+def _mask_on_grid(mask: np.ndarray, mvol, volume, name: str) -> np.ndarray:
+    """A volume mask in the scan's display order. Same shape alone is not enough: another
+    tool may store the same voxels with an axis flipped or swapped (LAS against RAS), which
+    only the affines tell. Equal affines: as stored; affines that differ by axis flips and
+    permutations only: reoriented onto the scan's voxel grid; anything else (another grid,
+    spacing or field of view) is refused rather than applied mirrored or shifted."""
+    import nibabel.orientations as no
+
+    a_img = np.asarray(volume.affine, float)
+    a_mask = np.asarray(mvol.affine, float)
+    spatial = tuple(volume.spatial_shape)
+    tol = 1e-3 * max(1.0, float(np.abs(a_img[:3, :3]).max()))
+    if np.allclose(a_mask, a_img, rtol=0, atol=tol):
+        return mask
+    off = (f"its mask {name!r} is not on the scan's voxel grid (its affine differs from the "
+           "scan's by more than axis flips); resample the mask onto the scan (e.g. with "
+           "nibabel.processing.resample_from_to or your segmentation tool) and run again")
+    try:
+        img_ornt = no.io_orientation(a_img)
+        mask_ornt = no.io_orientation(a_mask)
+        change = no.ornt_transform(mask_ornt, img_ornt)
+        file_order = mask.T  # (i, j, k, ...) as nibabel's functions take it
+        moved = no.apply_orientation(file_order, change)
+        new_affine = a_mask @ no.inv_ornt_aff(change, file_order.shape[:3])
+    except Exception:  # noqa: BLE001 - degenerate affines: not the same grid
+        raise ValueError(off) from None
+    if tuple(moved.shape[:3])[::-1] != spatial or \
+            not np.allclose(new_affine, a_img, rtol=0, atol=tol):
+        raise ValueError(off)
+    return np.ascontiguousarray(moved.T)
 
 
 def _unit_header(unit: Unit, arrays) -> tuple | None:
@@ -298,8 +334,10 @@ def volume_header(path) -> tuple[tuple, np.dtype] | None:
         if path.is_dir():
             import pydicom
 
+            from ..volumes import _maybe_slice
+
             files = sorted(e.path for e in os.scandir(path)
-                           if e.is_file() and not e.name.startswith("."))
+                           if e.is_file() and _maybe_slice(e.name))
             if not files:
                 return None
             first = pydicom.dcmread(files[0], stop_before_pixels=True)
@@ -367,10 +405,14 @@ def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
                     raise ValueError(f"its pixels exceed float32's range (about 3.4e38) at {big} "
                                      f"position{'s' * (big != 1)}, where the model would see "
                                      "inf; rescale the image before the run")
-        mask = _read_mask(unit)
-        if mask is not None and tuple(mask.shape) != tuple(lay.spatial):
+        mask = _read_mask(unit, volume)
+        # one mask for every image, or (a volume's 3D mask for a 2D model explaining it
+        # plane by plane) one per image: the job takes either
+        shapes = {tuple(lay.spatial), (*lay.lead, *lay.spatial)}
+        if mask is not None and tuple(mask.shape) not in shapes:
             raise ValueError(f"its mask {unit.mask!r} has shape {tuple(mask.shape)}, the image "
-                             f"{tuple(lay.spatial)}")
+                             f"{' or '.join(map(str, sorted(shapes, key=len)))}; give a mask "
+                             "of the image's shape")
         return pixels, raw, lay.lead, mask, volume
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
         return err
