@@ -1,18 +1,26 @@
-"""The demo model: a small U-shaped CNN whose class evidence stays at half resolution.
+"""The demo models: small U-shaped CNNs whose class evidence stays at half resolution.
 
-Why this shape: a plain strided CNN explained at its last conv
-layer gives a blob the size of the object grown by half the receptive field (a 10 px disc in a
-~38 px blob). Here an encoder gathers context (receptive field ~65 px at 1/8 resolution, enough
-to tell a square from a disc), a decoder brings it back to 1/2 resolution with skip
+One network serves both bundled demos: ``DemoNet(dims=2)`` (``load_model("demo")``, Conv2d, discs,
+squares and triangles in grey images) and ``DemoNet(dims=3)`` (``Demo3dNet`` in demo3d/model.py,
+``load_model("demo3d")``, Conv3d, spheres, cubes and cones in grey volumes). The two differ only
+in the layers' dimensionality, the default width (16 in 2D, 8 in 3D) and the gate's floor; the
+first layer's type is how the package knows that a model explains the last three axes of a
+volume.
+
+Why this shape: a plain strided CNN explained at its last conv layer gives a blob the size of
+the object grown by half the receptive field (a 10 px disc in a ~38 px blob). Here an encoder
+gathers context (receptive field ~65 px at 1/8 resolution, enough to tell a square from a disc
+or a sphere from a cube or a cone), a decoder brings it back to 1/2 resolution with skip
 connections, and ``features`` (the explained layer) is a map of class evidence at 1/2
-resolution, followed only by global average pooling and a Linear layer: CAM works.
+resolution, followed only by global average pooling and a Linear layer: CAM works, and
+Grad-CAM's map is exactly where the classifier found each class.
 
 Image labels alone give no reason to keep evidence *on* an object rather than around it (evidence
 next to a disc raises the disc logit just as well), so ``features`` multiplies the class evidence
-(clamped to [0, 1], so that every object of a class reaches the same height) by a class-agnostic
-foreground gate, and training adds a loss on that gate against the generator's object masks
-(train.py). The class evidence itself is learnt from the image labels only; what CAM explains is
-the classifier's own output.
+(clamped to [0, 1], so that every object of a class reaches the same height and one threshold
+finds them all) by a class-agnostic foreground gate, and training adds a loss on that gate against
+the generator's object masks (recipe.py). The class evidence itself is learnt from the image
+labels only; what CAM explains is the classifier's own output.
 """
 
 from __future__ import annotations
@@ -23,76 +31,103 @@ from torch import nn
 
 from .synthetic import CLASS_NAMES
 
+# The gate's floor per dimensionality: below the smallest object's share of the largest input
+# (a 5 px disc in 512 x 512 px, a 5 voxel sphere in 96^3 voxels).
+FLOORS = {2: 1e-4, 3: 5e-5}
 
-def _conv(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+def _check_dims(dims: int) -> int:
+    if dims not in (2, 3):
+        raise ValueError(f"dims={dims!r}: the demo network is built for images (2) or volumes (3); "
+                         "give 2 or 3.")
+    return dims
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
+def _conv(cin: int, cout: int, stride: int = 1, dims: int = 2) -> nn.Module:
+    conv = nn.Conv2d if _check_dims(dims) == 2 else nn.Conv3d
+    return conv(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _norm(c: int, dims: int = 2) -> nn.Module:
+    return (nn.BatchNorm2d if _check_dims(dims) == 2 else nn.BatchNorm3d)(c)
+
+
+def _block(cin: int, cout: int, dims: int = 2) -> nn.Sequential:
     return nn.Sequential(
-        _conv(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        _conv(cout, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        _conv(cin, cout, dims=dims), _norm(cout, dims), nn.ReLU(inplace=True),
+        _conv(cout, cout, dims=dims), _norm(cout, dims), nn.ReLU(inplace=True),
     )
 
 
 class GatedEvidence(nn.Module):
-    """clamp(evidence, 0, 1) x gate / mean(gate): per-pixel class evidence on the foreground.
+    """clamp(evidence, 0, 1) x gate / mean(gate): per-pixel (per-voxel) class evidence on the
+    foreground.
 
-    Dividing by the image's mean gate makes the global average of this map the share of the
+    Dividing by the input's mean gate makes the global average of this map the share of the
     foreground that carries each channel's evidence: the same for an object in a 96 px image and
-    in a 512 px one (a plain global average shrinks with the image's area, and a classifier
-    trained at one size misses objects at another). The divisor is floored at FLOOR, below the
-    smallest object's share of the largest image, so an image with no foreground stays quiet.
-    It is a per-image constant, so CAM maps are unchanged by it.
+    in a 512 px one, or in a 32^3 volume and a 96^3 one (a plain global average shrinks with the
+    input's size, and a classifier trained at one size misses objects at another). The divisor
+    is floored at ``floor`` (``FLOORS``), below the smallest object's share of the largest input,
+    so an input with no foreground stays quiet. It is one constant per input, so CAM maps are
+    unchanged by it.
     """
 
-    FLOOR = 1e-4
+    FLOOR = FLOORS[2]
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, dims: int = 2, floor: float | None = None):
         super().__init__()
-        self.evidence = nn.Conv2d(cin, cout, 1)
-        self.gate = nn.Conv2d(cin, 1, 1)
+        conv = nn.Conv2d if _check_dims(dims) == 2 else nn.Conv3d
+        self.dims = dims
+        self.floor = FLOORS[dims] if floor is None else float(floor)
+        self.evidence = conv(cin, cout, 1)
+        self.gate = conv(cin, 1, 1)
         self.gate_logits: torch.Tensor | None = None  # kept in training only, for the gate loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
         self.gate_logits = logits if self.training else None
         g = torch.sigmoid(logits)
-        share = g.mean(dim=(2, 3), keepdim=True).clamp(min=self.FLOOR)
+        share = g.mean(dim=tuple(range(2, 2 + self.dims)), keepdim=True).clamp(min=self.floor)
         return torch.clamp(self.evidence(x), 0, 1) * (g / share)
 
 
 class DemoNet(nn.Module):
-    def __init__(self, width: int = 16, classes: int = len(CLASS_NAMES)):
+    """The demo network for images (``dims=2``, input (N, 1, H, W)) or volumes (``dims=3``,
+    input (N, 1, D, H, W)); any size, logits (N, classes)."""
+
+    def __init__(self, width: int = 16, classes: int = len(CLASS_NAMES), dims: int = 2):
         super().__init__()
+        self.dims = d = _check_dims(dims)
         w = width
         self.stem = nn.Sequential(  # 1/2
-            _conv(1, w, stride=2), nn.BatchNorm2d(w),
-            nn.ReLU(inplace=True), _block(w, w))
-        self.down1 = _block(w, 2 * w)  # 1/4
-        self.down2 = _block(2 * w, 4 * w)  # 1/8
-        self.up1 = _block(6 * w, 2 * w)  # 1/4
-        self.up0 = _block(3 * w, 2 * w)  # 1/2
-        self.features = GatedEvidence(2 * w, 2 * w)  # the explained layer
-        self.pool = nn.AdaptiveAvgPool2d(1)
+            _conv(1, w, stride=2, dims=d), _norm(w, d),
+            nn.ReLU(inplace=True), _block(w, w, d))
+        self.down1 = _block(w, 2 * w, d)  # 1/4
+        self.down2 = _block(2 * w, 4 * w, d)  # 1/8
+        self.up1 = _block(6 * w, 2 * w, d)  # 1/4
+        self.up0 = _block(3 * w, 2 * w, d)  # 1/2
+        self.features = GatedEvidence(2 * w, 2 * w, d)  # the explained layer
+        self.pool = nn.AdaptiveAvgPool2d(1) if d == 2 else nn.AdaptiveAvgPool3d(1)
         self.fc = nn.Linear(2 * w, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Inputs are reflect-padded at the bottom and right to a multiple of 8 and the evidence
-        # cropped back to the image: the network then always sees the size parity it was
-        # trained on (with zero padding, a stride-2 convolution on an odd width sees a false
-        # edge along the right border that training never showed it), and every image pixel,
-        # and only those, is pooled.
-        h, w = x.shape[2:]
-        ph, pw = -h % 8, -w % 8
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect")
+        # Inputs are reflect-padded at the far end of each spatial axis (bottom and right of an
+        # image) to a multiple of 8 and the evidence cropped back to the input: the network then
+        # always sees the size parity it was trained on (with zero padding, a stride-2
+        # convolution on an odd width sees a false edge along the right border that training
+        # never showed it), and every pixel (voxel) of the input, and only those, is pooled.
+        sizes = x.shape[2:]
+        pads = [-s % 8 for s in sizes]
+        if any(pads):
+            x = F.pad(x, [v for p in reversed(pads) for v in (0, p)], mode="reflect")
+        pool = F.max_pool2d if self.dims == 2 else F.max_pool3d
+        mode = "bilinear" if self.dims == 2 else "trilinear"
         s0 = self.stem(x)
-        s1 = self.down1(F.max_pool2d(s0, 2))
-        s2 = self.down2(F.max_pool2d(s1, 2))
-        u1 = self.up1(torch.cat([F.interpolate(s2, size=s1.shape[2:], mode="bilinear",
+        s1 = self.down1(pool(s0, 2))
+        s2 = self.down2(pool(s1, 2))
+        u1 = self.up1(torch.cat([F.interpolate(s2, size=s1.shape[2:], mode=mode,
                                                align_corners=False), s1], 1))
-        u0 = self.up0(torch.cat([F.interpolate(u1, size=s0.shape[2:], mode="bilinear",
+        u0 = self.up0(torch.cat([F.interpolate(u1, size=s0.shape[2:], mode=mode,
                                                align_corners=False), s0], 1))
-        u0 = u0[:, :, : (h + 1) // 2, : (w + 1) // 2]
+        u0 = u0[(slice(None), slice(None)) + tuple(slice((s + 1) // 2) for s in sizes)]
         return self.fc(self.pool(self.features(u0)).flatten(1))

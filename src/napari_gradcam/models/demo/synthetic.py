@@ -61,6 +61,54 @@ def _extent(kind: str, size: float) -> float:
     return {"disc": size, "square": size / np.sqrt(2), "triangle": size / np.sqrt(3)}[kind]
 
 
+def background(rng: np.random.Generator, shape, sigma: tuple[float, float], dtype=np.float64):
+    """Gaussian noise blurred with a sigma drawn from ``sigma``, rescaled to mean 0.3-0.5 and
+    standard deviation 0.05-0.12 (both demos' background; the 3D one in float32, for speed)."""
+    noise = gaussian_filter(rng.normal(size=shape).astype(dtype, copy=False), rng.uniform(*sigma))
+    return rng.uniform(0.3, 0.5) + rng.uniform(0.05, 0.12) * noise / noise.std()
+
+
+def pick_classes(rng: np.random.Generator, n_objects: int | None, classes) -> list[int]:
+    """The class ids to draw: ``classes`` as given, else ``n_objects`` (or 0-3) random ones."""
+    if classes is not None:
+        return [int(c) for c in classes]
+    count = int(rng.integers(0, 4)) if n_objects is None else int(n_objects)
+    return [int(c) for c in rng.integers(0, 3, size=count)]
+
+
+def paint(rng: np.random.Generator, image: np.ndarray, crop: tuple, d: np.ndarray,
+          dtype=float) -> np.ndarray | None:
+    """Add one object, signed distance ``d`` over ``image[crop]``, brighter than the background
+    by 0.2-0.45 with edges softened by 0-1 px; returns its mask (pixels whose centre is inside)
+    and box (min per axis, then max exclusive per axis), or None where no pixel is inside."""
+    soft = rng.uniform(0, 1)
+    alpha = np.clip(0.5 + d / soft, 0, 1) if soft > 1e-3 else (d >= 0).astype(dtype)
+    image[crop] += rng.uniform(0.2, 0.45) * alpha
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[crop] = d >= 0
+    idx = np.nonzero(mask)
+    if not idx[0].size:
+        return None
+    return mask, tuple(int(i.min()) for i in idx) + tuple(int(i.max()) + 1 for i in idx)
+
+
+def finish(image: np.ndarray, objects, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(the image clipped to [0, 1] as float32, its multi-hot float32 labels (classes,))."""
+    labels = np.zeros(classes, np.float32)
+    for o in objects:
+        labels[o.class_id] = 1
+    return np.clip(image, 0, 1).astype(np.float32), labels
+
+
+def batch_of(make, attr: str, n: int, shape, seed: int):
+    """n samples ``make(shape, rng)`` of one shape from one seed: (arrays (n, ...), labels
+    (n, 3), objects per sample)."""
+    rng = np.random.default_rng(seed)
+    items = [make(shape, rng) for _ in range(n)]
+    return (np.stack([getattr(i, attr) for i in items]), np.stack([i.labels for i in items]),
+            [i.objects for i in items])
+
+
 def make_image(shape=128, rng=None, seed: int | None = None, n_objects: int | None = None,
                classes=None) -> SyntheticImage:
     """One image drawn from the contract. ``shape``: an int (square) or (H, W), each 96-512.
@@ -70,14 +118,8 @@ def make_image(shape=128, rng=None, seed: int | None = None, n_objects: int | No
     h, w = (shape, shape) if np.isscalar(shape) else tuple(int(s) for s in shape)
     if not (96 <= h <= 512 and 96 <= w <= 512):
         raise ValueError(f"image size {(h, w)}: the demo data is defined for 96 to 512 px a side.")
-    noise = gaussian_filter(rng.normal(size=(h, w)), rng.uniform(1, 3))
-    image = rng.uniform(0.3, 0.5) + rng.uniform(0.05, 0.12) * noise / noise.std()
-
-    if classes is not None:
-        classes = [int(c) for c in classes]
-    else:
-        count = int(rng.integers(0, 4)) if n_objects is None else int(n_objects)
-        classes = [int(c) for c in rng.integers(0, 3, size=count)]
+    image = background(rng, (h, w), (1, 3))
+    classes = pick_classes(rng, n_objects, classes)
     placed = []  # (cy, cx, radius)
     objects = []
     rr, cc = np.mgrid[0:h, 0:w]
@@ -99,26 +141,15 @@ def make_image(shape=128, rng=None, seed: int | None = None, n_objects: int | No
         c0, c1 = max(int(cx - radius) - 2, 0), min(int(cx + radius) + 3, w)
         d = _signed_distance(kind, size, angle, rr[r0:r1, c0:c1] + 0.5 - cy,
                              cc[r0:r1, c0:c1] + 0.5 - cx)
-        soft = rng.uniform(0, 1)
-        alpha = np.clip(0.5 + d / soft, 0, 1) if soft > 1e-3 else (d >= 0).astype(float)
-        image[r0:r1, c0:c1] += rng.uniform(0.2, 0.45) * alpha
-        mask = np.zeros((h, w), dtype=bool)
-        mask[r0:r1, c0:c1] = d >= 0
-        rows, cols = np.nonzero(mask)
-        box = (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
-        objects.append(SyntheticObject(cid, mask, box))
-    labels = np.zeros(len(CLASS_NAMES), np.float32)
-    for o in objects:
-        labels[o.class_id] = 1
-    return SyntheticImage(np.clip(image, 0, 1).astype(np.float32), labels, objects)
+        drawn = paint(rng, image, (slice(r0, r1), slice(c0, c1)), d)
+        if drawn is not None:
+            objects.append(SyntheticObject(cid, *drawn))
+    return SyntheticImage(*finish(image, objects, len(CLASS_NAMES)), objects)
 
 
 def make_batch(n: int, shape=128, seed: int = 0):
     """n images of one shape: (images (n, H, W), labels (n, 3), objects per image)."""
-    rng = np.random.default_rng(seed)
-    items = [make_image(shape, rng) for _ in range(n)]
-    return (np.stack([i.image for i in items]), np.stack([i.labels for i in items]),
-            [i.objects for i in items])
+    return batch_of(make_image, "image", n, shape, seed)
 
 
 def make_stack(frames: int = 16, shape=128, seed: int = 0):

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+
+from ..demo.synthetic import background, batch_of, finish, paint, pick_classes
 
 CLASS_NAMES = ("sphere", "cube", "cone")
 MIN_SIDE, MAX_SIDE = 32, 96
@@ -88,14 +89,8 @@ def make_volume(shape=48, rng=None, seed: int | None = None, n_objects: int | No
     if rng is None:
         rng = np.random.default_rng(seed)
     dims = _shape3(shape)
-    noise = gaussian_filter(rng.normal(size=dims).astype(np.float32), rng.uniform(1, 2))
-    volume = rng.uniform(0.3, 0.5) + rng.uniform(0.05, 0.12) * noise / noise.std()
-
-    if classes is not None:
-        classes = [int(c) for c in classes]
-    else:
-        count = int(rng.integers(0, 4)) if n_objects is None else int(n_objects)
-        classes = [int(c) for c in rng.integers(0, 3, size=count)]
+    volume = background(rng, dims, (1, 2), np.float32)
+    classes = pick_classes(rng, n_objects, classes)
     placed = []  # (centre, radius)
     objects = []
     for cid in classes:
@@ -114,30 +109,16 @@ def make_volume(shape=48, rng=None, seed: int | None = None, n_objects: int | No
         grid = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         offsets = np.stack(np.broadcast_arrays(
             *(g + 0.5 - c for g, c in zip(grid, centre)))).astype(np.float32)
-        d = sdf(offsets)
-        soft = rng.uniform(0, 1)
-        alpha = np.clip(0.5 + d / soft, 0, 1) if soft > 1e-3 else (d >= 0).astype(np.float32)
         crop = tuple(slice(a, b) for a, b in zip(lo, hi))
-        volume[crop] += rng.uniform(0.2, 0.45) * alpha
-        mask = np.zeros(dims, dtype=bool)
-        mask[crop] = d >= 0
-        idx = np.nonzero(mask)
-        if not idx[0].size:
-            continue
-        box = tuple(int(i.min()) for i in idx) + tuple(int(i.max()) + 1 for i in idx)
-        objects.append(SyntheticObject(cid, mask, box))
-    labels = np.zeros(len(CLASS_NAMES), np.float32)
-    for o in objects:
-        labels[o.class_id] = 1
-    return SyntheticVolume(np.clip(volume, 0, 1).astype(np.float32), labels, objects)
+        drawn = paint(rng, volume, crop, sdf(offsets), np.float32)
+        if drawn is not None:
+            objects.append(SyntheticObject(cid, *drawn))
+    return SyntheticVolume(*finish(volume, objects, len(CLASS_NAMES)), objects)
 
 
 def make_batch(n: int, shape=48, seed: int = 0):
     """n volumes of one shape: (volumes (n, Z, Y, X), labels (n, 3), objects per volume)."""
-    rng = np.random.default_rng(seed)
-    items = [make_volume(shape, rng) for _ in range(n)]
-    return (np.stack([i.volume for i in items]), np.stack([i.labels for i in items]),
-            [i.objects for i in items])
+    return batch_of(make_volume, "volume", n, shape, seed)
 
 
 def sample_volume() -> SyntheticVolume:

@@ -15,22 +15,21 @@ either). Each batch has one shape, its three sides drawn independently from SIDE
 pads any other size to a multiple of 8 itself), with about as many voxels per step whatever the
 shape. Loss: multi-label binary cross-entropy on the class logits, plus GATE_WEIGHT x binary
 cross-entropy of the class-agnostic foreground gate (model.py) against the objects' masks at 1/2
-resolution. AdamW, one-cycle learning rate, the head at HEAD_LR times the trunk's. Then the class
-biases are calibrated on held-apart volumes of all sizes (``calibrate``). Writes safetensors
-plus a JSON sidecar.
+resolution. AdamW, one-cycle learning rate, the head at HEAD_LR times the trunk's (the 2D demo's
+recipe, demo/recipe.py). Then the class biases are calibrated on held-apart volumes of all sizes
+(``calibrate``). Writes safetensors plus a JSON sidecar.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..demo import recipe
 from .model import Demo3dNet
 from .synthetic import CLASS_NAMES, MAX_SIDE, MIN_SIDE, make_batch, make_volume
 
@@ -49,94 +48,43 @@ def train(steps: int = STEPS, batch: int = 8, seed: int = 0, lr: float = 4e-3,
           log=print) -> Demo3dNet:
     """Train a fresh Demo3dNet; returns it in eval mode, on the CPU. ``batch``: volumes of
     48^3 per step (smaller volumes come more to a step, larger ones fewer)."""
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
-    # channels-last convolutions are several times faster on a CPU
-    model = Demo3dNet(width).to(device=device, memory_format=torch.channels_last_3d)
-    with torch.no_grad():  # prior: each class is present in ~40 % of the volumes
-        model.fc.bias.fill_(float(np.log(0.4 / 0.6)))
-    # The head's weights must grow to tens for confident logits; Adam moves a weight by ~lr per
-    # step, so the head gets a larger learning rate than the trunk.
-    head = list(model.fc.parameters())
-    trunk = [p for p in model.parameters() if all(p is not q for q in head)]
-    groups = [{"params": trunk, "lr": lr}, {"params": head, "lr": lr * head_lr}]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, lr * head_lr],
-                                                total_steps=steps, pct_start=0.15)
     size_rng = np.random.default_rng(seed)
-    model.train()
-    t0 = time.time()
-    running = 0.0
     per_step = VOXELS_PER_STEP * batch / 8
-    for step in range(steps):
+
+    def batches(step):
         shape = tuple(int(s) for s in size_rng.choice(SIDES, size=3))
         n = max(2, round(float(per_step / np.prod(shape))))
-        volumes, labels, objects = make_batch(n, shape, seed=seed * 1_000_003 + step)
-        x = torch.from_numpy(volumes)[:, None].to(device).contiguous(
-            memory_format=torch.channels_last_3d)
-        y = torch.from_numpy(labels).to(device)
-        fg = np.zeros(volumes.shape, np.float32)
-        for i, objs in enumerate(objects):
-            for o in objs:
-                fg[i][o.mask] = 1
-        logits = model(x)
-        gate = model.features.gate_logits
-        fg_half = F.adaptive_avg_pool3d(torch.from_numpy(fg)[:, None].to(device), gate.shape[2:])
-        loss = (F.binary_cross_entropy_with_logits(logits, y)
-                + gate_weight * F.binary_cross_entropy_with_logits(gate, fg_half))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running += float(loss.detach())
-        if log_every and (step + 1) % log_every == 0:
-            log(f"step {step + 1}/{steps}  loss {running / log_every:.4f}  "
-                f"{time.time() - t0:.0f} s", flush=True)
-            running = 0.0
-    return model.cpu().to(memory_format=torch.contiguous_format).eval()
+        return make_batch(n, shape, seed=seed * 1_000_003 + step)
+
+    model = recipe.fit(lambda: Demo3dNet(width), batches, steps, seed, lr, head_lr, gate_weight,
+                       log_every, threads, device=device, log=log)
+    return model.cpu().to(memory_format=torch.contiguous_format)
 
 
 def calibrate(model: Demo3dNet, volumes: int = 100, seed: int = CALIBRATION_SEED,
               sides=(MIN_SIDE, MAX_SIDE), log=print) -> np.ndarray:
-    """Shift each class's bias so that ``sigmoid(logit) > 0.5`` is the most accurate decision on
-    a calibration set of volumes of all sizes from 32 to 96 voxels a side (training sees sides
-    up to 56 only), from seeds that neither training nor the benchmark use. The bias enters no
-    CAM map. Returns the offsets."""
+    """Calibrate the class biases (``recipe.calibrate_biases``) on volumes of all sizes from 32
+    to 96 voxels a side (training sees sides up to 56 only), from seeds that neither training
+    nor the benchmark use. Returns the offsets."""
     rng = np.random.default_rng(seed)
-    logits, labels = [], []
-    for i in range(volumes):
-        shape = tuple(int(v) for v in rng.integers(sides[0], sides[1] + 1, size=3))
-        item = make_volume(shape, seed=seed + i)
-        with torch.inference_mode():
-            logits.append(model(torch.from_numpy(item.volume)[None, None])[0].numpy())
-        labels.append(item.labels > 0.5)
-    L, Y = np.array(logits), np.array(labels)
-    grid = np.round(np.linspace(-3, 3, 121), 3)
-    offsets = np.array([grid[int(np.argmax([((L[:, c] + o > 0) == Y[:, c]).mean() for o in grid]))]
-                        for c in range(L.shape[1])])
-    with torch.no_grad():
-        model.fc.bias += torch.as_tensor(offsets, dtype=model.fc.bias.dtype)
-    log(f"calibrated class biases by {offsets.tolist()}")
-    return offsets
+
+    def samples():
+        for i in range(volumes):
+            shape = tuple(int(v) for v in rng.integers(sides[0], sides[1] + 1, size=3))
+            item = make_volume(shape, seed=seed + i)
+            yield item.volume, item.labels
+
+    return recipe.calibrate_biases(model, samples(), log=log)
 
 
 def sidecar() -> dict:
     """What the loader needs beside the weights (``load_model("demo3d")`` builds the default
     Demo3dNet; a model trained with another ``--width`` is loaded with its own module)."""
-    return {"architecture": "napari_gradcam.models.demo3d.model:Demo3dNet",
-            "class_names": list(CLASS_NAMES), "in_channels": 1,
-            "input_size": None, "mean": [0.0], "std": [1.0], "target_layer": "features",
-            "intensity": "dtype"}
+    return recipe.sidecar("napari_gradcam.models.demo3d.model:Demo3dNet", CLASS_NAMES)
 
 
 def save(model: Demo3dNet, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    path.with_suffix(path.suffix + ".json").write_text(json.dumps(sidecar(), indent=1))
-    return path
+    return recipe.save(model, path, sidecar())
 
 
 def main(argv=None):
