@@ -17,7 +17,11 @@ rounds (median reported):
 3D: one smooth heatmap volume (--volume, default 128 x 256 x 256, Gaussian blobs as above),
 ``find_regions(..., ndim=3)`` (boxes, voxel counts, heat statistics and a simplified polygon in
 every plane of every region) vs ``scipy.ndimage.label`` (6-connectivity, as ours by default)
-+ ``find_objects`` on the same threshold (boxes only), interleaved rounds, median.
++ ``find_objects`` on the same threshold (boxes only), interleaved rounds, median. Then the
+same on a "hard" volume of the same shape: uniform noise smoothed by a Gaussian (sigma 6),
+normalised to [0, 1]: its foreground at 0.5 is not blob-like but a few large tangled
+components with holes, crossing every plane with many parts (the worst realistic case for
+the per-plane outlines).
 
 OpenCV is a benchmark-only dependency (``pip install opencv-python-headless``). A benchmark, not
 a test: it asserts nothing.
@@ -71,6 +75,15 @@ def volume(shape, seed: int = 0) -> np.ndarray:
     return out / out.max()
 
 
+def hard_volume(shape, seed: int = 0, sigma: float = 6.0) -> np.ndarray:
+    """Smoothed uniform noise in [0, 1]: tangled, non-blob foreground at 0.5."""
+    from scipy import ndimage
+
+    v = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape, dtype=np.float32),
+                                sigma)
+    return (v - v.min()) / (v.max() - v.min())
+
+
 def scipy_boxes(v: np.ndarray, threshold: float):
     from scipy import ndimage
 
@@ -93,8 +106,8 @@ def timed(contenders: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_3d(shape, threshold: float, repeats: int) -> None:
-    v = volume(tuple(shape))
+def bench_3d(shape, threshold: float, repeats: int, case: str = "blobs") -> None:
+    v = volume(tuple(shape)) if case == "blobs" else hard_volume(tuple(shape))
     cpus = os.cpu_count() or 1
     contenders = {
         "scipy.ndimage.label + find_objects": lambda: scipy_boxes(v, threshold),
@@ -105,7 +118,7 @@ def bench_3d(shape, threshold: float, repeats: int) -> None:
     med = timed(contenders, repeats)
     regions = find_regions(v, threshold, ndim=3)
     planes = sum(len(r.polygons) for r in regions)
-    print(f"## one volume of {' x '.join(map(str, shape))}, threshold {threshold}; "
+    print(f"## {case}: one volume of {' x '.join(map(str, shape))}, threshold {threshold}; "
           f"{platform.machine()}, {cpus} CPUs; median of {repeats} interleaved rounds")
     print(f"{len(regions)} 3D regions (min_area 16), {planes} plane polygons; "
           f"{int((v >= threshold).sum())} voxels above the threshold")
@@ -145,7 +158,8 @@ def main(argv=None):
     p.add_argument("--only", choices=["2d", "3d"])
     args = p.parse_args(argv)
     if args.only != "2d":
-        bench_3d(args.volume, args.threshold, args.repeats)
+        for case in ("blobs", "hard"):
+            bench_3d(args.volume, args.threshold, args.repeats, case)
     if args.only == "3d":
         return
     hs = heatmaps(args.maps, args.size)

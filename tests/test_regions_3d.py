@@ -226,3 +226,109 @@ def test_bad_ndim_shape_connectivity_and_mask():
         find_regions(h[None], 0.5, ndim=3, mask=np.ones((2, 4, 8, 8), bool))
     with pytest.raises(TypeError, match="shape"):
         label_image([], None)
+
+
+def pixel_union(fg2d):
+    """The reference outline: the union of the foreground pixels' squares (slow, small maps)."""
+    rr, cc = np.nonzero(fg2d)
+    return shapely.union_all(shapely.box(cc, rr, cc + 1, rr + 1))
+
+
+@pytest.mark.parametrize("ndim,connectivity", [(2, 1), (2, 2), (3, 1), (3, 2), (3, 3)])
+def test_traced_outlines_equal_the_union_of_their_pixels(ndim, connectivity):
+    # noise: concave rows, holes, holes touching the shell or each other at a corner, parts
+    # touching diagonally, parts joined only in another plane; every plane of every region
+    # must be the exact union of its pixels, valid, one Polygon per 4-connected part
+    rng = np.random.default_rng(ndim * 10 + connectivity)
+    for k in range(3):
+        shape = (13, 17) if ndim == 2 else (4, 11, 13)
+        h = rng.random(shape).astype(np.float32)
+        rs = find_regions(h, (0.35, 0.5, 0.65)[k], min_area=1, simplify=0, ndim=ndim,
+                          connectivity=connectivity)
+        labels = label_image(rs, shape)
+        for r in rs:
+            planes = {0: r.polygon} if ndim == 2 else r.polygons
+            for z, geom in planes.items():
+                pixels = (labels if ndim == 2 else labels[z]) == (
+                    r.label if ndim == 3 else rs.index(r) + 1)
+                assert geom.is_valid, shapely.is_valid_reason(geom)
+                assert geom.equals(pixel_union(pixels))
+                _, n4 = ndimage.label(pixels)  # 4-connected parts
+                assert len(shapely.get_parts(geom)) == n4
+                assert geom.geom_type == ("Polygon" if n4 == 1 else "MultiPolygon")
+
+
+def test_diagonal_touches_and_holes_open_at_a_corner():
+    # a 3x3 ring whose hole touches the outside at a corner: one Polygon with a hole touching
+    # its shell at a point (not a self-touching shell); a checkerboard: 4-connected, every
+    # pixel a region; 8-connected, one MultiPolygon of single pixels
+    ring = np.zeros((6, 6), np.float32)
+    ring[1:4, 1:4] = 1
+    ring[2, 2] = 0
+    ring[3, 3] = 0
+    (r,) = find_regions(ring, 0.5, min_area=1, simplify=0)
+    assert r.polygon.geom_type == "Polygon" and r.polygon.is_valid
+    assert len(r.polygon.interiors) == 1 and r.polygon.area == 7
+    board = (np.indices((5, 5)).sum(0) % 2 == 0).astype(np.float32)
+    assert len(find_regions(board, 0.5, min_area=1, simplify=0)) == 13
+    (r,) = find_regions(board, 0.5, min_area=1, simplify=0, connectivity=2)
+    assert r.polygon.geom_type == "MultiPolygon" and len(r.polygon.geoms) == 13
+    assert r.polygon.is_valid and r.polygon.area == 13
+
+
+def test_large_percolating_volume_outlines_rasterise_back_exactly():
+    # large enough (many thousand boundary edges per plane) for the vectorised ring ordering,
+    # foreground percolating through the volume; every plane rasterises back to its pixels
+    h = np.random.default_rng(5).random((4, 96, 128)).astype(np.float32)
+    fg = h >= 0.5
+    (r,) = [r for r in find_regions(h, 0.5, min_area=1000, simplify=0, ndim=3)]
+    labels = label_image([r], h.shape)
+    for z, geom in r.polygons.items():
+        assert geom.is_valid
+        assert (rasterize(geom, fg.shape[1:]) == (labels[z] == 1)).all()
+        assert geom.area == (labels[z] == 1).sum()
+
+
+def test_cycle_order_walks_every_cycle_of_a_permutation():
+    from napari_gradcam.regions import _cycle_order
+
+    rng = np.random.default_rng(0)
+    for n, cycles in ((10, 1), (200_000, 1), (200_000, 3000), (120_000, 30_000)):
+        # random cycles of random lengths, including ones of length 1
+        perm = rng.permutation(n)
+        cuts = np.sort(rng.choice(np.arange(1, n), cycles - 1, replace=False))
+        lengths = np.diff(np.concatenate([[0], cuts, [n]]))
+        begin = np.repeat(np.concatenate([[0], cuts]), lengths)
+        step = begin + (np.arange(n) - begin + 1) % np.repeat(lengths, lengths)
+        succ = np.empty(n, np.int64)
+        succ[perm] = perm[step]
+        walk, head = _cycle_order(succ)
+        assert np.array_equal(np.sort(walk), np.arange(n)) and head[0]
+        assert head.sum() == cycles
+        assert (succ[walk[:-1]] == walk[1:])[~head[1:]].all()  # inside a cycle: its order
+        ends = np.append(np.flatnonzero(head)[1:], n) - 1
+        assert (succ[walk[ends]] == walk[head]).all()  # each closes on its first element
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_simplified_outlines_keep_every_part_and_hole(ndim):
+    # ring-by-ring simplification: small holes and parts keep their chamfered shape instead of
+    # vanishing; every simplified outline is valid, with the exact one's parts and holes
+    rng = np.random.default_rng(3)
+    shape = (40, 48) if ndim == 2 else (5, 40, 48)
+    h = gaussian_filter(rng.random(shape), 1.2).astype(np.float32)
+    h = (h - h.min()) / (h.max() - h.min())
+    kw = {"min_area": 1, "ndim": ndim, "connectivity": 1}
+    exact, simple = (find_regions(h, 0.5, simplify=t, **kw) for t in (0, 1.5))
+
+    def geoms(rs):
+        return [g for r in rs for g in ([r.polygon] if ndim == 2 else r.polygons.values())]
+
+    exact, simple = np.array(geoms(exact)), np.array(geoms(simple))
+    assert shapely.is_valid(simple).all()
+    for a, b in zip(exact, simple):
+        assert len(shapely.get_parts(a)) == len(shapely.get_parts(b))
+        assert (shapely.get_num_interior_rings(shapely.get_parts(a)).sum()
+                == shapely.get_num_interior_rings(shapely.get_parts(b)).sum())
+    assert shapely.get_num_coordinates(simple).sum() < shapely.get_num_coordinates(exact).sum()
+    assert shapely.get_num_interior_rings(shapely.get_parts(exact)).sum() > 0  # holes tested

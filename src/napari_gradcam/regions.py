@@ -23,18 +23,17 @@ of the stack: one pass over all its maps instead of a call per map):
    ``connected_components``;
 4. per component and per plane it crosses: area, bounding box, peak and mean heat from
    ``reduceat`` over the runs;
-5. the exact pixel outline of each (component, plane): one run per row, consecutive runs
-   overlapping (blobs, the usual heatmap region) is a staircase polygon built directly from
-   its runs; any other (concave rows, holes, a plane of a 3D region whose parts join in
-   another plane) is the union of its run rectangles. Rasterised back, it is the thresholded
-   region exactly;
+5. the exact pixel outline of each (component, plane), traced from its boundary edges (run
+   ends, and the stretches between rows where only one of them is foreground) linked corner
+   to corner into rings, with no geometric union: rasterised back, it is the thresholded
+   region exactly, and it is valid by construction;
 6. simplification: the outline's corners are cut by half a pixel (it then runs along the
    region's boundary instead of zig-zagging around it, and still rasterises to the same pixels),
    then Douglas-Peucker (``shapely.simplify``) at the requested tolerance, capped at a tenth of
    the region's area / perimeter so that thin and small regions keep their shape (raster IoU
-   >= 0.95 with the exact region); where plain Douglas-Peucker would break validity or
-   topology, the topology-preserving variant instead, and validity repaired with
-   ``make_valid``.
+   >= 0.95 with the exact region), ring by ring: a ring it would collapse keeps its
+   chamfered shape, so every part and hole stays; where simplified rings would cross, the
+   topology-preserving variant instead, and validity repaired with ``make_valid``.
 
 Each region keeps its runs (a small integer array), so that :func:`split_planes` and
 :func:`label_image` give its exact pixels without the heatmap. Chunks of a large stack run in
@@ -421,11 +420,6 @@ def _chunk_regions(heat, names, mask, threshold, mode, mask_mode, min_area, tole
     _, label = _link(flatrow, start, end, height, depth, width,
                      _neighbours(connectivity, ndim))
 
-    # every run's start and end, sorted: where outlines of unions need their vertices
-    breaks = np.empty(2 * flatrow.size, dtype=np.int64)
-    breaks[0::2] = flatrow * (width + 1) + start
-    breaks[1::2] = flatrow * (width + 1) + end
-
     # per-run heat statistics: reduceat over the heat of the runs' pixels only, gathered
     length = end - start
     offset = np.cumsum(length) - length
@@ -475,19 +469,8 @@ def _chunk_regions(heat, names, mask, threshold, mode, mask_mode, min_area, tole
     kept_groups = np.repeat(cfirst[keep], ngroups[keep]) + (
         np.arange(ngroups[keep].sum()) - np.repeat(np.cumsum(ngroups[keep]) - ngroups[keep],
                                                    ngroups[keep]))
-    # consecutive runs of a group: a staircase needs them to share columns or a corner; a
-    # corner only (8-connected 2D regions, planes of 18- / 26-connected 3D ones) may make the
-    # staircase touch itself, so those are checked and repaired
-    same = ~new_group[1:]
-    touch = (start[1:] <= end[:-1]) & (start[:-1] <= end[1:])
-    overlap = (start[1:] < end[:-1]) & (start[:-1] < end[1:])
-    group_of = np.cumsum(new_group) - 1
-    apart = np.bincount(group_of[1:][same & ~touch], minlength=gfirst.size)
-    corner = np.bincount(group_of[1:][same & touch & ~overlap], minlength=gfirst.size)
     g = kept_groups
-    stair = (gnruns[g] == grmax[g] - grmin[g]) & (apart[g] == 0)
-    exact, chamfered = _outlines(row, start, end, gfirst[g], gnruns[g], stair,
-                                 stair & (corner[g] > 0), (flatrow, breaks, height, width + 1))
+    exact, chamfered = _outlines(row, start, end, gfirst[g], gnruns[g], chamfer=tolerance > 0)
     polygons = _simplified(exact, chamfered, tolerance)
 
     # regions in map order, then top to bottom (first plane first), then first run
@@ -527,101 +510,243 @@ def _chunk_regions(heat, names, mask, threshold, mode, mask_mode, min_area, tole
     return regions
 
 
-def _outlines(row, start, end, first, nruns, stair, repair, rows):
-    """Exact pixel outlines of groups of runs (a region in one plane), and the same outlines
-    chamfered (the base for simplification): two arrays of shapely geometries. ``stair``: one
-    run per row, consecutive runs sharing columns or a corner; such a staircase is a simple
-    polygon by construction, unless two runs meet only at a corner (``repair``: checked and
-    made valid). Any other group is the union of its run rectangles (``rows``: see
-    :func:`_run_rectangles`)."""
-    exact = np.empty(first.size, dtype=object)
-    chamfered = np.empty(first.size, dtype=object)
-    steps = np.flatnonzero(stair)
-    if steps.size:
-        coords, ring = _staircase_rings(row, start, end, first[steps], nruns[steps], 0, 0)
-        exact[steps] = shapely.polygons(shapely.linearrings(coords, indices=ring))
+def _outlines(row, start, end, first, nruns, chamfer=True):
+    """Exact pixel outlines of groups of runs (a region in one plane), traced from their
+    boundary edges (:func:`_traced_rings`): an array of shapely geometries, valid by
+    construction (so no validity check is needed); and the same outlines chamfered, the base
+    for simplification, as (rings, part of every ring, group of every part, groups), or None
+    without ``chamfer`` (no simplification follows)."""
+    coords, ring, ring_part, part_group, groups = _traced_rings(row, start, end, first, nruns)
+    exact = _rings_to_geoms(shapely.linearrings(coords, indices=ring), ring_part, part_group,
+                            groups)
+    chamfered = None
+    if chamfer:
         ccoords, cring = _chamfer_rings(coords, ring)
-        chamfered[steps] = shapely.polygons(shapely.linearrings(ccoords, indices=cring))
-    other = np.flatnonzero(~stair)  # concave rows, holes, parts joined in another plane
-    if other.size:
-        boxes, owner = _run_rectangles(row, start, end, first[other], nruns[other], *rows)
-        cuts = np.flatnonzero(np.diff(owner)) + 1
-        unions = np.array([shapely.coverage_union_all(b) for b in np.split(boxes, cuts)],
-                          dtype=object)
-        # the union leaves vertices on straight edges: removed
-        exact[other] = _valid(_map_rings(unions, _corners_only))
-        chamfered[other] = _map_rings(exact[other], _chamfer_rings)
-    fix = np.flatnonzero(repair)
-    if fix.size:
-        exact[fix] = _valid(exact[fix])
+        chamfered = (shapely.linearrings(ccoords, indices=cring), ring_part, part_group, groups)
     return exact, chamfered
 
 
-def _run_rectangles(row, start, end, first, nruns, flatrow, breaks, height, w1):
-    """The rectangles of the runs of several groups (and which group each belongs to), with a
-    vertex on their top and bottom edges wherever a run of the row above / below starts or
-    ends: rectangles that share an edge then share its vertices, which makes them a coverage,
-    united exactly by ``coverage_union_all`` (linear, unlike a general union of boxes)."""
+def _traced_rings(row, start, end, first, nruns):
+    """Exact pixel outlines of groups of runs (each group: the runs of one region in one plane,
+    sorted by row, then start), traced from their boundary edges with no geometric union.
+
+    Edges: the vertical ones are the runs' left and right ends (one pixel high); the horizontal
+    ones lie on the line between two rows, where exactly one of them is foreground (a sweep
+    over both rows' run ends). Every edge is oriented with the foreground on its right (x =
+    column, y = row downwards), so that linking each edge to the edge leaving its end corner
+    closes rings: clockwise shells, anticlockwise holes. A corner with two leaving edges is
+    where two foreground pixels touch diagonally: if they belong to the same 4-connected part
+    of the plane, the ring turns to stay on the far side (the two pixels are joined through the
+    corner), otherwise it turns back around its own pixel (the parts are separated). Either
+    way no ring passes a corner twice, and each ring separates one 4-connected part from one
+    background region: rings are simple, every part has exactly one shell (the others are its
+    holes), and the parts of a group touch one another at corners only, which is what makes
+    the polygons valid without checking.
+
+    Returns (coords, ring, ring_part, part_group, groups): the open rings' corners (no
+    collinear vertex) grouped by ring, rings ordered by part with the shell first, the part
+    of every ring, the group of every part (parts rise with the group), the number of groups.
+    """
+    groups = first.size
     counts = nruns
-    owner = np.repeat(np.arange(first.size), counts)
+    gk = np.repeat(np.arange(groups), counts)
     idx = np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(
         np.cumsum(counts) - counts, counts)
-    r, s, e, f = row[idx], start[idx], end[idx], flatrow[idx]
+    r = row[idx].astype(np.int64)
+    s = start[idx].astype(np.int64)
+    e = end[idx].astype(np.int64)
     n = idx.size
-    # breakpoints strictly inside (s, e) of the row above (dy=-1) and below (dy=+1)
-    pieces = []
-    for dy, at in ((-1, r), (1, r + 1)):
-        lo = np.searchsorted(breaks, (f + dy) * w1 + s, side="right")
-        hi = np.searchsorted(breaks, (f + dy) * w1 + e, side="left")
-        inside = (r + dy >= 0) & (r + dy < height)
-        k = np.where(inside, np.maximum(hi - lo, 0), 0)
-        which = np.repeat(np.arange(n), k)
-        pos = np.repeat(lo, k) + np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
-        x = breaks[pos] - (f[which] + dy) * w1
-        # ring order: top edge left to right (between corners 0 and 1), bottom edge right to
-        # left (between corners 2 and 3)
-        frac = x / (e[which] + 1.0)  # in (0, 1), increasing with x
-        pieces.append((which, x, at[which], frac if dy < 0 else 3.0 - frac))
-    ids = [np.arange(n)] * 4
-    xs = [s, e, e, s]
-    ys = [r, r, r + 1, r + 1]
-    orders = [np.full(n, 0.0), np.full(n, 1.0), np.full(n, 2.0), np.full(n, 3.0)]
-    for which, x, y, order in pieces:
-        ids.append(which)
-        xs.append(x)
-        ys.append(y)
-        orders.append(order)
-    ids, xs, ys, orders = (np.concatenate(a) for a in (ids, xs, ys, orders))
-    sort = np.lexsort((orders, ids))
-    coords = np.column_stack([xs[sort], ys[sort]]).astype(np.float64)
-    return shapely.polygons(shapely.linearrings(coords, indices=ids[sort])), owner
+    h1 = int(r.max()) + 2  # lines between rows: 0 .. last row + 1
+    w1 = int(e.max()) + 1
+    line = gk * h1 + r  # the line on top of every run, per group
+
+    # 4-connected parts of every group (runs of consecutive rows sharing columns)
+    _, part = _link(gk * h1 + r, s, e, h1, 1, w1, [(0, 1, False)])
+    part_group = np.zeros(int(part.max()) + 1, np.int64)
+    part_group[part] = gk  # labels follow the runs' order, so they rise with the group
+
+    # horizontal edges: sweep over the run ends of the rows above (+1 in, -1 out) and below
+    # (-1 in, +1 out) every line; where the sum is +1 only the row above is foreground
+    # (edge leads west), -1 only the row below (leads east). Both event streams are sorted,
+    # so the stable sort merges them in linear time.
+    keys = np.concatenate([np.column_stack([line * w1 + s, line * w1 + e]).ravel(),
+                           np.column_stack([(line + 1) * w1 + s,
+                                            (line + 1) * w1 + e]).ravel()])
+    delta = np.concatenate([np.tile(np.array([-1, 1], np.int8), n),
+                            np.tile(np.array([1, -1], np.int8), n)])
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    f = np.cumsum(delta[order], dtype=np.int64)
+    last = np.append(keys[1:] != keys[:-1], True)  # the sum after every distinct key
+    ukey, uf = keys[last], f[last]
+    open_ = np.flatnonzero(uf[:-1] != 0)
+    hline = ukey[open_] // w1
+    x0 = ukey[open_] % w1
+    x1 = ukey[open_ + 1] % w1
+    west = uf[open_] > 0
+    hy = hline % h1
+    hg = hline // h1
+
+    def vkey(g, y, x):
+        return (g * h1 + y) * w1 + x
+
+    # edges: (start vertex, end vertex, direction 0 E / 1 S / 2 W / 3 N, run or -1)
+    sv = np.concatenate([vkey(gk, r + 1, s), vkey(gk, r, e),
+                         vkey(hg, hy, np.where(west, x1, x0))])
+    ev = np.concatenate([vkey(gk, r, s), vkey(gk, r + 1, e),
+                         vkey(hg, hy, np.where(west, x0, x1))])
+    direction = np.concatenate([np.full(n, 3, np.int8), np.full(n, 1, np.int8),
+                                np.where(west, 2, 0).astype(np.int8)])
+    edge_part = np.concatenate([part, part, np.full(open_.size, -1, part.dtype)])
+    total = sv.size
+    by_start = np.argsort(sv * 4 + direction, kind="stable")
+    sv_sorted = sv[by_start] * 4 + direction[by_start]
+
+    # diagonal corners: a run ending where the next row's run starts (or the reverse), in
+    # the same group; joined when both runs are in the same 4-connected part
+    key_end = line * w1 + e
+    key_start = line * w1 + s
+    diag_keys, diag_join = [], []
+    for mine, theirs, at in ((s, key_end, s), (e, key_start, e)):
+        target = (line - 1) * w1 + mine
+        pos = np.minimum(np.searchsorted(theirs, target), n - 1)
+        hit = (theirs[pos] == target) & (r > 0)
+        diag_keys.append(vkey(gk[hit], r[hit], at[hit]))
+        diag_join.append(part[pos[hit]] == part[hit])
+    diag_keys = np.concatenate(diag_keys)
+    diag_join = np.concatenate(diag_join)
+    dsort = np.argsort(diag_keys)
+    diag_keys, diag_join = diag_keys[dsort], diag_join[dsort]
+
+    # successor of every edge: the edge leaving its end corner; at a diagonal corner, the
+    # right turn (around its own pixel) or the left turn (joined)
+    lo = np.searchsorted(sv_sorted, ev * 4)
+    succ = by_start[np.minimum(lo, total - 1)]
+    two = (lo + 1 < total) & (sv_sorted[np.minimum(lo + 1, total - 1)] < (ev + 1) * 4)
+    if two.any():
+        w = np.flatnonzero(two)
+        join = diag_join[np.searchsorted(diag_keys, ev[w])]
+        want = np.where(join, (direction[w] + 3) % 4, (direction[w] + 1) % 4)
+        pick = np.searchsorted(sv_sorted, ev[w] * 4 + want)
+        succ[w] = by_start[pick]
+
+    walk, head = _cycle_order(succ)
+    ring = np.cumsum(head) - 1
+    nrings = int(ring[-1]) + 1
+    # collinear corners dropped: an edge going on in the direction of the one before it
+    d = direction[walk]
+    ring_start = np.flatnonzero(head)
+    ring_last = np.append(ring_start[1:], walk.size) - 1
+    prev_d = np.empty_like(d)
+    prev_d[1:] = d[:-1]
+    prev_d[ring_start] = d[ring_last]
+    corner = d != prev_d
+    start_v = sv[walk]
+    x = (start_v % w1).astype(np.float64)
+    y = ((start_v // w1) % h1).astype(np.float64)
+    end_v = ev[walk]
+    xe = (end_v % w1).astype(np.float64)
+    ye = ((end_v // w1) % h1).astype(np.float64)
+    area = np.bincount(ring, weights=x * ye - xe * y, minlength=nrings)  # 2x, shells > 0
+    ring_part = np.zeros(nrings, np.int64)
+    vert = edge_part[walk] >= 0
+    ring_part[ring[vert]] = edge_part[walk][vert]
+    # rings by part, the shell (positive area) first
+    rorder = np.lexsort((area < 0, ring_part))
+    coords = np.column_stack([x[corner], y[corner]])
+    rid = ring[corner]
+    new_of_old = np.empty(nrings, np.int64)
+    new_of_old[rorder] = np.arange(nrings)
+    rid = new_of_old[rid]
+    sort = np.argsort(rid, kind="stable")
+    return coords[sort], rid[sort], ring_part[rorder], part_group, groups
 
 
-def _staircase_rings(row, start, end, firsts, counts, r_off, c_off):
-    """Outline rings of components with one run per row, built from the runs with no
-    repeated or collinear vertex: down the left ends, back up the right ends."""
-    comp = np.repeat(np.arange(firsts.size), counts)
-    pos = np.arange(comp.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    idx = np.repeat(firsts, counts) + pos
-    r, s, e = row[idx] + r_off, start[idx] + c_off, end[idx] + c_off
-    last = pos == counts[comp] - 1
-    s_next = np.zeros_like(last)
-    e_next = np.zeros_like(last)
-    s_next[:-1] = (s[:-1] == s[1:]) & ~last[:-1]  # the left edge runs straight on
-    e_next[:-1] = (e[:-1] == e[1:]) & ~last[:-1]
-    s_prev = np.concatenate([[False], s_next[:-1]])
-    e_prev = np.concatenate([[False], e_next[:-1]])
-    n = counts[comp]
-    # four corners per run, with their place in the ring: left side downwards, right upwards
-    xs = np.concatenate([s, s, e, e])
-    ys = np.concatenate([r, r + 1, r + 1, r])
-    ids = np.concatenate([comp] * 4)
-    order = np.concatenate([2 * pos, 2 * pos + 1, 2 * n + 2 * (n - 1 - pos),
-                            2 * n + 2 * (n - 1 - pos) + 1])
-    kept = np.concatenate([~s_prev, ~s_next, ~e_next, ~e_prev])
-    sort = np.lexsort((order[kept], ids[kept]))
-    coords = np.column_stack([xs[kept], ys[kept]]).astype(np.float64)[sort]
-    return coords, ids[kept][sort]
+def _cycle_order(succ: np.ndarray, depth: int = 0):
+    """The cycles of a permutation (``succ``: the next element of every element) one after
+    the other, each in its order: (order, True where a cycle starts).
+
+    A list ranking in a few vectorised passes: the elements whose pseudo-random priority is
+    no higher than both neighbours' (every cycle has at least one: its minimum) are "rulers";
+    each walks forward to the next ruler (a few steps: gaps between local minima of random
+    values are short), which leaves a permutation of the rulers alone, about a third as
+    long, ordered the same way; each element's place is then its ruler's plus its steps
+    from it. Small permutations are left to SciPy's depth-first walk."""
+    n = succ.size
+    if n <= 30_000 or depth > 40:  # (the depth bound: a safety net, never reached)
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import depth_first_order
+
+        # a virtual root linked to every element: the walk follows each cycle from its
+        # first element until it closes, then starts the next
+        graph = csr_matrix((np.ones(2 * n, np.int8),
+                            (np.concatenate([np.arange(n), np.full(n, n)]),
+                             np.concatenate([succ, np.arange(n)]))), shape=(n + 1, n + 1))
+        walk, pred = depth_first_order(graph, n, directed=True, return_predecessors=True)
+        return walk[1:], pred[walk[1:]] == n
+    idx = np.arange(n)
+    # a bijection of 0 .. 2**32 - 1 (odd multiplier): distinct, deterministic priorities
+    prio = (idx.astype(np.uint64) * np.uint64(0x9E3779B1)) & np.uint64(0xFFFFFFFF)
+    pred = np.empty(n, np.int64)
+    pred[succ] = idx
+    # (<=: an element that is its own successor is a ruler too)
+    ruler = (prio <= prio[succ]) & (prio <= prio[pred])
+    rulers = np.flatnonzero(ruler)
+    m = rulers.size
+    rank = np.full(n, -1, np.int64)
+    rank[rulers] = np.arange(m)
+    owner = np.empty(n, np.int64)
+    owner[rulers] = np.arange(m)
+    offset = np.zeros(n, np.int64)
+    gap = np.zeros(m, np.int64)
+    nxt = np.zeros(m, np.int64)
+    active = np.arange(m)
+    cur = succ[rulers]
+    step = 1
+    while active.size:
+        stop = ruler[cur]
+        nxt[active[stop]] = rank[cur[stop]]
+        gap[active[stop]] = step
+        go = ~stop
+        active, cur = active[go], cur[go]
+        owner[cur] = active
+        offset[cur] = step
+        cur = succ[cur]
+        step += 1
+    # cycles with one ruler are done; the others' rulers are ordered the same way
+    alone = nxt == np.arange(m)
+    rest = np.flatnonzero(~alone)
+    walk_r = np.flatnonzero(alone)
+    head_r = np.ones(m, bool)
+    if rest.size:
+        renum = np.empty(m, np.int64)
+        renum[rest] = np.arange(rest.size)
+        walk_rest, head_r[walk_r.size :] = _cycle_order(renum[nxt[rest]], depth + 1)
+        walk_r = np.concatenate([walk_r, rest[walk_rest]])
+    gaps = gap[walk_r]
+    begin = np.cumsum(gaps) - gaps
+    place = np.empty(m, np.int64)
+    place[walk_r] = begin
+    walk = np.empty(n, np.int64)
+    walk[place[owner] + offset] = idx
+    head = np.zeros(n, bool)
+    head[begin[head_r]] = True
+    return walk, head
+
+
+def _rings_to_geoms(rings, ring_part, part_group, groups):
+    """Polygons of every part from its rings (``rings``: linear rings, shell then holes, in
+    part order), and one (Multi)Polygon per group."""
+    parts = shapely.polygons(rings, indices=ring_part)
+    out = np.empty(groups, dtype=object)
+    nparts = np.bincount(part_group, minlength=groups)
+    single = nparts[part_group] == 1
+    out[part_group[single]] = parts[single]
+    multi = np.flatnonzero(nparts > 1)
+    if multi.size:
+        out[multi] = shapely.multipolygons(parts[~single], indices=np.searchsorted(
+            multi, part_group[~single]))
+    return out
 
 
 def _chamfer_rings(coords: np.ndarray, ring: np.ndarray):
@@ -650,41 +775,6 @@ def _chamfer_rings(coords: np.ndarray, ring: np.ndarray):
     return out[keep], np.repeat(ring, 2)[keep]
 
 
-def _corners_only(coords: np.ndarray, ring: np.ndarray):
-    """Pixel outlines (open rings, grouped by ``ring``) without the vertices that lie on a
-    straight edge (same x or same y as both neighbours)."""
-    n = coords.shape[0]
-    starts = np.flatnonzero(np.concatenate([[True], ring[1:] != ring[:-1]]))
-    ends = np.append(starts[1:], n)
-    prev = np.arange(n) - 1
-    prev[starts] = ends - 1
-    nxt = np.arange(n) + 1
-    nxt[ends - 1] = starts
-    x, y = coords[:, 0], coords[:, 1]
-    straight = ((x[prev] == x) & (x == x[nxt])) | ((y[prev] == y) & (y == y[nxt]))
-    return coords[~straight], ring[~straight]
-
-
-def _map_rings(geoms: np.ndarray, fn) -> np.ndarray:
-    """``fn(coords, ring)`` (open rings, grouped by ring) applied to every ring (shells and
-    holes) of an array of (Multi)Polygons, which are rebuilt from the results."""
-    parts, part_of = shapely.get_parts(geoms, return_index=True)
-    rings, ring_of = shapely.get_rings(parts, return_index=True)  # the shell first
-    coords, which = shapely.get_coordinates(rings, return_index=True)
-    last = np.append(which[1:] != which[:-1], True)  # the closing repeat of each ring
-    new, new_ring = fn(coords[~last], which[~last])
-    parts = shapely.polygons(shapely.linearrings(new, indices=new_ring), indices=ring_of)
-    out = np.empty(geoms.size, dtype=object)
-    nparts = np.bincount(part_of, minlength=geoms.size)
-    single = nparts[part_of] == 1
-    out[part_of[single]] = parts[single]
-    multi = np.flatnonzero(nparts > 1)
-    if multi.size:
-        out[multi] = shapely.multipolygons(parts[~single], indices=np.searchsorted(
-            multi, part_of[~single]))
-    return out
-
-
 def _valid(geoms: np.ndarray) -> np.ndarray:
     """make_valid where needed, keeping only the polygonal part."""
     for j in np.flatnonzero(~shapely.is_valid(geoms)):
@@ -701,29 +791,26 @@ def _valid(geoms: np.ndarray) -> np.ndarray:
 THICKNESS_FRACTION = 0.1
 
 
-def _topology(geoms: np.ndarray) -> np.ndarray:
-    """(parts, holes) of every geometry, as one (N, 2) integer array."""
-    parts, which = shapely.get_parts(geoms, return_index=True)
-    n = geoms.size
-    return np.column_stack([
-        np.bincount(which, minlength=n),
-        np.bincount(which, weights=shapely.get_num_interior_rings(parts), minlength=n),
-    ])
-
-
-def _simplified(exact: np.ndarray, chamfered: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker of the chamfered outlines. Where plain Douglas-Peucker breaks validity
-    or topology (a ring crossing another, a hole or a part lost), shapely's topology-preserving
-    simplification is used instead (it is ~20x slower, so only there), then validity is
-    repaired. A result that is empty, has a ring of fewer than three distinct vertices or saves
-    no vertex keeps the exact outline."""
+def _simplified(exact: np.ndarray, chamfered, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker of the chamfered outlines (``chamfered``: see :func:`_outlines`), ring
+    by ring: a ring that it collapses (a small hole or part) keeps its chamfered shape, so no
+    hole or part is lost and the topology is that of the exact outline by construction (no
+    check needed). Where the simplified rings cross one another (invalid), shapely's
+    topology-preserving simplification of the whole outline is used instead (it is ~20x
+    slower, so only there), then validity is repaired. A result that is empty, has a ring of
+    fewer than three distinct vertices or saves no vertex keeps the exact outline."""
     if tolerance <= 0 or exact.size == 0:
         return exact
     tol = np.minimum(tolerance, THICKNESS_FRACTION * shapely.area(exact) / shapely.length(exact))
-    simple = shapely.simplify(chamfered, tol, preserve_topology=False)
-    broken = ~shapely.is_valid(simple) | shapely.is_empty(simple)
-    broken |= (_topology(simple) != _topology(exact)).any(1)
+    rings, ring_part, part_group, groups = chamfered
+    simple_rings = shapely.simplify(rings, tol[part_group[ring_part]], preserve_topology=False)
+    collapsed = (shapely.get_type_id(simple_rings) != shapely.GeometryType.LINEARRING) | (
+        shapely.get_num_coordinates(simple_rings) < 4)
+    simple_rings[collapsed] = rings[collapsed]
+    simple = _rings_to_geoms(simple_rings, ring_part, part_group, groups)
+    broken = ~shapely.is_valid(simple)
     if broken.any():
+        chamfered = _rings_to_geoms(rings, ring_part, part_group, groups)
         simple[broken] = shapely.simplify(chamfered[broken], tol[broken], preserve_topology=True)
         simple = _valid(simple)
     parts, which = shapely.get_parts(simple, return_index=True)
