@@ -1,13 +1,13 @@
 """Train the 3D demo model from scratch, deterministically by seed.
 
-    python -m napari_gradcam.models.demo3d.train --device cuda   # how the shipped weights were made
-    python -m napari_gradcam.models.demo3d.train                 # the same recipe on 2 CPU threads
+    python -m napari_gradcam.models.demo3d.train                 # the shipped weights, 2 CPU threads
+    python -m napari_gradcam.models.demo3d.train --device cuda   # the same recipe on a GPU
     python -m napari_gradcam.models.demo3d.train --steps 5 --out /tmp/w.safetensors  # smoke test
 
-On two threads of an otherwise idle server CPU the recipe takes about 0.27 s a step, 9 to 10
-minutes in all; on a GPU under 3 minutes (the synthetic volumes are made on the CPU either way).
-A GPU's convolution sums differ from a CPU's in the last bits, and so do a CPU's with another
-thread count, so each gives slightly different weights of the same quality.
+On two idle cores of the development VM the recipe took 0.37 s a step, 12.7 minutes in all (the
+shipped weights); on a GPU under 3 minutes (the synthetic volumes are made on the CPU either
+way). A GPU's convolution sums differ from a CPU's in the last bits, and so do a CPU's with
+another thread count, so each gives slightly different weights of about the same quality.
 
 Volumes come from the synthetic generator, batch by batch, with seeds 0, 1, 2, ... (the 3D
 localisation benchmark uses seeds from 2,000,000 on, calibration 500,000 on: training never sees
@@ -97,7 +97,7 @@ def main(argv=None):
     p.add_argument("--gate-weight", type=float, default=GATE_WEIGHT)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu",
-                   help="cpu, or cuda (the shipped weights were trained with cuda)")
+                   help="cpu (default; the shipped weights were trained so), or cuda")
     p.add_argument("--head-lr", type=float, default=HEAD_LR,
                    help="the head's learning rate as a multiple of --lr")
     p.add_argument("--log-every", type=int, default=100)
