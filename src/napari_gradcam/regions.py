@@ -559,6 +559,10 @@ def _traced_rings(row, start, end, first, nruns):
     h1 = int(r.max()) + 2  # lines between rows: 0 .. last row + 1
     w1 = int(e.max()) + 1
     line = gk * h1 + r  # the line on top of every run, per group
+    # corner keys ((group * h1 + line) * w1 + x) of every run's top left and top right corners;
+    # those of its bottom corners are w1 more
+    key_start = line * w1 + s
+    key_end = line * w1 + e
 
     # 4-connected parts of every group (runs of consecutive rows sharing columns)
     _, part = _link(gk * h1 + r, s, e, h1, 1, w1, [(0, 1, False)])
@@ -569,9 +573,8 @@ def _traced_rings(row, start, end, first, nruns):
     # (-1 in, +1 out) every line; where the sum is +1 only the row above is foreground
     # (edge leads west), -1 only the row below (leads east). Both event streams are sorted,
     # so the stable sort merges them in linear time.
-    keys = np.concatenate([np.column_stack([line * w1 + s, line * w1 + e]).ravel(),
-                           np.column_stack([(line + 1) * w1 + s,
-                                            (line + 1) * w1 + e]).ravel()])
+    above = np.column_stack([key_start, key_end]).ravel()
+    keys = np.concatenate([above, above + w1])
     delta = np.concatenate([np.tile(np.array([-1, 1], np.int8), n),
                             np.tile(np.array([1, -1], np.int8), n)])
     order = np.argsort(keys, kind="stable")
@@ -580,38 +583,37 @@ def _traced_rings(row, start, end, first, nruns):
     last = np.append(keys[1:] != keys[:-1], True)  # the sum after every distinct key
     ukey, uf = keys[last], f[last]
     open_ = np.flatnonzero(uf[:-1] != 0)
-    hline = ukey[open_] // w1
-    x0 = ukey[open_] % w1
+    hkey = ukey[open_]
+    x0 = hkey % w1
     x1 = ukey[open_ + 1] % w1
     west = uf[open_] > 0
-    hy = hline % h1
-    hg = hline // h1
-
-    def vkey(g, y, x):
-        return (g * h1 + y) * w1 + x
+    hy = (hkey // w1) % h1
+    hbase = hkey - x0  # the key of the line's x = 0
 
     # edges: (start vertex, end vertex, direction 0 E / 1 S / 2 W / 3 N, run or -1)
-    sv = np.concatenate([vkey(gk, r + 1, s), vkey(gk, r, e),
-                         vkey(hg, hy, np.where(west, x1, x0))])
-    ev = np.concatenate([vkey(gk, r, s), vkey(gk, r + 1, e),
-                         vkey(hg, hy, np.where(west, x0, x1))])
+    sv = np.concatenate([key_start + w1, key_end, hbase + np.where(west, x1, x0)])
+    ev = np.concatenate([key_start, key_end + w1, hbase + np.where(west, x0, x1)])
     direction = np.concatenate([np.full(n, 3, np.int8), np.full(n, 1, np.int8),
                                 np.where(west, 2, 0).astype(np.int8)])
     edge_part = np.concatenate([part, part, np.full(open_.size, -1, part.dtype)])
     total = sv.size
+    # start corner of every edge, and its term of the ring's shoelace sum (x * y_end - x_end *
+    # y: -x going north, x going south, y * length going west, -y * length going east), read
+    # here rather than decoded from the vertex keys after the walk
+    sx = np.concatenate([s, e, np.where(west, x1, x0)])
+    sy = np.concatenate([r + 1, r, hy])
+    shoelace = np.concatenate([-s, e, np.where(west, hy, -hy) * (x1 - x0)])
     by_start = np.argsort(sv * 4 + direction, kind="stable")
     sv_sorted = sv[by_start] * 4 + direction[by_start]
 
     # diagonal corners: a run ending where the next row's run starts (or the reverse), in
     # the same group; joined when both runs are in the same 4-connected part
-    key_end = line * w1 + e
-    key_start = line * w1 + s
     diag_keys, diag_join = [], []
-    for mine, theirs, at in ((s, key_end, s), (e, key_start, e)):
-        target = (line - 1) * w1 + mine
+    for mine, theirs in ((key_start, key_end), (key_end, key_start)):
+        target = mine - w1
         pos = np.minimum(np.searchsorted(theirs, target), n - 1)
         hit = (theirs[pos] == target) & (r > 0)
-        diag_keys.append(vkey(gk[hit], r[hit], at[hit]))
+        diag_keys.append(mine[hit])
         diag_join.append(part[pos[hit]] == part[hit])
     diag_keys = np.concatenate(diag_keys)
     diag_join = np.concatenate(diag_join)
@@ -619,9 +621,18 @@ def _traced_rings(row, start, end, first, nruns):
     diag_keys, diag_join = diag_keys[dsort], diag_join[dsort]
 
     # successor of every edge: the edge leaving its end corner; at a diagonal corner, the
-    # right turn (around its own pixel) or the left turn (joined)
-    lo = np.searchsorted(sv_sorted, ev * 4)
-    succ = by_start[np.minimum(lo, total - 1)]
+    # right turn (around its own pixel) or the left turn (joined). Every corner has as many
+    # edges arriving as leaving, so the end corners sorted are the start corners sorted: the
+    # first edge leaving an edge's end corner is at that edge's place in the end order (the
+    # first of the two places at a diagonal corner), found without a search (the end keys are
+    # three sorted blocks, which the stable sort merges in linear time)
+    by_end = np.argsort(ev, kind="stable")
+    end_sorted = ev[by_end]
+    first_out = np.arange(total)
+    first_out[np.flatnonzero(end_sorted[1:] == end_sorted[:-1]) + 1] -= 1
+    lo = np.empty(total, np.int64)
+    lo[by_end] = first_out
+    succ = by_start[lo]
     two = (lo + 1 < total) & (sv_sorted[np.minimum(lo + 1, total - 1)] < (ev + 1) * 4)
     if two.any():
         w = np.flatnonzero(two)
@@ -641,19 +652,14 @@ def _traced_rings(row, start, end, first, nruns):
     prev_d[1:] = d[:-1]
     prev_d[ring_start] = d[ring_last]
     corner = d != prev_d
-    start_v = sv[walk]
-    x = (start_v % w1).astype(np.float64)
-    y = ((start_v // w1) % h1).astype(np.float64)
-    end_v = ev[walk]
-    xe = (end_v % w1).astype(np.float64)
-    ye = ((end_v // w1) % h1).astype(np.float64)
-    area = np.bincount(ring, weights=x * ye - xe * y, minlength=nrings)  # 2x, shells > 0
+    area = np.bincount(ring, weights=shoelace[walk], minlength=nrings)  # 2x, shells > 0
     ring_part = np.zeros(nrings, np.int64)
     vert = edge_part[walk] >= 0
     ring_part[ring[vert]] = edge_part[walk][vert]
     # rings by part, the shell (positive area) first
     rorder = np.lexsort((area < 0, ring_part))
-    coords = np.column_stack([x[corner], y[corner]])
+    at = walk[corner]
+    coords = np.column_stack([sx[at], sy[at]]).astype(np.float64)
     rid = ring[corner]
     new_of_old = np.empty(nrings, np.int64)
     new_of_old[rorder] = np.arange(nrings)
@@ -758,21 +764,23 @@ def _chamfer_rings(coords: np.ndarray, ring: np.ndarray):
     n = coords.shape[0]
     starts = np.flatnonzero(np.concatenate([[True], ring[1:] != ring[:-1]]))
     ends = np.append(starts[1:], n)
-    prev = np.arange(n) - 1
-    prev[starts] = ends - 1
-    nxt = np.arange(n) + 1
-    nxt[ends - 1] = starts
-    to_prev = coords[prev] - coords
-    to_next = coords[nxt] - coords
-    len_prev = np.linalg.norm(to_prev, axis=1, keepdims=True)
-    out = np.empty((2 * n, 2))
-    out[0::2] = coords + 0.5 * to_prev / len_prev
-    out[1::2] = coords + 0.5 * to_next / np.linalg.norm(to_next, axis=1, keepdims=True)
+    # the edges are axis-parallel: each corner's vector to the next one, computed once, gives
+    # both cut directions (its sign) and the edge length (the sum of its absolute values)
+    to_next = np.empty_like(coords)
+    np.subtract(coords[1:], coords[:-1], out=to_next[:-1])
+    to_next[ends - 1] = coords[starts] - coords[ends - 1]
+    to_prev = np.empty_like(coords)
+    to_prev[1:] = -to_next[:-1]
+    to_prev[starts] = -to_next[ends - 1]
+    out = np.empty((n, 2, 2))
+    out[:, 0] = coords + 0.5 * np.sign(to_prev)
+    out[:, 1] = coords + 0.5 * np.sign(to_next)
     # after a unit edge, the cut point towards the previous corner is that corner's own cut
     # point towards this one (the edge's midpoint): keep it once
-    keep = np.ones(2 * n, dtype=bool)
-    keep[0::2] = len_prev[:, 0] != 1
-    return out[keep], np.repeat(ring, 2)[keep]
+    keep = np.ones((n, 2), dtype=bool)
+    keep[:, 0] = np.abs(to_prev).sum(axis=1) != 1
+    keep = keep.ravel()
+    return out.reshape(-1, 2)[keep], np.repeat(ring, 2)[keep]
 
 
 def _valid(geoms: np.ndarray) -> np.ndarray:
