@@ -80,3 +80,34 @@ def sleepy_cnn(delay: float = 0.1, **kw):
     that interrupt runs (a factory for load_model's 'conftest:sleepy_cnn')."""
     torch.manual_seed(0)
     return _Sleepy(delay, **kw).eval()
+
+
+# ---- napari tests --------------------------------------------------------------------------
+
+@pytest.fixture
+def our_plugin():
+    """napari's test fixtures start from an empty npe2 registry: register ours (test modules
+    that need it say ``pytestmark = pytest.mark.usefixtures("our_plugin")``)."""
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    if "napari-gradcam" not in pm._manifests:
+        pm.discover(include_npe1=False)
+    assert "napari-gradcam" in pm._manifests
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages the widget shows as napari error notifications."""
+    from napari_gradcam._napari import widget as widget_mod
+
+    seen = []
+    monkeypatch.setattr(widget_mod, "show_error", seen.append)
+    return seen
+
+
+@pytest.fixture
+def viewer(make_napari_viewer_proxy):
+    # the widget gets the same public-only proxy that napari hands plugins, with attribute
+    # writes from a non-main thread turned into errors
+    return make_napari_viewer_proxy()

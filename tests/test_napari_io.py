@@ -13,15 +13,7 @@ napari = pytest.importorskip("napari")
 CLASSES = ["disc", "square", "triangle"]
 
 
-@pytest.fixture(autouse=True)
-def _our_plugin():
-    """napari's test fixtures start from an empty npe2 registry: register ours."""
-    from npe2 import PluginManager
-
-    pm = PluginManager.instance()
-    if "napari-gradcam" not in pm._manifests:
-        pm.discover(include_npe1=False)
-    assert "napari-gradcam" in pm._manifests
+pytestmark = pytest.mark.usefixtures("our_plugin")
 
 
 def ring_stack():

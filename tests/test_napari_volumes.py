@@ -19,15 +19,7 @@ ANATOMICAL = os.path.join(data_path, "anatomical.nii")
 EXAMPLE4D = os.path.join(data_path, "example4d.nii.gz")
 
 
-@pytest.fixture(autouse=True)
-def _our_plugin():
-    """napari's test fixtures start from an empty npe2 registry: register ours."""
-    from npe2 import PluginManager
-
-    pm = PluginManager.instance()
-    if "napari-gradcam" not in pm._manifests:
-        pm.discover(include_npe1=False)
-    assert "napari-gradcam" in pm._manifests
+pytestmark = pytest.mark.usefixtures("our_plugin")
 
 
 def ct_series(folder, n=3):

@@ -23,28 +23,7 @@ DATA = Path(__file__).parent / "data" / "chest-xray"
 SEED = 6  # the sample image: a disc, a square and a triangle
 
 
-@pytest.fixture(autouse=True)
-def _our_plugin():
-    from npe2 import PluginManager
-
-    pm = PluginManager.instance()
-    if "napari-gradcam" not in pm._manifests:
-        pm.discover(include_npe1=False)
-
-
-@pytest.fixture
-def errors(monkeypatch):
-    """Messages the widget shows as napari error notifications."""
-    seen = []
-    monkeypatch.setattr(widget_mod, "show_error", seen.append)
-    return seen
-
-
-@pytest.fixture
-def viewer(make_napari_viewer_proxy):
-    # the widget gets the same public-only proxy that napari hands plugins, with attribute
-    # writes from a non-main thread turned into errors
-    return make_napari_viewer_proxy()
+pytestmark = pytest.mark.usefixtures("our_plugin")
 
 
 def dock(viewer) -> GradCamWidget:

@@ -15,32 +15,13 @@ napari = pytest.importorskip("napari")
 
 from conftest import small_cnn
 
-from napari_gradcam._napari import widget as widget_mod
 from napari_gradcam._napari.widget import GradCamWidget
 
 CLASSES = ["sphere", "cube", "cone"]
 SHAPE = (16, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _our_plugin():
-    from npe2 import PluginManager
-
-    pm = PluginManager.instance()
-    if "napari-gradcam" not in pm._manifests:
-        pm.discover(include_npe1=False)
-
-
-@pytest.fixture
-def errors(monkeypatch):
-    seen = []
-    monkeypatch.setattr(widget_mod, "show_error", seen.append)
-    return seen
-
-
-@pytest.fixture
-def viewer(make_napari_viewer_proxy):
-    return make_napari_viewer_proxy()
+pytestmark = pytest.mark.usefixtures("our_plugin")
 
 
 @pytest.fixture(scope="module")
