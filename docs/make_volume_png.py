@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-ANGLES = (-20.0, 30.0, 140.0)  # napari camera angles (degrees): tilted so depth shows
+from napari_gradcam._napari.demo import VOLUME_ANGLES as ANGLES  # the demo's: depth shows
+
 SIZE = (900, 700)  # canvas width, height in pixels
 
 
@@ -55,9 +56,7 @@ def make(out: Path, spec=None) -> Path:
             raise RuntimeError(f"the run did not start: {w.status.value}")
         wait(w)
         print(w.status.value)
-        regions = viewer.layers["sample regions"]
-        regions.visible = False  # per-plane outlines: the wireframes say it better in 3D
-        viewer.dims.ndisplay = 3
+        viewer.dims.ndisplay = 3  # the widget shows the wireframes instead of the outlines
         viewer.reset_view()
         viewer.camera.angles = ANGLES
         viewer.camera.zoom *= 0.9

@@ -137,11 +137,11 @@ def test_a_3d_model_explains_the_volume_in_one_run(viewer, qtbot, conv3d, tmp_pa
     wire = viewer.layers["scan boxes 3D"]
     assert isinstance(wire, napari.layers.Vectors) and len(wire.data) == 12 * len(regions)
     assert_same_transform(wire, image)
-    assert not wire.visible
-    viewer.dims.ndisplay = 3
-    assert wire.visible
+    assert not wire.visible and shapes.visible
+    viewer.dims.ndisplay = 3  # wireframes instead of every plane's outlines stacked
+    assert wire.visible and not shapes.visible
     viewer.dims.ndisplay = 2
-    assert not wire.visible
+    assert not wire.visible and shapes.visible
 
     # the exports keep each plane and the 3D region's label
     geo, table = tmp_path / "r.geojson", tmp_path / "r.csv"

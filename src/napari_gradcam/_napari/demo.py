@@ -16,6 +16,10 @@ def has_display() -> bool:
                 or os.environ.get("QT_QPA_PLATFORM"))
 
 
+# napari camera angles (degrees) for the 3D demo: tilted so that depth shows
+VOLUME_ANGLES = (-20.0, 30.0, 140.0)
+
+
 def open_demo(viewer=None, *, stack: bool = False, volume: bool = False, methods=None,
               device: str = "auto"):
     """Add the sample, dock the widget and start the run; returns (viewer, widget, worker).
@@ -35,6 +39,7 @@ def open_demo(viewer=None, *, stack: bool = False, volume: bool = False, methods
         widget.set_model("demo3d", name="demo3d")
         widget.wait_until_ready()
         viewer.dims.ndisplay = 3
+        viewer.camera.angles = VOLUME_ANGLES
     widget.methods.value = list(methods or ["gradcam"])
     widget.target.value = PRESENT  # the demo model is multi-label: show every object it finds
     widget.device.value = device
@@ -61,7 +66,7 @@ def run_demo(*, stack: bool = False, volume: bool = False, methods=None, device:
     viewer.window.resize(*size)
     if screenshot:
         def shoot():
-            viewer.reset_view()
+            viewer.reset_view(reset_camera_angle=False)  # keep the 3D demo's tilt
             viewer.screenshot(screenshot, canvas_only=False, flash=False)
             print(f"napari-gradcam: saved {screenshot}")
             viewer.close()

@@ -38,7 +38,11 @@ from napari.utils.progress import cancelable_progress
 
 from .._device import describe_device, resolve_device
 from ..annotations import (
-    annotations_to_shapes, box_wireframe, class_color, class_name, regions_to_annotations,
+    annotations_to_shapes,
+    box_wireframe,
+    class_color,
+    class_name,
+    regions_to_annotations,
 )
 from ..cam import available_methods
 from ..explain_arrays import Progress, check_channels, layout, model_spatial_dims
@@ -967,16 +971,23 @@ class GradCamWidget(Container):
         layer = self._upsert(name, "wireframe", ndim, lambda: Vectors(
             vectors, name=name, features=features, edge_color=colors if len(vectors) else
             "white", metadata=meta, **style, **geo), update)
-        layer.visible = self._viewer.dims.ndisplay == 3
+        self._on_ndisplay()
         return layer
 
     def _on_ndisplay(self, _event=None):
-        """Box wireframes only in the 3D view: in 2D they would repeat the rectangles of the
-        planes where the boxes begin and end."""
+        """In the 3D view an image with 3D regions shows their box wireframes and not its
+        per-plane outlines (every plane's rectangle and polygon stacked hide the heat); in a
+        2D slice the outlines, and not the wireframes (they would repeat the rectangles of the
+        planes where the boxes begin and end)."""
         three = self._viewer.dims.ndisplay == 3
-        for layer in self._viewer.layers:
-            if layer.metadata.get(META_KEY, {}).get("role") == "wireframe":
+        ours = [(layer, layer.metadata.get(META_KEY, {})) for layer in self._viewer.layers]
+        framed = {meta.get("source") for layer, meta in ours
+                  if meta.get("role") == "wireframe" and len(layer.data)}
+        for layer, meta in ours:
+            if meta.get("role") == "wireframe":
                 layer.visible = three
+            elif meta.get("role") == "regions" and meta.get("image_name") in framed:
+                layer.visible = not three
 
     def toggle_grid(self, _event=None):
         """Heatmaps side by side (napari grid mode), or back to one overlaid view."""
