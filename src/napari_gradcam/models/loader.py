@@ -1,8 +1,9 @@
 """``load_model``: the models users have, loaded safely.
 
 Sources: ``"demo"``; an ``nn.Module``; a :class:`ModelSpec`; a torchvision or timm architecture
-name, a MONAI network (``"monai:DenseNet121"``) or ``"package.module:factory"`` plus a weights file; a weights file (or its sidecar JSON)
-alone, the sidecar naming the architecture; a ``torch.export`` program (``.pt2``).
+name, a MONAI network (``"monai:DenseNet121"``), a segmentation_models_pytorch architecture
+(``"smp:Unet"``) or ``"package.module:factory"`` plus a weights file; a weights file (or its
+sidecar JSON) alone, the sidecar naming the architecture; a ``torch.export`` program (``.pt2``).
 
 Model files are untrusted input, and nothing in them runs unless the user passes
 ``trust_code=True`` (CLI ``--trust-code``, the widget's 'trust code in model files'):
@@ -57,7 +58,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pt2")
 SIDECAR_FIELDS = {name: what for name, (_check, what) in FIELDS.items()}
 # architecture families a model file may name without trust_code: building them runs only the
 # library's own constructors (add a model-zoo family here once build_architecture knows it)
-KNOWN_FAMILIES = ("torchvision", "timm", "monai")
+KNOWN_FAMILIES = ("torchvision", "timm", "monai", "smp")
+# segmentation_models_pytorch: its import name and the extra that installs it
+SMP = "segmentation_models_pytorch"
+SMP_INSTALL = "pip install 'napari-gradcam[segmentation]' (segmentation-models-pytorch)"
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
 _PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
 
@@ -294,18 +298,19 @@ def _from_export(program) -> nn.Module:
 
 # ---- architectures -------------------------------------------------------------------------------
 
-def _import_optional(name: str, what: str):
+def _import_optional(name: str, what: str, install: str | None = None):
     try:
         return _optional.import_library(name)
     except ImportError:
         raise ValueError(f"{what} needs the optional package {name!r}, which is not installed: "
-                         f"pip install {name}") from None
+                         f"{install or 'pip install ' + name}.") from None
 
 
 def _known_names(monai: bool = False) -> list[str]:
     """Architecture names for suggestions; MONAI's only when asked for (``monai``), since
     importing it takes seconds and it is needed only for ``"monai:"`` names."""
     names = [f"monai:{n}" for n in _monai_names()] if monai else []
+    names += [f"smp:{n}" for n in _smp_names()]
     try:
         torchvision = _optional.import_library("torchvision")
 
@@ -329,7 +334,8 @@ def build_architecture(arch: str, num_classes: int | None = None,
 
     ``"package.module:factory"`` calls the user's factory; ``"torchvision:name"`` and
     ``"timm:name"`` need that library; a plain name is looked up in torchvision, then timm.
-    ``"monai:Name"`` builds a network class of ``monai.networks.nets`` (see :func:`_from_monai`).
+    ``"monai:Name"`` builds a network class of ``monai.networks.nets`` (see :func:`_from_monai`);
+    ``"smp:Name"`` a segmentation_models_pytorch architecture (see :func:`_from_smp`).
     """
     arguments = dict(arguments or {})
     if _is_factory(arch):
@@ -340,6 +346,15 @@ def build_architecture(arch: str, num_classes: int | None = None,
         nets = _optional.import_library("monai.networks.nets")
         with _offline(arch):
             return _from_monai(nets, name, num_classes, in_channels, arguments), {}
+    if family == "smp":
+        smp = _import_optional(SMP, f"architecture {arch!r}", SMP_INSTALL)
+        builder, arguments, defaults = _smp_arguments(smp, name, arguments)
+        if num_classes is not None:
+            arguments.setdefault("classes", int(num_classes))
+        if in_channels is not None:
+            arguments.setdefault("in_channels", int(in_channels))
+        with _offline(arch):
+            return _from_smp(builder, arch, arguments, defaults)
     for library, builder in (("torchvision", _from_torchvision), ("timm", _from_timm)):
         if family not in ("", library):
             continue
@@ -365,12 +380,16 @@ class _Offline:
     saved: dict = {}
 
 
+class _DownloadRefused(ValueError):
+    """A named architecture tried to fetch files while being built."""
+
+
 def _refuse_download(*_args, **_kwargs):
     arch = _Offline.threads.get(threading.get_ident())
-    raise ValueError(f"{arch} tried to download files while being built (its arguments or "
-                     "defaults ask for pretrained weights); the weights come from the weights "
-                     "file: drop the argument that asks for them, or build the model in your "
-                     "own code and pass the module.")
+    raise _DownloadRefused(f"{arch} tried to download files while being built (its arguments "
+                           "or defaults ask for pretrained weights); the weights come from the "
+                           "weights file: drop the argument that asks for them, or build the "
+                           "model in your own code and pass the module.")
 
 
 def _guarded(original):
@@ -579,8 +598,124 @@ def _weights_spatial_dims(state: dict) -> int | None:
     return ranks.pop() - 2 if len(ranks) == 1 else None
 
 
+# smp's activation argument turns the logits into probabilities inside the model; the
+# explanation wants the logits, so it is left out and says how the scores are read instead
+_SMP_ACTIVATIONS = {None: None, "identity": None, "sigmoid": "multilabel",
+                    "softmax": "softmax", "softmax2d": "softmax"}
+
+
+def _smp_architectures(smp) -> dict[str, type]:
+    """segmentation_models_pytorch's architecture classes by class name (``Unet``, ``FPN``)."""
+    return {cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()}
+
+
+def _smp_names() -> list[str]:
+    """The names ``"smp:"`` accepts ([] without segmentation_models_pytorch)."""
+    try:
+        return sorted(_smp_architectures(_optional.import_library(SMP)))
+    except ImportError:
+        return []
+
+
+def _smp_arguments(smp, name: str, arguments: dict) -> tuple[type, dict, dict]:
+    """(architecture class, arguments to build it with, defaults) for ``"smp:<name>"``, every
+    argument checked before anything is built: the encoder is always built without
+    pretrained weights (``encoder_weights=None``; a named one would be downloaded), arguments
+    that name files or downloads are refused, and so are unknown encoders and arguments."""
+    classes = _smp_architectures(smp)
+    cls = classes.get(name) or next((c for n, c in classes.items() if n.lower() == name.lower()),
+                                    None)
+    if cls is None:
+        raise _unknown(f"smp:{name}")
+    arch = f"smp:{cls.__name__}"
+    risky = file_argument_names(arguments)
+    if risky:
+        raise ValueError(
+            f"{arch}: {', '.join(f'{k}={arguments[k]!r}' for k in risky)} would download "
+            "weights or read another file; the weights come from the weights file (the encoder "
+            "is built without pretrained weights): leave "
+            f"{'it' if len(risky) == 1 else 'them'} out.")
+    arguments = dict(arguments)
+    defaults: dict = {}
+    activation = arguments.pop("activation", None)
+    key = activation.lower() if isinstance(activation, str) else activation
+    if key not in _SMP_ACTIVATIONS:
+        raise ValueError(f"{arch}: activation={activation!r} would change the scores that are "
+                         "explained; leave it out (explanations use the logits) and say how "
+                         "they are read with output='softmax' or output='multilabel'.")
+    if _SMP_ACTIVATIONS[key]:
+        defaults["output"] = _SMP_ACTIVATIONS[key]
+    params = inspect.signature(cls).parameters
+    encoder = arguments.get("encoder_name", params["encoder_name"].default)
+    _check_smp_encoder(smp, arch, encoder)
+    if not encoder.startswith("tu-"):  # timm encoders take timm's keywords as well
+        unknown = [k for k in arguments if k not in params]
+        if unknown:
+            hints = [f"{k!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(
+                k, params, 1)) else repr(k) for k in unknown]
+            raise ValueError(f"{arch} takes no argument {', '.join(hints)}; its arguments are "
+                             f"{', '.join(k for k in params if k != 'kwargs')}.")
+    arguments["encoder_weights"] = None
+    return cls, arguments, defaults
+
+
+def _check_smp_encoder(smp, arch: str, encoder) -> None:
+    """An encoder smp knows (``resnet18``), or ``tu-<timm model>``; close names otherwise."""
+    if not isinstance(encoder, str) or not encoder:
+        raise ValueError(f"{arch}: encoder_name must be an encoder's name such as 'resnet34', "
+                         f"not {encoder!r}.")
+    known = list(smp.encoders.encoders)
+    if encoder in known:
+        return
+    if encoder.startswith("tu-"):
+        timm = _import_optional("timm", f"encoder {encoder!r}")
+        if timm.is_model(encoder[3:]):
+            return
+        close = difflib.get_close_matches(encoder[3:], timm.list_models(), n=3, cutoff=0.6)
+        close = [f"tu-{c}" for c in close]
+    else:
+        close = difflib.get_close_matches(encoder, known, n=3, cutoff=0.6)
+    hint = (f"did you mean {', '.join(map(repr, close))}?" if close else
+            f"give one of smp's encoders ({', '.join(known[:6])}, ...) or 'tu-' and a timm "
+            "model name.")
+    raise ValueError(f"{arch}: unknown encoder_name {encoder!r}; {hint}")
+
+
+def _from_smp(builder: type, arch: str, arguments: dict, defaults: dict
+              ) -> tuple[nn.Module, dict]:
+    """A segmentation_models_pytorch model from checked arguments (:func:`_smp_arguments`),
+    with the normalisation its encoder was pretrained with (timm's for ``tu-`` encoders,
+    ImageNet's for smp's own ImageNet encoders); the weights file holds the trained ones."""
+    try:
+        model = builder(**arguments)
+    except _DownloadRefused:
+        raise
+    except Exception as err:  # noqa: BLE001 - smp and timm check their arguments in many ways
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ValueError(f"can't build {arch} with arguments {json.dumps(arguments)}: "
+                         f"{type(err).__name__}: {first}; give the arguments the network was "
+                         "trained with.") from None
+    defaults = dict(defaults)
+    cfg = getattr(getattr(model.encoder, "model", None), "pretrained_cfg", None) or {}
+    settings = getattr(_optional.import_library(SMP).encoders, "encoders", {}).get(
+        arguments.get("encoder_name"), {}).get("pretrained_settings", {})
+    if cfg.get("mean") and cfg.get("std"):
+        defaults["mean"], defaults["std"] = tuple(cfg["mean"]), tuple(cfg["std"])
+    elif "imagenet" in settings:
+        defaults["mean"], defaults["std"] = IMAGENET_MEAN, IMAGENET_STD
+    return model, defaults
+
+
 def _unknown(arch: str) -> ValueError:
     family, _, name = arch.partition(":")
+    if family == "smp":
+        known = _smp_names()
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5) or [
+            k for k in known if name.lower() in k.lower()]
+        hint = (f"did you mean {', '.join(repr('smp:' + c) for c in close)}?" if close
+                else f"its architectures are {', '.join(known)}.")
+        return ValueError(f"unknown architecture {arch!r}: segmentation_models_pytorch has no "
+                          f"architecture {name!r}; {hint}")
     if family == "monai":
         known = _monai_names()
         same = [k for k in known if k.lower() == name.lower()]
@@ -599,12 +734,39 @@ def _unknown(arch: str) -> ValueError:
                       f"'package.module:factory'.{hint}")
 
 
-def _last_linear(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+          nn.ConvTranspose3d)
+
+
+def _head(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    """The layer whose outputs are the model's classes: the last Linear or convolution
+    registered. A classifier's is its last Linear (or the 1x1 convolution of SqueezeNet-like
+    heads); a segmentation network's is the convolution that makes one map per class (smp's
+    ``segmentation_head``, looked up by name since an auxiliary classifier may follow it)."""
+    seg = getattr(model, "segmentation_head", None)
     found = (None, None)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
+    for name, m in (seg if isinstance(seg, nn.Module) else model).named_modules():
+        if isinstance(m, (nn.Linear, *_CONVS)):
             found = (name, m)
+    if found[0] is not None and isinstance(seg, nn.Module):
+        found = (f"segmentation_head.{found[0]}".rstrip("."), found[1])
     return found
+
+
+def _outputs(layer: nn.Module | None, weight: torch.Tensor | None = None) -> int | None:
+    """How many outputs ``layer`` makes (from ``weight``, the weights file's tensor for it,
+    when given): a Linear's and a convolution's weight is (out, in, ...), a transposed
+    convolution's (in, out / groups, ...)."""
+    if layer is None:
+        return None
+    if weight is None:
+        return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)
+    shape = tuple(weight.shape)
+    if len(shape) < 2:
+        return None
+    if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return int(shape[1]) * layer.groups
+    return int(shape[0])
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -621,15 +783,15 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
 
 
 def _shapes_from_weights(model: nn.Module, state: dict) -> tuple[int | None, int | None]:
-    """(num_classes, in_channels) that the weights say, from the architecture's last Linear and
-    first convolution."""
+    """(num_classes, in_channels) that the weights say, from the architecture's head (its last
+    Linear, or a segmentation network's last convolution) and first convolution."""
     state = _match_prefix(state, model)
-    lin_name, _lin = _last_linear(model)
+    head_name, head = _head(model)
     conv_name, _conv = first_conv(model)
-    classes = state.get(f"{lin_name}.weight") if lin_name else None
+    classes = state.get(f"{head_name}.weight") if head_name else None
     conv = state.get(f"{conv_name}.weight") if conv_name else None
-    return (int(classes.shape[0]) if classes is not None else None,
-            int(conv.shape[1]) if conv is not None else None)
+    return (_outputs(head, classes) if classes is not None else None,
+            int(conv.shape[1]) if conv is not None and conv.ndim > 1 else None)
 
 
 def _match_prefix(state: dict, model: nn.Module) -> dict:
@@ -670,10 +832,10 @@ def load_weights(model: nn.Module, state: dict, label: str) -> None:
 # ---- the entry point ---------------------------------------------------------------------------
 
 def _spec_from_module(module: nn.Module, name: str) -> ModelSpec:
-    _lin_name, lin = _last_linear(module)
+    _head_name, head = _head(module)
     _conv_name, conv = first_conv(module)
     extra = dict(getattr(module, "extra_spec", {}) or {})
-    n = lin.out_features if lin is not None else None
+    n = _outputs(head)
     spec = ModelSpec(module.eval(), [f"class {i}" for i in range(n or 0)],
                      extra.pop("in_channels", conv.in_channels if conv is not None else 1),
                      extra.pop("input_size", None), name=name)
@@ -696,6 +858,7 @@ def load_model(
     intensity: str | None = None,
     name: str | None = None,
     trust_pickle: bool | None = None,
+    output: str | None = None,
 ) -> ModelSpec:
     """A :class:`ModelSpec`: the model in eval mode plus its class names and preprocessing.
 
@@ -707,14 +870,22 @@ def load_model(
     - an architecture name with ``weights=``: torchvision (``"resnet18"``, ``"densenet121"``,
       ``"torchvision:efficientnet_b0"``), timm (``"timm:convnext_tiny"``, or a plain name
       torchvision doesn't have), a MONAI network class (``"monai:DenseNet121"``, needs the
-      optional ``monai`` package) or ``"package.module:factory"``; the number of classes and
-      input channels are read from the weights (MONAI's ``spatial_dims`` too);
+      optional ``monai`` package), a segmentation_models_pytorch architecture (``"smp:Unet"``
+      with ``arguments={"encoder_name": "resnet34"}``, needs the ``segmentation`` extra; the
+      encoder is built without pretrained weights) or ``"package.module:factory"``; the number
+      of classes and input channels are read from the weights (the last Linear of a
+      classifier, the last convolution of a segmentation network; MONAI's ``spatial_dims``
+      too);
     - a weights file (``.safetensors``, ``.pt`` / ``.pth`` state dict, ``.pt2`` torch.export
       program) whose sidecar JSON (``<weights>.json`` or ``model.json`` beside it) names the
       architecture, or that sidecar JSON itself (its ``weights`` field names the file).
 
     ``arguments``: keyword arguments for the architecture (e.g. ``{"spatial_dims": 3,
     "in_channels": 1, "out_channels": 2}`` for MONAI), over a sidecar's ``arguments``.
+
+    ``output``: how the scores become a decision, ``"softmax"`` (one class per image or pixel)
+    or ``"multilabel"`` (each class on its own, sigmoid > 0.5); None decides from the head
+    (one output: multilabel, several: softmax). An smp ``activation`` sets it too.
 
     Keywords override the source and its sidecar. ``trust_code=True`` allows what would run
     code stored in a file: pickled modules, pickled payloads in ``.pt2`` archives, and a
@@ -726,7 +897,8 @@ def load_model(
     keywords = check_fields({"class_names": class_names, "in_channels": in_channels,
                              "input_size": input_size, "mean": mean, "std": std,
                              "target_layer": target_layer, "intensity": intensity,
-                             "name": name, "arguments": arguments}, "load_model")
+                             "name": name, "arguments": arguments, "output": output},
+                            "load_model")
     in_channels = keywords["in_channels"]
     arguments = keywords.pop("arguments")
     if arguments and (not isinstance(source, (str, Path))
@@ -840,8 +1012,8 @@ def _check_named_code(sidecar: dict, path: Path, trust_code: bool) -> None:
     if arch and _is_factory(arch):
         raise ValueError(
             f"{str(path)!r} names the Python callable {arch!r} as its architecture: building "
-            "it would run code chosen by the file, so it is refused. Use a torchvision, timm "
-            "or MONAI ('monai:DenseNet121') "
+            "it would run code chosen by the file, so it is refused. Use a torchvision, timm, "
+            "MONAI ('monai:DenseNet121') or segmentation_models_pytorch ('smp:Unet') "
             f"architecture name, or, if you trust the file, {TRUST_HINT}.")
     risky = file_argument_names(sidecar.get("arguments") or {})
     if risky:
@@ -865,13 +1037,17 @@ def _from_architecture(arch: str, weights, trust_code: bool, arguments: dict,
         arguments, probe_arguments = _monai_shapes(params, arguments, state)
         probe, _ = build_architecture(arch, arguments=probe_arguments)
     else:
-        probe, _ = build_architecture(arch, arguments=arguments)  # name errors first
+        probe, probe_defaults = build_architecture(arch, arguments=arguments)  # name errors
         state = _weights_dict(weights, trust_code)
     classes, channels = _shapes_from_weights(probe, state)
     if in_channels is not None:
         channels = int(in_channels)
     if _is_factory(arch):  # the user's own factory: its arguments say the shapes
         model, defaults = probe, {}
+    elif arch.partition(":")[0] != "monai" and (classes, channels) == (
+            _outputs(_head(probe)[1]), getattr(first_conv(probe)[1], "in_channels", None)):
+        # the probe already has the weights' shapes: building it again would give the same
+        model, defaults = probe, probe_defaults
     else:
         del probe
         model, defaults = build_architecture(arch, classes, channels, arguments)
@@ -881,6 +1057,7 @@ def _from_architecture(arch: str, weights, trust_code: bool, arguments: dict,
         spec.mean, spec.std = tuple(defaults["mean"]), tuple(defaults["std"])
     if defaults.get("input_size"):
         spec.input_size = tuple(defaults["input_size"])
+    spec.output = defaults.get("output", spec.output)
     spec.extra["architecture"] = arch
     return spec
 
@@ -918,7 +1095,8 @@ def _override(spec: ModelSpec, sidecar: dict, **keywords) -> ModelSpec:
     """Sidecar values, then keywords, over what the source said; validated."""
     values: dict[str, Any] = {k: sidecar[k] for k in
                               ("class_names", "in_channels", "input_size", "mean", "std",
-                               "target_layer", "intensity", "name") if sidecar.get(k) is not None}
+                               "target_layer", "intensity", "name", "output")
+                              if sidecar.get(k) is not None}
     values.update({k: v for k, v in keywords.items() if v is not None})
     if "class_names" in values:
         spec.class_names = [str(c) for c in values["class_names"]]
@@ -945,15 +1123,21 @@ def _override(spec: ModelSpec, sidecar: dict, **keywords) -> ModelSpec:
     spec.intensity = normalise_intensity(spec.intensity)
     if "name" in values:
         spec.name = str(values["name"])
+    if "output" in values:
+        spec.output = values["output"]
     if len(spec.mean) not in (1, spec.in_channels) or len(spec.std) not in (1, spec.in_channels):
         raise ValueError(f"mean has {len(spec.mean)} and std {len(spec.std)} values for a model "
                          f"with {spec.in_channels} input channels; give one value or one per "
                          "channel.")
-    _lin_name, lin = _last_linear(spec.module)
-    n = lin.out_features if lin is not None else None
+    _head_name, head = _head(spec.module)
+    n = _outputs(head)
     if n is not None and spec.class_names and len(spec.class_names) != n:
         raise ValueError(f"{len(spec.class_names)} class names for a model with {n} outputs; "
                          "give one name per output.")
+    if n == 1 and spec.output == "softmax":
+        raise ValueError("output='softmax' for a model with one output would predict its only "
+                         "class everywhere; use output='multilabel' (sigmoid > 0.5) or leave "
+                         "it out.")
     if spec.target_layer:
         try:
             spec.module.get_submodule(spec.target_layer)

@@ -151,6 +151,21 @@ def _key(k) -> str:
     return k
 
 
+# how a head's scores become a decision; the aliases are the activations that imply them
+OUTPUTS = ("softmax", "multilabel")
+_OUTPUT_ALIASES = {"multi-label": "multilabel", "sigmoid": "multilabel", "argmax": "softmax"}
+
+
+def _output(value) -> str:
+    if isinstance(value, str):
+        v = value.strip().lower()
+        v = _OUTPUT_ALIASES.get(v, v)
+        if v in OUTPUTS:
+            return v
+    raise Invalid(f"must be 'softmax' (one class per image or pixel: the largest score) or "
+                  f"'multilabel' (each class on its own: sigmoid > 0.5), not {_show(value)}")
+
+
 def _arguments(value) -> dict:
     if not isinstance(value, dict):
         raise Invalid(f"must be a JSON object of keyword arguments, not {_show(value)}")
@@ -160,8 +175,8 @@ def _arguments(value) -> dict:
 # field -> (check returning the normalised value, what the README says it is)
 FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "architecture": (lambda v: _string(v, "an architecture name"),
-                     ("torchvision / timm name, 'monai:NetworkClass' or "
-                      "'package.module:factory'")),
+                     ("torchvision / timm name, 'monai:NetworkClass', 'smp:Unet' "
+                      "(segmentation_models_pytorch) or 'package.module:factory'")),
     "weights": (lambda v: _string(v, "a file name (relative to the JSON)"),
                 "weights file, relative to the JSON (when the JSON itself is opened)"),
     "arguments": (_arguments, "keyword arguments for the architecture's factory"),
@@ -176,6 +191,9 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
                      "default layer to explain (dotted name)"),
     "intensity": (_intensity, f"how pixels become [0, 1]: {', '.join(INTENSITY)}"),
     "name": (lambda v: _string(v, "a display name"), "display name"),
+    "output": (_output, ("how the scores become a decision: 'softmax' (one class per image or "
+                         "pixel) or 'multilabel' (each class on its own, sigmoid > 0.5); "
+                         "default: multilabel for one output, else softmax")),
 }
 
 
@@ -206,8 +224,18 @@ def _names_file(value) -> bool:
     return False
 
 
+# (argument, value) pairs whose name sounds like a download but whose value asks for none:
+# segmentation_models_pytorch's encoder_weights=None is its spelling of "random encoder"
+_NO_FILE = {("encoder_weights", None)}
+
+
 def file_argument_names(arguments: dict) -> list[str]:
     """Factory arguments that would make a factory load another file: by their name
     (``checkpoint_path``, ``pretrained``) or by a value that names a file, a folder or a URL,
     also inside nested lists and objects."""
-    return sorted(k for k, v in arguments.items() if _FILE_ARGUMENTS.search(k) or _names_file(v))
+    return sorted(k for k, v in arguments.items()
+                  if (_FILE_ARGUMENTS.search(k) and not _no_file(k, v)) or _names_file(v))
+
+
+def _no_file(key: str, value) -> bool:
+    return any(key == k and value is v for k, v in _NO_FILE)

@@ -32,6 +32,9 @@ class ModelSpec:
     ``intensity``: see :data:`INTENSITY`. ``input_size``: None for fully convolutional models
     that take any size; otherwise images are resized to it and heatmaps resized back.
     ``extra`` holds loader details (architecture, fixed batch size of exported programs, ...).
+    ``output``: how the head's scores turn into a decision: ``"softmax"`` (one class per image
+    or pixel: the largest logit), ``"multilabel"`` (each class on its own: sigmoid > 0.5), or
+    None to decide from the head (one output channel: multilabel; several: softmax).
     """
 
     module: nn.Module
@@ -44,6 +47,7 @@ class ModelSpec:
     intensity: str = "dtype"
     name: str = "model"
     extra: dict = field(default_factory=dict)
+    output: str | None = None
 
 
 def first_conv(module: nn.Module) -> tuple[str, nn.Module] | tuple[None, None]:
