@@ -299,8 +299,8 @@ class Wrapped(nn.Module):
             return type("Out", (), {"logits": y})()
         if self.kind == "dict2":
             return {"a": y, "b": y}
-        if self.kind == "map":
-            return y[:, :, None, None].expand(-1, -1, 4, 4)
+        if self.kind == "map":  # rank 3: neither class scores nor a segmentation map
+            return y[:, :, None].expand(-1, -1, 4)
         return y
 
 

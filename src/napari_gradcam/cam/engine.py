@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.spec import refuse_torchscript
+from . import segmentation as seg
+from . import tokens
 from ._state import explaining
 from .layers import resolve_target_layer
-from ..models.spec import refuse_torchscript
-from .methods import CamContext, get_method
+from .methods import METHODS, CamContext, get_method
 
 
 class CamBatch(NamedTuple):
@@ -60,6 +62,8 @@ def explain_batch(
     target_layer: str | nn.Module | None = None,
     targets=None,
     *,
+    target_masks=None,
+    multilabel: bool | None = None,
     amp=None,
     chunk_size: int | None = None,
 ) -> CamBatch:
@@ -67,13 +71,19 @@ def explain_batch(
 
     Parameters
     ----------
-    module : the classifier. Its forward may return a tensor (N, classes), or a tuple / list
-        (the first tensor is used), a dict (its ``"logits"`` entry, or its only tensor), or an
-        object with a ``.logits`` tensor (Hugging Face outputs). A 1-D output (N,) is one logit.
+    module : the classifier or segmentation network. Its forward may return a tensor, or a
+        tuple / list (the first tensor is used), a dict (its ``"logits"`` entry, or its only
+        tensor), or an object with a ``.logits`` tensor (Hugging Face outputs). A classifier
+        returns (N, classes) (a 1-D output (N,) is one logit); an output of the batch's rank,
+        (N, classes, *spatial) (its spatial size may differ from the batch's), is a
+        segmentation network's: see "Segmentation models" below.
     batch : float tensor (N, C, H, W) or (N, C, D, H, W) on the model's device.
     method : one of :func:`napari_gradcam.cam.available_methods` (case, ``-`` and ``_`` ignored).
-    target_layer : dotted module name, the module itself, or None for the last layer with a
-        spatial output (see :func:`napari_gradcam.cam.find_target_layer`).
+    target_layer : dotted module name, the module itself, or None: the last layer with a
+        spatial output before the model's own output (a segmentation network's last decoder
+        block), or for a transformer the norm feeding its last attention block (see
+        :func:`napari_gradcam.cam.find_target_layer`). Token outputs (N, T, C) and
+        channels-last maps (N, H, W, C) are read on the patch grid.
     targets : None (each sample's predicted class), one class index for all samples, N indices,
         an (N, K) array of K class indices per sample (-1: no target in that slot), or a
         callable ``targets(logits) -> (N,) or (N, K)`` that picks them from the logits of this
@@ -83,6 +93,26 @@ def explain_batch(
     amp : None/False (full precision), True, ``"bf16"`` or ``"fp16"``: run the model under
         ``torch.autocast``; the CAM arithmetic is float32 regardless.
     chunk_size : masked inputs per forward for Score-CAM (default: bounded by memory).
+    target_masks : segmentation models only: the region each target explains, (N, *S) (one
+        region per sample, for every slot) or (N, K, *S) for (N, K) targets; S the batch's or
+        the output's spatial shape (resized to the output's: area averaging when shrinking,
+        nearest when growing); booleans or non-negative float weights. None: each target's
+        own predicted region.
+    multilabel : segmentation models only: whether a class's predicted region is where its
+        sigmoid > 0.5 (True) or where it is the argmax (False); None: True for a one-channel
+        output, else False.
+
+    Segmentation models
+    -------------------
+    The score explained for class c of sample n is ``sum(logits[n, c] * W)`` over the output's
+    spatial axes (Seg-Grad-CAM), W that target's region weights. ``targets=None`` explains per
+    sample the class with the largest predicted region (inside the target mask when one is
+    given); a softmax output's class 0 is the background and is skipped unless nothing else is
+    predicted. A callable target receives the (N, classes) pooled scores: each class's logits
+    summed over its own predicted region (0 where it is empty). The returned scores are the
+    pooled scores explained. A target whose region is empty gets a zero map, score 0.0 and an
+    :class:`~napari_gradcam.cam.EmptyTargetWarning`. Method ``"cam"`` needs a classifier head
+    and is refused.
 
     Returns
     -------
@@ -95,29 +125,46 @@ def explain_batch(
     """
     spec = get_method(method)
     _check_inputs(module, batch)
+    if multilabel is not None and not isinstance(multilabel, bool):
+        raise TypeError(f"multilabel must be True, False or None (decide from the output), "
+                        f"not {multilabel!r}.")
     amp_dtype = _amp_dtype(amp)
     if batch.is_inference():  # made under inference_mode: such tensors can't enter a graph
         with torch.inference_mode(False):
             batch = batch.clone()
     with size_errors(module, batch):
-        return _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size)
+        return _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
+                        target_masks, multilabel)
 
 
-def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size) -> CamBatch:
+def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
+             target_masks=None, multilabel=None) -> CamBatch:
     name, layer = resolve_target_layer(module, target_layer, batch)
 
     with torch.inference_mode(False), explaining(module):
-        capture = _Capture(layer, name, requires_grad=spec.needs_gradients)
+        capture = _Capture(layer, name, requires_grad=spec.needs_gradients, batch=batch,
+                           model=module)
         with capture, torch.no_grad(), _autocast(batch.device, amp_dtype):
             output = module(batch)
-        logits = _logits(output, batch.shape[0])
+        logits = _logits(output, batch)
         del output
         activations = capture.result(batch)
-        class_ids, slots = _class_ids(targets, logits)  # (N, K); slots: False for 1-D targets
+        if logits.ndim > 2:  # a segmentation map: each target is a class and a region
+            class_ids, slots, weights = _region_targets(spec, logits, batch, targets,
+                                                        target_masks, multilabel)
+        else:
+            _no_masks_for_classifiers(target_masks, logits)
+            class_ids, slots = _class_ids(targets, logits)  # (N, K); slots: False for 1-D
+            weights = None
         valid = class_ids >= 0
         safe = class_ids.clamp(min=0)
-        scores = logits.gather(1, safe)
-        gradients = (_gradients(scores, valid if slots else None, activations, name)
+        if weights is None:
+            scores, empty, live = logits.gather(1, safe), None, valid if slots else None
+        else:
+            scores = seg.slot_scores(logits, safe, weights)
+            empty = valid & ~(weights.flatten(2) > 0).any(-1)
+            live = valid & ~empty
+        gradients = (_gradients(scores, live, activations, name)
                      if spec.needs_gradients else None)
         ctx = CamContext(
             activations=activations.detach().float(),
@@ -130,13 +177,18 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size) 
             target_name=name,
             forward=partial(_forward_logits, module, amp_dtype),
             options={"chunk_size": chunk_size, "amp": amp_dtype},
+            region_weights=weights,
         )
         del logits, scores
         raw = _per_slot(spec, ctx, gradients)  # (N, K, *S)
     n, k = class_ids.shape
     heat = to_heatmaps(raw.flatten(0, 1), batch.shape[2:]).view(n, k, *batch.shape[2:])
-    heat = heat * valid.view(n, k, *([1] * (heat.ndim - 2)))
+    shown = valid if empty is None else live  # an empty region explains nothing: zero map
+    heat = heat * shown.view(n, k, *([1] * (heat.ndim - 2)))
     out_scores = torch.where(valid, ctx.scores, torch.full_like(ctx.scores, float("nan")))
+    if empty is not None:
+        out_scores = torch.where(empty, torch.zeros_like(out_scores), out_scores)
+        seg.warn_empty(class_ids, empty, given=target_masks is not None)
     if not slots:
         return CamBatch(heat[:, 0], class_ids[:, 0], out_scores[:, 0])
     return CamBatch(heat, class_ids, out_scores)
@@ -171,7 +223,9 @@ def _per_slot(spec, ctx: CamContext, gradients) -> torch.Tensor:
     if spec.batched:
         return spec.fn(ctx)
     maps = [spec.fn(replace(ctx, class_ids=ids[:, j], scores=scores[:, j],
-                            gradients=None if gradients is None else gradients[j]))
+                            gradients=None if gradients is None else gradients[j],
+                            region_weights=None if ctx.region_weights is None
+                            else ctx.region_weights[:, j]))
             for j in range(k)]
     return torch.stack(maps, 1)
 
@@ -193,11 +247,23 @@ def to_heatmaps(raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class _Capture(contextlib.AbstractContextManager):
-    """Forward hook on the target layer; removed on exit, whatever happened."""
+    """Forward hook on the target layer; removed on exit, whatever happened.
 
-    def __init__(self, layer: nn.Module, name: str, requires_grad: bool):
+    The captured activation is always an (N, C, *spatial) map: transformer tokens (N, T, C) and
+    channels-last maps (N, *spatial, C) are read as one (see :mod:`.tokens`). For those the map
+    itself is the leaf that requires grad and the network continues from the layer's own layout
+    rebuilt from it, so ``autograd.grad`` with respect to the map gives the gradient already in
+    map layout (no second reshape, and nothing the engine must know about).
+    """
+
+    def __init__(self, layer: nn.Module, name: str, requires_grad: bool,
+                 batch: torch.Tensor | None = None, model: nn.Module | None = None):
         self.layer, self.name, self.requires_grad = layer, name, requires_grad
+        self.spatial = None if batch is None else tuple(batch.shape[2:])
+        self.size = None if batch is None else batch.shape[0]
+        self.model = model
         self.activation: torch.Tensor | None = None
+        self.problem: str | None = None  # why the output can't be read as a feature map
         self.calls = 0
         self.handle = None
 
@@ -214,9 +280,19 @@ class _Capture(contextlib.AbstractContextManager):
         if not isinstance(output, torch.Tensor):
             raise ValueError(
                 f"the target layer {self.name!r} returns a {type(output).__name__}, not a "
-                "tensor; choose a convolutional layer (or the block that contains it)."
+                "tensor; choose a convolutional layer, a transformer block or its norm (or the "
+                "block that contains it)."
             )
         act = output.detach()
+        layout = self._layout(act) if self.calls == 1 else None
+        if layout is not None and layout.kind != "map":
+            fmap = layout.to_map(act)  # a copy: in-place ops later can't change it
+            self.activation = fmap
+            if not self.requires_grad:
+                return None  # the network goes on with its own output
+            fmap.requires_grad_(True)
+            torch.set_grad_enabled(True)
+            return layout.from_map(fmap, act)
         if self.requires_grad:
             act.requires_grad_(True)
             # Grad mode from here to the end of the forward only; the enclosing no_grad block
@@ -224,6 +300,20 @@ class _Capture(contextlib.AbstractContextManager):
             torch.set_grad_enabled(True)
         self.activation = act
         return act.clone()
+
+    def _layout(self, act: torch.Tensor):
+        """The output's layout for this batch, or None (then :attr:`problem` says why when
+        the output looks like tokens; other shapes are refused by :meth:`result`)."""
+        if self.spatial is None or act.ndim < 3 or act.shape[0] != self.size:
+            return None
+        dims = len(self.spatial)
+        prefix = tokens.prefix_hint(self.model) if act.ndim == 3 else None
+        patch = tokens.patch_hint(self.model, dims) if act.ndim == 3 else None
+        layout = tokens.read_layout(act.shape, self.spatial, prefix=prefix, patch=patch,
+                                    layer=self.layer)
+        if layout is None and act.ndim == 3:
+            self.problem = tokens.no_grid_message(self.name, act.shape, self.spatial, prefix)
+        return layout
 
     def result(self, batch: torch.Tensor) -> torch.Tensor:
         if self.calls == 0:
@@ -237,12 +327,15 @@ class _Capture(contextlib.AbstractContextManager):
                 f"the target layer {self.name!r} runs {self.calls} times per forward pass, so "
                 "its activation is ambiguous; choose a layer that runs once."
             )
+        if self.problem is not None:
+            raise ValueError(self.problem)
         act = self.activation
         if act.ndim != batch.ndim or act.shape[0] != batch.shape[0]:
             raise ValueError(
-                f"the target layer {self.name!r} outputs shape {tuple(act.shape)}, not a "
-                f"(N, C, {'D, ' if batch.ndim == 5 else ''}H, W) feature map for input "
-                f"{tuple(batch.shape)}; choose a convolutional layer."
+                f"the target layer {self.name!r} outputs shape {tuple(act.shape)}, neither a "
+                f"(N, C, {'D, ' if batch.ndim == 5 else ''}H, W) feature map nor transformer "
+                f"tokens (N, T, C) for input {tuple(batch.shape)}; choose a convolutional "
+                "layer or a transformer block (or its norm)."
             )
         return act
 
@@ -266,12 +359,16 @@ def _gradient(scores: torch.Tensor, activations: torch.Tensor, name: str,
 
 
 def _forward_logits(module: nn.Module, amp_dtype, x: torch.Tensor) -> torch.Tensor:
+    """The model's scores for ``x`` without a graph: (N, classes), or a segmentation network's
+    (N, classes, *spatial)."""
     with torch.inference_mode(), _autocast(x.device, amp_dtype):
-        return _logits(module(x), x.shape[0])
+        return _logits(module(x), x)
 
 
-def _logits(output, n: int) -> torch.Tensor:
-    """The documented rule for models that don't return a plain tensor."""
+def _model_output(output):
+    """The documented rule for models that don't return a plain tensor: the tensor itself, a
+    dict's ``"logits"`` entry (or its only tensor), an object's ``.logits``, or the first tensor
+    of a tuple / list; None when there is none."""
     logits = output
     if not isinstance(logits, torch.Tensor):
         if isinstance(output, Mapping):
@@ -284,7 +381,15 @@ def _logits(output, n: int) -> torch.Tensor:
             logits = output.logits
         elif isinstance(output, (tuple, list)):
             logits = next((v for v in output if isinstance(v, torch.Tensor)), None)
-    if not isinstance(logits, torch.Tensor):
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def _logits(output, batch: torch.Tensor) -> torch.Tensor:
+    """The class scores of a model's output for ``batch``: (N, classes) for a classifier, or
+    (N, classes, *spatial) for a segmentation network (an output of the batch's rank)."""
+    n = batch.shape[0]
+    logits = _model_output(output)
+    if logits is None:
         raise ValueError(
             f"can't find the class scores in the model's output ({type(output).__name__}); "
             "return a tensor (N, classes), a tuple whose first tensor is that, or a dict with a "
@@ -292,22 +397,88 @@ def _logits(output, n: int) -> torch.Tensor:
         )
     if logits.ndim == 1 and logits.shape[0] == n:
         logits = logits[:, None]
+    if logits.shape[0:1] == (n,) and logits.ndim == batch.ndim:
+        if seg.is_segmentation_output(logits, batch):
+            return logits
+        logits = logits.flatten(1)  # a convolutional head's 1 x 1 map: a classifier
     if logits.ndim != 2 or logits.shape[0] != n:
+        spatial = "D, H, W" if batch.ndim == 5 else "H, W"
         raise ValueError(
             f"the model's output has shape {tuple(logits.shape)}; a classifier output "
-            f"(N={n}, classes) is needed to pick the explained class."
+            f"(N={n}, classes) or a segmentation output (N={n}, classes, {spatial}) is needed "
+            "to pick the explained class."
         )
     return logits
 
 
-def _class_ids(targets, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _no_masks_for_classifiers(target_masks, logits: torch.Tensor) -> None:
+    if target_masks is not None:
+        shape = tuple(getattr(target_masks, "shape", ()) or ())
+        raise ValueError(
+            f"target_masks (shape {shape}) need a segmentation model, whose output is "
+            f"(N, classes, *spatial); this model returns class scores of shape "
+            f"{tuple(logits.shape)}; leave target_masks out (a mask= on the heatmap restricts "
+            "a classifier's regions)."
+        )
+
+
+def _region_targets(spec, logits: torch.Tensor, batch: torch.Tensor, targets, target_masks,
+                    multilabel) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """A segmentation model's targets: class ids (N, K), whether they are slots, and each
+    slot's region weights (N, K, *S_out) at the output's resolution."""
+    if spec.name == "cam":
+        usable = ", ".join(m for m in METHODS if m != "cam")
+        raise ValueError(
+            f"method 'cam' needs a classifier whose logits are a Linear layer over globally "
+            f"averaged features, and this model returns a segmentation map "
+            f"{tuple(logits.shape)}; use one of {usable}, which explain a class's logits "
+            "summed over its region."
+        )
+    n = logits.shape[0]
+    spatial = tuple(logits.shape[2:])
+    multilabel = seg.resolve_multilabel(logits, multilabel)
+    out = logits.detach()
+    given = None
+    if target_masks is not None:
+        k = None  # the slots per sample that (N, K, *S) masks must match
+        if callable(targets):  # known after the call: checked below
+            shape = tuple(getattr(target_masks, "shape", ()))
+            k = shape[1] if len(shape) == batch.ndim else None
+        elif targets is not None:
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                t = torch.as_tensor(targets)
+                k = int(t.shape[1]) if t.ndim == 2 else None
+        given = seg.region_weights(target_masks, n, k, batch.shape[2:], spatial, logits.device)
+    one = given[:, 0] if given is not None and given.shape[1] == 1 else None  # one per sample
+    class_ids, slots = _class_ids(
+        targets, out,
+        pooled=lambda: seg.pooled_class_scores(out, multilabel, one),
+        default=lambda: seg.default_targets(out, multilabel, one),
+    )
+    if given is not None and given.shape[1] not in (1, class_ids.shape[1]):
+        raise ValueError(
+            f"target_masks has {given.shape[1]} regions per sample but the targets have "
+            f"{class_ids.shape[1]} slots; give (N, *spatial) masks or one per slot, "
+            f"({n}, {class_ids.shape[1]}, *spatial)."
+        )
+    if given is not None:
+        weights = given.expand(n, class_ids.shape[1], *spatial)
+    else:
+        weights = seg.predicted_regions(out, class_ids.clamp(min=0), multilabel)
+    return class_ids, slots, weights
+
+
+def _class_ids(targets, logits: torch.Tensor, pooled=None,
+               default=None) -> tuple[torch.Tensor, bool]:
     """The classes to explain as (N, K), and whether the caller asked for slots (an (N, K)
-    form; otherwise K = 1 and the result drops that axis)."""
-    n, num_classes = logits.shape
+    form; otherwise K = 1 and the result drops that axis). A classifier's targets come from
+    its logits (N, classes); a segmentation model passes ``pooled()``, the (N, classes) scores
+    a callable picks from, and ``default()``, the (N,) classes of ``targets=None``."""
+    n, num_classes = logits.shape[:2]
     if targets is None:
-        return logits.detach().argmax(1)[:, None], False
+        return (logits.detach().argmax(1) if default is None else default())[:, None], False
     if callable(targets):
-        targets = targets(logits.detach())
+        targets = targets(logits.detach() if pooled is None else pooled())
     t = torch.as_tensor(targets)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"targets must be integer class indices, not {t.dtype}.")

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .segmentation import slot_scores
+
 
 @dataclass
 class CamContext:
@@ -29,8 +31,23 @@ class CamContext:
     batch: torch.Tensor  # the model input (N, C, *S_in)
     module: nn.Module
     target_name: str
-    forward: Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits (N, classes), no graph
+    # inputs -> logits (N, classes), or a segmentation model's (N, classes, *S_out); no graph
+    forward: Callable[[torch.Tensor], torch.Tensor]
     options: dict = field(default_factory=dict)
+    # A segmentation model's targets: each one's region weights at the output's resolution,
+    # (N, *S_out), (N, K, *S_out) with (N, K) class_ids; None for a classifier.
+    region_weights: torch.Tensor | None = None
+
+    def target_scores(self, outputs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        """The explained scores (len(samples), T) in ``outputs``, the ``forward`` of inputs
+        made from those samples of the batch: each target's logit, or, for a segmentation
+        model, its class's logits summed over its region (the weights of *that* sample)."""
+        ids = self.class_ids if self.class_ids.ndim == 2 else self.class_ids[:, None]
+        if self.region_weights is None:
+            return outputs.float().gather(1, ids[samples])
+        w = self.region_weights
+        w = w if self.class_ids.ndim == 2 else w[:, None]
+        return slot_scores(outputs, ids[samples], w[samples])
 
 
 @dataclass(frozen=True)
@@ -156,8 +173,9 @@ def scorecam(ctx: CamContext) -> torch.Tensor:
     constant = flat.amax(-1) == flat.amin(-1)
     scores = torch.empty(n, k, ids.shape[1], device=A.device, dtype=torch.float32)
     if bool(constant.any()):
-        zero_logits = ctx.forward(torch.zeros_like(x[:1]))[0].float()
-        scores[:] = zero_logits[ids][:, None]
+        zero = ctx.forward(torch.zeros_like(x[:1]))
+        every = torch.arange(n, device=A.device)
+        scores[:] = ctx.target_scores(zero.expand(n, *zero.shape[1:]), every)[:, None]
     pairs = (~constant).nonzero()
     chunk = ctx.options.get("chunk_size") or _default_chunk(x)
     mode = "bilinear" if A.ndim == 4 else "trilinear"
@@ -168,8 +186,7 @@ def scorecam(ctx: CamContext) -> torch.Tensor:
         lo = up_flat.amin(1).view(-1, *([1] * (up.ndim - 1)))
         hi = up_flat.amax(1).view(-1, *([1] * (up.ndim - 1)))
         masked = x[ni] * ((up - lo) / (hi - lo + 1e-8)).to(x.dtype)
-        logits = ctx.forward(masked).float()
-        scores[ni, ki] = logits.gather(1, ids[ni])
+        scores[ni, ki] = ctx.target_scores(ctx.forward(masked), ni)
     weights = torch.softmax(scores, dim=1)  # (N, channels, T)
     maps = torch.einsum("nkt,nkp->ntp", weights, flat).view(n, ids.shape[1], *A.shape[2:])
     return maps if ctx.class_ids.ndim == 2 else maps[:, 0]
