@@ -99,8 +99,8 @@ def _batch(args) -> int:
 def _batch_run(args, state: dict) -> int:
     from .models import load_model
     from .batch import (
-        Options, check_output, claim_output, collect_units, iter_progress, make_job,
-        process_units, run_settings, write_summary,
+        Options, check_output, check_segmentation_options, claim_output, collect_units,
+        iter_progress, make_job, process_units, run_settings, write_summary,
     )
 
     ours = logging.getLogger("napari_gradcam")
@@ -120,12 +120,17 @@ def _batch_run(args, state: dict) -> int:
                    threshold_mode=args.threshold_mode, min_area=args.min_area,
                    simplify=args.simplify, device=args.device, batch_size=args.batch_size,
                    overlay=args.overlay, volume_overlay=args.volume_overlay,
-                   overwrite=args.overwrite, workers=args.workers)
+                   overwrite=args.overwrite, workers=args.workers,
+                   write_segmentation=args.write_segmentation)
     job = make_job(spec, opts)  # bad method, target or device: say so before reading anything
+    # a target mask or label maps for a classifier: refused before any image is read
+    check_segmentation_options(job, args.target_mask is not None, args.write_segmentation)
     # parts cut only leading axes: a 3D model's volume is one image, never cut
     units = collect_units(args.inputs, mask=args.mask, part_size=args.part_size, exclude=out,
-                          in_channels=spec.in_channels, spatial_dims=job.runner.dims)
-    settings = run_settings(opts, model, spec, args.mask)  # hashes the model files once
+                          in_channels=spec.in_channels, spatial_dims=job.runner.dims,
+                          target_mask=args.target_mask)
+    # hashes the model files once
+    settings = run_settings(opts, model, spec, args.mask, target_mask=args.target_mask)
     # the lock, then other settings refused, before any model runs
     with claim_output(out, settings, overwrite=args.overwrite) as run:
         state["run"] = run
@@ -199,10 +204,10 @@ def _check_batch_options(args) -> None:
     if getattr(args, "dask_local", None) is not None:
         args.dask_local = _whole(args.dask_local, "--dask-local", 1,
                                  "a whole number of worker processes >= 1")
-    if args.mask is not None:
-        problem = mask_pattern_problem(args.mask)
+    for flag, pattern in (("--mask", args.mask), ("--target-mask", args.target_mask)):
+        problem = None if pattern is None else mask_pattern_problem(pattern)
         if problem:
-            raise ValueError(f"--mask {args.mask!r}: {problem}.")
+            raise ValueError(f"{flag} {pattern!r}: {problem}.")
     try:
         resolve_device(args.device)
     except ValueError as err:
@@ -229,8 +234,11 @@ def _batch_parser(sub) -> None:
                     "TIFF per input, zarr for zarr inputs, NIfTI with the scan's affine for "
                     "NIfTI / DICOM inputs), geojson/ (QuPath GeoJSON per input, plane by "
                     "plane), regions/ (for volumes: 3D boxes CSV in voxels and millimetres, "
-                    "label map), overlays/ (with --overlay), coco.json and summary.csv. A "
+                    "label map), overlays/ (with --overlay), segmentation/ (with "
+                    "--write-segmentation), coco.json and summary.csv. A "
                     "3D model (Conv3d) explains each volume whole and finds 3D regions. A "
+                    "segmentation model (output (N, classes, *spatial): a U-Net) explains a "
+                    "class inside its predicted region, or inside --target-mask. A "
                     "second run skips finished inputs. Exit status 1 when an input failed.",
     )
     b.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -253,7 +261,10 @@ def _batch_parser(sub) -> None:
     b.add_argument("--target", default=None,
                    help="class name or index to explain, or 'found': every class with a "
                         "positive logit (multi-label models; a summary row per class found). "
-                        "Default: each image's prediction")
+                        "Default: each image's prediction. For a segmentation model: the "
+                        "class's predicted region (or its --target-mask region); default the "
+                        "class with the largest predicted region; 'found' every class "
+                        "predicted somewhere")
     b.add_argument("--threshold", default="0.5", help="heat value in [0, 1], or otsu")
     b.add_argument("--threshold-mode", default="absolute", choices=("absolute", "relative"))
     # numbers are checked by _check_batch_options: one line per mistake, no usage block
@@ -262,6 +273,18 @@ def _batch_parser(sub) -> None:
     b.add_argument("--mask", metavar="PATTERN",
                    help="mask file per image, with {dir}, {name}, {stem}: e.g. "
                         "'{dir}/../lung-masks/{name}'; regions only where the mask is > 0")
+    b.add_argument("--target-mask", metavar="PATTERN",
+                   help="segmentation models only: a region file per image, with {dir}, "
+                        "{name}, {stem} as for --mask (NIfTI / DICOM for volumes, on the "
+                        "scan's grid); explains why the model gave the pixels inside it their "
+                        "class (the class's logits summed over the region; integer masks "
+                        "count where > 0, float masks are weights). Default: each class's own "
+                        "predicted region")
+    b.add_argument("--write-segmentation", action="store_true",
+                   help="segmentation models only: also write each input's predicted labels "
+                        "to segmentation/ (<name>_labels.tif; NIfTI with the scan's affine "
+                        "for NIfTI / DICOM inputs; 0 = background, or for multi-label "
+                        "models 0 = no class and class c = c + 1)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--batch-size", default=None, help="images per pass (auto)")
     b.add_argument("--overlay", action="store_true", help="also write overlay PNGs")

@@ -9,7 +9,7 @@ overlaps reading, the model (one :class:`~napari_gradcam.job.ExplainJob`, built 
 options by :mod:`.explainer`) and writing (:mod:`.write`), which writes each unit's files
 atomically and its record (:mod:`.records`) last, so a unit with a record is done and a rerun
 skips it. A record counts only for the same source (resolved path, size, mtime) and
-the same settings (:mod:`.settings`: model file hashes, method, target, regions, mask), and a
+the same settings (:mod:`.settings`: model file hashes, method, target, regions, masks), and a
 run holds the output folder alone (:mod:`.output`). ``coco.json`` and ``summary.csv`` are
 rebuilt from the records and GeoJSON files at the end of every run. :mod:`.cluster` maps groups
 of units over a dask.distributed cluster with the same single-process run.
@@ -20,7 +20,7 @@ from .discover import (
     Unit, collect_units, format_mask, mask_pattern_problem, name_units, source_fingerprint,
     units_for_array,
 )
-from .explainer import make_job, nan_cause
+from .explainer import check_segmentation_options, make_job, nan_cause
 from .output import OutputInUse, Run, SettingsChanged, check_output, claim_output, held_run
 from .read import (
     IMAGE_SUFFIXES, VOLUME_SUFFIXES, is_volume_input, open_lazy, read_unit, tiff_series_note,
@@ -33,7 +33,8 @@ from .write import finish_unit, prepare_outputs, write_summary
 
 __all__ = [
     "FOUND", "IMAGE_SUFFIXES", "STATE_DIR", "VOLUME_SUFFIXES", "Options", "OutputInUse",
-    "Record", "Run", "SettingsChanged", "Unit", "check_output", "claim_output", "collect_units",
+    "Record", "Run", "SettingsChanged", "Unit", "check_output", "check_segmentation_options",
+    "claim_output", "collect_units",
     "count_done", "finish_unit", "format_mask", "held_run", "is_done", "is_volume_input",
     "iter_progress", "load_record", "make_job", "mask_pattern_problem", "model_fingerprint",
     "name_units", "nan_cause", "open_lazy", "prepare_outputs", "process_units", "read_unit",

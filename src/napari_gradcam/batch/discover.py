@@ -40,8 +40,11 @@ class Unit:
     mask: str | None = None  # mask file for this unit
     stem: str = ""  # the name before same-named sources are told apart ("a" for "a-2")
     # what the unit's record must match to count as done: the resolved source, its size and
-    # mtime (a zarr array's metadata file), the range, and the mask file's size and mtime
+    # mtime (a zarr array's metadata file), the range, and the mask files' sizes and mtimes
     fingerprint: tuple = ()
+    # a segmentation model's region to explain for this unit (``--target-mask``): the score
+    # explained is each class's logits summed over it
+    target_mask: str | None = None
 
     @property
     def key(self) -> str:
@@ -151,14 +154,15 @@ def mask_pattern_problem(pattern: str) -> str | None:
     return None
 
 
-def format_mask(pattern: str, path: Path) -> str:
+def format_mask(pattern: str, path: Path, flag: str = "mask") -> str:
     """The mask file for ``path``: the pattern's fields substituted as plain text (never
-    through ``str.format``, see :func:`mask_pattern_problem`)."""
+    through ``str.format``, see :func:`mask_pattern_problem`). ``flag`` names the pattern in
+    errors ("mask", "target mask")."""
     import string
 
     problem = mask_pattern_problem(pattern)
     if problem:
-        raise ValueError(f"mask pattern {pattern!r}: {problem}.")
+        raise ValueError(f"{flag} pattern {pattern!r}: {problem}.")
     path = Path(path)
     values = {"dir": str(path.parent), "name": path.name, "stem": path.stem}
     return str(Path("".join(literal + (values[field] if field is not None else "")
@@ -167,7 +171,8 @@ def format_mask(pattern: str, path: Path) -> str:
 
 def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 256,
                   channel_axis=None, exclude=None, claims: dict | None = None,
-                  in_channels: int | None = None, spatial_dims: int = 2) -> list[Unit]:
+                  in_channels: int | None = None, spatial_dims: int = 2,
+                  target_mask: str | None = None) -> list[Unit]:
     """Units for files, folders (searched recursively for images and zarr arrays) and zarr
     arrays. ``mask`` is a pattern for each image's mask file with ``{dir}`` (the image's
     folder), ``{name}`` (file name) and ``{stem}`` (name without suffix), e.g.
@@ -177,7 +182,9 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
     is split along the same axes the reader sees (a small last axis of that many entries
     holds channels, not pixels). ``spatial_dims``: the model's (3 for a Conv3d model), so
     that only leading axes are cut into parts. A folder of DICOM slices, given or found, is
-    one volume."""
+    one volume. ``target_mask``: a pattern of the same form for each input's segmentation
+    target region (a segmentation model explains why it gave the pixels inside it their
+    class); found, read, checked and fingerprinted exactly as masks are."""
     inputs = list(inputs)
     exclude = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path | None]] = []
@@ -198,27 +205,31 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
         if real in seen:  # the same file given twice (a folder and a file in it): once
             continue
         seen.add(real)
-        mask_path = None
-        if mask:
-            mask_path = format_mask(mask, path)
+        masks = (format_mask(mask, path) if mask else None,
+                 format_mask(target_mask, path, "target mask") if target_mask else None)
         if is_volume_input(path):
-            units.append(Unit(str(path), name, "volume", mask=mask_path, stem=name,
-                              fingerprint=source_fingerprint(path, 0, None, mask_path)))
+            units.append(_unit(path, name, "volume", masks))
             continue
         n = _stack_length(path, channel_axis, part_size, in_channels, spatial_dims)
         if n is not None:  # zarr arrays, and TIFF stacks longer than a part: read in parts
-            units += [Unit(str(path), name, "parts", a, min(a + part_size, n), mask_path, name,
-                           source_fingerprint(path, a, min(a + part_size, n), mask_path))
+            units += [_unit(path, name, "parts", masks, a, min(a + part_size, n))
                       for a in range(0, n, part_size)]
         else:
-            units.append(Unit(str(path), name, "file", mask=mask_path, stem=name,
-                              fingerprint=source_fingerprint(path, 0, None, mask_path)))
+            units.append(_unit(path, name, "file", masks))
     if not units:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))}: give image files "
                          f"({', '.join(IMAGE_SUFFIXES)}), NIfTI volumes "
                          f"({', '.join(VOLUME_SUFFIXES)}), DICOM series folders, folders or "
                          "zarr arrays.")
     return name_units(units, claims)[0]
+
+
+def _unit(path: Path, name: str, kind: str, masks: tuple, start: int = 0,
+          stop: int | None = None) -> Unit:
+    """A unit of ``path`` with its (mask, target mask) files, fingerprinted with them."""
+    mask, target = masks
+    return Unit(str(path), name, kind, start, stop, mask, name,
+                source_fingerprint(path, start, stop, mask, target), target)
 
 
 def _resolved(path) -> str:
@@ -229,10 +240,11 @@ def _resolved(path) -> str:
 
 
 def source_fingerprint(path, start: int = 0, stop: int | None = None,
-                       mask: str | None = None) -> tuple:
+                       mask: str | None = None, target_mask: str | None = None) -> tuple:
     """What identifies a source's contents without reading them: its resolved path, size and
     mtime (for a zarr array, those of its metadata file) and the range of a unit read in
-    parts, then the mask file's size and mtime. For a DICOM series folder, its files: their
+    parts, then the mask file's size and mtime, then the target mask's (tagged, so that a
+    file given as one kind of mask never matches it given as the other). For a DICOM series folder, its files: their
     total size and a digest of every file's name, size and mtime (a slice replaced, added or
     removed changes it). A rerun redoes a unit whose fingerprint changed; one ``stat`` per
     file keeps this cheap for any number of inputs."""
@@ -243,6 +255,8 @@ def source_fingerprint(path, start: int = 0, stop: int | None = None,
     fp: tuple = (_resolved(path), *_source_stat(path, meta), int(start), stop)
     if mask is not None:
         fp += (_resolved(mask), *_source_stat(Path(mask)))
+    if target_mask is not None:
+        fp += ("target mask", _resolved(target_mask), *_source_stat(Path(target_mask)))
     return fp
 
 

@@ -35,6 +35,33 @@ def make_job(spec, opts: Options) -> ExplainJob:
 _NAN_WARNED: weakref.WeakSet = weakref.WeakSet()  # models nan_cause reported: warned once
 
 
+def is_segmentation_job(job: ExplainJob) -> bool:
+    """Whether the job's model returns a map of class scores per pixel (a segmentation
+    model) rather than one score per class and image."""
+    seg = getattr(job, "segmentation", None)
+    if seg is None:  # a job without the probe: ask the model
+        from ..job import is_segmentation
+
+        seg = is_segmentation(job.spec)
+    return bool(seg)
+
+
+def check_segmentation_options(job: ExplainJob, target_mask: bool,
+                               write_segmentation: bool) -> None:
+    """Refuse, before any image is read, target masks or label maps asked of a classifier:
+    a classifier scores whole images, so it has no per-pixel class to explain inside a region
+    and no segmentation to write."""
+    if not (target_mask or write_segmentation) or is_segmentation_job(job):
+        return
+    flag = "--target-mask" if target_mask else "--write-segmentation"
+    why = ("it has no region whose class could be explained" if target_mask else
+           "it has no segmentation to write")
+    raise ValueError(f"{flag}: the model {getattr(job.spec, 'name', 'model')!r} is a "
+                     "classifier (one score per class for a whole image, not a map of class "
+                     f"scores per pixel), so {why}; leave {flag} out, or give a segmentation "
+                     "model (output (N, classes, *spatial)).")
+
+
 def nan_cause(spec) -> str:
     """Where a model's NaN output would come from, found without running it: non-finite
     mean/std or weights (a sidecar can't be trusted to have been validated: a spec may be built

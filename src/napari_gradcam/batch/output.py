@@ -179,7 +179,8 @@ def _unlock(fd: int) -> None:
 def _remove_stale_temps(out: Path) -> None:
     """Delete the temporary files a killed run of ours left: only while holding the lock (no
     run of ours is writing), only where we write, only files named as ours."""
-    ours = {"heatmaps", "geojson", "overlays", "regions", f"{STATE_DIR}/records"}
+    ours = {"heatmaps", "geojson", "overlays", "regions", "segmentation",
+            f"{STATE_DIR}/records"}
     top = {"summary.csv", "coco.json", f"{STATE_DIR}/{RUN_FILE}", f"{STATE_DIR}/{NAMES_FILE}"}
     for folder in (*ours, ".", STATE_DIR):
         with contextlib.suppress(OSError):

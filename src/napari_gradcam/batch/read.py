@@ -237,36 +237,64 @@ def _read_mask(unit: Unit, volume=None) -> np.ndarray | None:
     grid (see :func:`_mask_on_grid`)."""
     if unit.mask is None:
         return None
-    if not Path(unit.mask).exists():
-        raise ValueError(f"its mask {unit.mask!r} does not exist (check the --mask pattern)")
-    if is_volume_input(Path(unit.mask)):  # a brain mask as NIfTI / DICOM: in display order
+    return _read_mask_file(unit.mask, volume, "mask", "--mask") > 0
+
+
+def _read_target_mask(unit: Unit, volume=None) -> np.ndarray | None:
+    """The unit's segmentation target region, found and read as its mask is: booleans from an
+    integer or boolean file (> 0 = inside), float weights from a float file (a probability
+    map), which must be finite and non-negative (the score explained is a weighted sum of
+    logits; a negative weight would explain the opposite of the class)."""
+    if unit.target_mask is None:
+        return None
+    m = _read_mask_file(unit.target_mask, volume, "target mask", "--target-mask")
+    if m.dtype.kind != "f":
+        return m > 0
+    m = m.astype(np.float32, copy=False)
+    bad = int(np.count_nonzero(~np.isfinite(m))), int(np.count_nonzero(m < 0))
+    if any(bad):
+        what = "NaN/inf" if bad[0] else "negative values"
+        raise ValueError(f"its target mask {unit.target_mask!r} holds {what} at "
+                         f"{bad[0] or bad[1]} position{'s' * ((bad[0] or bad[1]) != 1)}; give "
+                         "weights >= 0 (or an integer mask, > 0 = inside)")
+    return m
+
+
+def _read_mask_file(path: str, volume, what: str, flag: str) -> np.ndarray:
+    """A mask file's values, for ``--mask`` and ``--target-mask`` alike: an image (RGB: its
+    first channel), or a NIfTI / DICOM volume in display order, on ``volume``'s voxel grid
+    (see :func:`_mask_on_grid`) when the input is a volume. Each failure is one line naming
+    the file and the option whose pattern made its name."""
+    if not Path(path).exists():
+        raise ValueError(f"its {what} {path!r} does not exist (check the {flag} pattern)")
+    if is_volume_input(Path(path)):  # a brain mask as NIfTI / DICOM: in display order
         from ..volumes import read_volume
 
         try:
-            mvol = read_volume(unit.mask)
+            mvol = read_volume(path)
         except Exception as err:  # noqa: BLE001 - one line for the summary
-            raise ValueError(f"its mask {unit.mask!r} can't be read as a volume "
-                             f"({_decoder_reason(err)}); replace it, or check the --mask "
+            raise ValueError(f"its {what} {path!r} can't be read as a volume "
+                             f"({_decoder_reason(err)}); replace it, or check the {flag} "
                              "pattern") from None
-        data = np.asarray(mvol.data) > 0
-        return data if volume is None else _mask_on_grid(data, mvol, volume, unit.mask)
-    if not Path(unit.mask).is_file():
-        raise ValueError(f"its mask {unit.mask!r} is a folder, not an image or volume; check "
-                         "the --mask pattern")
+        data = np.asarray(mvol.data)
+        return data if volume is None else _mask_on_grid(data, mvol, volume, path, what)
+    if not Path(path).is_file():
+        raise ValueError(f"its {what} {path!r} is a folder, not an image or volume; check "
+                         f"the {flag} pattern")
     try:
-        m = np.asarray(_imread(Path(unit.mask)))
+        m = np.asarray(_imread(Path(path)))
     except Exception as err:  # noqa: BLE001 - a decoder's own advice (install pyav) misleads
-        raise ValueError(f"its mask {unit.mask!r} can't be read as an image "
+        raise ValueError(f"its {what} {path!r} can't be read as an image "
                          f"({_decoder_reason(err)}); replace it with a PNG or TIFF "
-                         "mask, or check the --mask pattern") from None
+                         f"{what}, or check the {flag} pattern") from None
     if m.size == 0:
-        raise ValueError(f"its mask {unit.mask!r} is empty; replace it with a PNG or TIFF mask")
+        raise ValueError(f"its {what} {path!r} is empty; replace it with a PNG or TIFF {what}")
     if m.ndim == 3 and m.shape[-1] in (3, 4):
         m = m[..., 0]
-    return m > 0
+    return m
 
 
-def _mask_on_grid(mask: np.ndarray, mvol, volume, name: str) -> np.ndarray:
+def _mask_on_grid(mask: np.ndarray, mvol, volume, name: str, what: str = "mask") -> np.ndarray:
     """A volume mask in the scan's display order. Same shape alone is not enough: another
     tool may store the same voxels with an axis flipped or swapped (LAS against RAS), which
     only the affines tell. Equal affines: as stored; affines that differ by axis flips and
@@ -280,8 +308,8 @@ def _mask_on_grid(mask: np.ndarray, mvol, volume, name: str) -> np.ndarray:
     tol = 1e-3 * max(1.0, float(np.abs(a_img[:3, :3]).max()))
     if np.allclose(a_mask, a_img, rtol=0, atol=tol):
         return mask
-    off = (f"its mask {name!r} is not on the scan's voxel grid (its affine differs from the "
-           "scan's by more than axis flips); resample the mask onto the scan (e.g. with "
+    off = (f"its {what} {name!r} is not on the scan's voxel grid (its affine differs from the "
+           f"scan's by more than axis flips); resample the {what} onto the scan (e.g. with "
            "nibabel.processing.resample_from_to or your segmentation tool) and run again")
     try:
         img_ornt = no.io_orientation(a_img)
@@ -375,8 +403,9 @@ def memory_problem(unit: Unit, spec, opts: Options, dims: int, arrays=None) -> s
 
 
 def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
-    """Reader thread: pixels, raw (n, *spatial, C), leading shape, mask and the volume (its
-    affine, for the NIfTI outputs; None for other inputs); or the exception."""
+    """Reader thread: pixels, raw (n, *spatial, C), leading shape, mask, the volume (its
+    affine, for the NIfTI outputs; None for other inputs) and the target mask; or the
+    exception."""
     try:
         problem = memory_problem(unit, spec, opts, dims, arrays)
         if problem:
@@ -405,14 +434,18 @@ def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
                     raise ValueError(f"its pixels exceed float32's range (about 3.4e38) at {big} "
                                      f"position{'s' * (big != 1)}, where the model would see "
                                      "inf; rescale the image before the run")
-        mask = _read_mask(unit, volume)
         # one mask for every image, or (a volume's 3D mask for a 2D model explaining it
         # plane by plane) one per image: the job takes either
         shapes = {tuple(lay.spatial), (*lay.lead, *lay.spatial)}
-        if mask is not None and tuple(mask.shape) not in shapes:
-            raise ValueError(f"its mask {unit.mask!r} has shape {tuple(mask.shape)}, the image "
-                             f"{' or '.join(map(str, sorted(shapes, key=len)))}; give a mask "
-                             "of the image's shape")
-        return pixels, raw, lay.lead, mask, volume
+        masks = []
+        for what, path, read in (("mask", unit.mask, _read_mask),
+                                 ("target mask", unit.target_mask, _read_target_mask)):
+            m = read(unit, volume)
+            if m is not None and tuple(m.shape) not in shapes:
+                raise ValueError(f"its {what} {path!r} has shape {tuple(m.shape)}, the image "
+                                 f"{' or '.join(map(str, sorted(shapes, key=len)))}; give a "
+                                 f"{what} of the image's shape")
+            masks.append(m)
+        return pixels, raw, lay.lead, masks[0], volume, masks[1]
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
         return err

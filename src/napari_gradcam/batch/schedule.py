@@ -21,12 +21,12 @@ import numpy as np
 
 from ..job import BatchResult, ExplainJob
 from .discover import Unit
-from .explainer import make_job
+from .explainer import check_segmentation_options, make_job
 from .output import claim_output, held_run
 from .read import _load
 from .records import Record, _failed, is_done, load_record
 from .settings import Options, run_settings
-from .write import _finish_safely, prepare_outputs
+from .write import _finish_safely, prepare_outputs, unit_offset
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,27 @@ class _Pending:
     mask: np.ndarray | None
     t0: float
     volume: object = None  # a NIfTI / DICOM input's Volume (affine for its NIfTI outputs)
+    # a segmentation model's region to explain: the spatial shape, or the leading shape plus it
+    target: np.ndarray | None = None
     parts: list = field(default_factory=list)  # BatchResults of its images, in order
+    labels: list = field(default_factory=list)  # predicted label maps of its images, in order
     done: int = 0
 
-    def take(self, result: BatchResult) -> None:
-        """The next images' results."""
+    def take(self, result: BatchResult, labels: np.ndarray | None = None) -> None:
+        """The next images' results (and their predicted labels, when written)."""
         self.parts.append(result)
+        if labels is not None:
+            self.labels.append(labels)
         self.done += result.scores.shape[0]
+
+    def targets(self, stop: int) -> np.ndarray | None:
+        """The target masks of images ``done:stop``, one per image: (stop - done, *spatial)."""
+        if self.target is None:
+            return None
+        spatial = self.raw.shape[1:-1]
+        if tuple(self.target.shape) == tuple(spatial):  # one region for every image
+            return np.repeat(self.target[None], stop - self.done, axis=0)
+        return self.target.reshape(-1, *spatial)[self.done:stop]
 
 
 def process_units(units: list[Unit], spec, out, opts: Options, *,
@@ -64,6 +78,9 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
     folder for them."""
     out = Path(out)
     job = make_job(spec, opts)  # a bad method or target: said before anything is touched
+    # target masks or label maps asked of a classifier: said before anything is read
+    check_segmentation_options(job, any(u.target_mask for u in units),
+                               opts.write_segmentation)
     run = held_run(out)
     if clean and run is None:
         with claim_output(out, run_settings(opts, None, spec),
@@ -152,8 +169,19 @@ class _Schedule:
         self.finished(_failed(unit, self.out, message, self.settings))
 
     def pending(self, unit: Unit, loaded: tuple) -> _Pending:
-        pixels, raw, lead, mask, volume = loaded
-        return _Pending(unit, pixels, raw, lead, mask, time.perf_counter(), volume)
+        pixels, raw, lead, mask, volume, target = loaded
+        return _Pending(unit, pixels, raw, lead, mask, time.perf_counter(), volume, target)
+
+    def explain(self, raw: np.ndarray, targets: np.ndarray | None) -> tuple:
+        """One batch through the job: its results and, with ``write_segmentation``, the
+        predicted labels (n, *spatial) of its images (one more forward, without gradients)."""
+        result = self.job.explain(raw) if targets is None else \
+            self.job.explain(raw, target_masks=targets)
+        labels = None
+        if self.opts.write_segmentation:
+            labels = np.asarray(self.job.segment(raw, channel_axis=-1))
+            labels = labels.reshape(raw.shape[0], *labels.shape[-(raw.ndim - 2):])
+        return result, labels
 
     def add(self, p: _Pending) -> None:
         """Gather ``p`` into the batch, first running the batch if ``p`` can't join it."""
@@ -163,7 +191,8 @@ class _Schedule:
         # single images would run one image per forward pass.
         size = self.job.runner.size_for(raw.shape[1:-1], max(n, self.units_left))
         first = self.batch[0].raw if self.batch else None
-        same = first is not None and first.shape[1:] == raw.shape[1:] and first.dtype == raw.dtype
+        same = first is not None and first.shape[1:] == raw.shape[1:] and \
+            first.dtype == raw.dtype and (self.batch[0].target is None) == (p.target is None)
         if self.batch and (not same or self.gathered + n > size):
             self.flush()
         if n >= size:  # a stack: its own batches
@@ -177,7 +206,7 @@ class _Schedule:
         while p.done < n:
             stop = min(p.done + size, n)
             try:
-                p.take(self.job.explain(p.raw[p.done:stop]))
+                p.take(*self.explain(p.raw[p.done:stop], p.targets(stop)))
             except Exception as err:  # noqa: BLE001 - this unit fails, the run goes on
                 self.fail(p.unit, f"the model failed on it: {err}")
                 return
@@ -191,8 +220,11 @@ class _Schedule:
             return
         raw = np.concatenate([p.raw[p.done:] for p in batch]) if len(batch) > 1 else \
             batch[0].raw[batch[0].done:]
+        targets = None
+        if batch[0].target is not None:  # then every unit of the batch has one (see add)
+            targets = np.concatenate([p.targets(p.raw.shape[0]) for p in batch])
         try:
-            result = self.job.explain(raw)
+            result, labels = self.explain(raw, targets)
         except Exception as err:  # noqa: BLE001 - the units in this batch fail, the run goes on
             for p in batch:
                 self.fail(p.unit, f"the model failed on it: {err}")
@@ -200,15 +232,22 @@ class _Schedule:
         pos = 0
         for p in batch:
             n = p.raw.shape[0] - p.done
-            p.take(result.part(pos, pos + n))
+            p.take(result.part(pos, pos + n), None if labels is None else labels[pos:pos + n])
             pos += n
             self.submit_finish(p)
 
     def submit_finish(self, p: _Pending) -> None:
+        result = BatchResult.join(p.parts)
+        # notes here, not on the writer thread: finding out whether the model segments may
+        # run it once, which must not happen while the engine's hooks listen on this thread.
+        # Only an empty region scores exactly 0, so other results need no notes (nor that run)
+        notes = self.job.notes(result, p.lead, unit_offset(p.unit, p.lead)) \
+            if np.any(result.scores == 0) else []
         self.writes.append(self.writers.submit(
-            _finish_safely, p.unit, self.out, p.pixels, BatchResult.join(p.parts), p.lead,
+            _finish_safely, p.unit, self.out, p.pixels, result, p.lead,
             p.mask, self.job, self.opts, time.perf_counter() - p.t0, self.settings,
-            volume=p.volume))
+            volume=p.volume, labels=np.concatenate(p.labels) if p.labels else None,
+            notes=notes))
 
 
 def iter_progress(total_units: int, quiet: bool) -> Callable:

@@ -31,12 +31,15 @@ class Options:
     channel_axis: object = None
     workers: int = 2  # threads for reading and for writing
     prefetch: int = 4  # units read ahead of the engine
+    # a segmentation model's predicted labels per unit, under segmentation/
+    write_segmentation: bool = False
 
 
 _SETTING_NAMES = {
     "model": "--model", "method": "--method", "target": "--target",
     "threshold": "--threshold", "threshold_mode": "--threshold-mode",
     "min_area": "--min-area", "simplify": "--simplify", "mask": "--mask",
+    "target_mask": "--target-mask", "write_segmentation": "--write-segmentation",
     "channel_axis": "channel axis", "overlay": "--overlay",
     "volume_overlay": "--volume-overlay",
     "model_input": "the model's input (channels, size, normalisation, classes, layer)",
@@ -124,13 +127,17 @@ def model_fingerprint(model) -> dict:
     return {"sha256": h.hexdigest(), "label": label}
 
 
-def run_settings(opts: Options, model, spec=None, mask: str | None = None) -> dict:
+def run_settings(opts: Options, model, spec=None, mask: str | None = None,
+                 target_mask: str | None = None) -> dict:
     """The settings that change a run's results, as plain JSON values: the model (see
-    :func:`model_fingerprint`), method, target, region and mask settings, overlays, and what
-    the model is fed (channels, input size, normalisation, classes, target layer). Device,
-    batch size and worker counts are left out: they don't change the results. How overlays
-    draw volumes is recorded only when overlays are on and it is not the default, so that the
-    settings of runs made before volumes had a choice keep their digest."""
+    :func:`model_fingerprint`), method, target, region and mask settings, a segmentation
+    model's target mask pattern and label maps, overlays, and what the model is fed
+    (channels, input size, normalisation, classes, target layer). Device, batch size and
+    worker counts are left out: they don't change the results. How overlays draw volumes,
+    the target mask pattern and the label maps are recorded only when not the default, so
+    that the settings of runs made before those options existed keep their digest. (Each
+    target mask file's size and mtime are in its unit's fingerprint, as a mask's are: a
+    changed file redoes its input.)"""
     settings = {
         "model": model_fingerprint(model if model is not None else spec),
         "method": opts.method, "target": opts.target,
@@ -140,6 +147,10 @@ def run_settings(opts: Options, model, spec=None, mask: str | None = None) -> di
     }
     if opts.overlay and opts.volume_overlay != Options.volume_overlay:
         settings["volume_overlay"] = opts.volume_overlay
+    if target_mask is not None:
+        settings["target_mask"] = target_mask
+    if getattr(opts, "write_segmentation", False):
+        settings["write_segmentation"] = True
     if spec is not None:
         settings["model_input"] = {
             "in_channels": spec.in_channels, "input_size": spec.input_size,

@@ -14,6 +14,10 @@ with the source's affine for NIfTI and DICOM inputs, whose outputs then overlay 
 columns are voxel coordinates. ``--overlay`` draws a volume as one PNG: the maximum-intensity
 projection of image and heat with every box's footprint (``mip``), or its middle plane with
 the boxes crossing it (``mid``).
+
+A segmentation model's predicted labels (``--write-segmentation``) go to
+``segmentation/<name>_labels.nii.gz`` with the source's affine for NIfTI and DICOM inputs, else
+``segmentation/<key>_labels.tif`` (0 = background, as napari's Labels layers show it).
 """
 
 from __future__ import annotations
@@ -49,16 +53,18 @@ def _nonfinite_images(result: BatchResult) -> np.ndarray:
 
 def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, result: BatchResult,
                 lead: tuple, mask, job: ExplainJob, opts: Options, seconds: float,
-                settings: str = "", *, volume=None) -> Record:
+                settings: str = "", *, volume=None, labels=None,
+                notes: list | None = None) -> Record:
     """Regions, heatmap file, GeoJSON, volume files, overlays, then the record (last: it
     marks the unit done). ``result`` holds the unit's n images as ``job`` explained them (one
     map per target; with "found" the classes that count are those with a positive logit), and
     ``job`` turns them into the heatmap to write, the regions and a row per image and class.
     ``volume``: a NIfTI / DICOM input's :class:`~napari_gradcam.volumes.Volume`, whose affine
-    its NIfTI outputs take. Runs on a writer thread or a dask worker."""
-    # a part of a stack numbers its images from its start; a single image stored as zarr has
-    # no leading axis to shift
-    offset = (unit.start,) if unit.kind == "parts" and lead else ()
+    its NIfTI outputs take. ``labels``: a segmentation model's predicted labels of the n
+    images (n, *spatial), written beside the heatmap when given. ``notes``: the job's sentences
+    about targets that explained nothing (:meth:`ExplainJob.notes`), for the record's message
+    (None: asked of the job here). Runs on a writer thread or a dask worker."""
+    offset = unit_offset(unit, lead)
     bad = _nonfinite_images(result)
     if bad.size:  # pixels were checked finite when read: the model made the NaN
         which = ""
@@ -75,6 +81,8 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, result: BatchR
     class_names = list(job.spec.class_names)
     dims = heat.ndim - len(lead)  # the images' spatial axes: 3 for a 3D model's volumes
     _write_heat(unit, out, heat, bool(lead), volume)
+    if labels is not None:
+        _write_labels(unit, out, np.asarray(labels).reshape(heat.shape), volume)
     geo = out / "geojson" / f"{unit.key}.geojson"
     write_geojson(regions_to_annotations(regions, class_names), geo, class_names=class_names)
     if dims == 3 or volume is not None:
@@ -87,14 +95,24 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, result: BatchR
             _write_overlays(unit, out, pixels, heat, lead, offset)
     shape = [*(lead if not offset else (unit.stop,) + tuple(lead[1:])), *heat.shape[len(lead):]]
     note = tiff_series_note(unit.path) if unit.kind not in ("array", "volume") else ""
+    # a segmentation class with no pixels in its region: its map is zero; say so in the summary
+    if notes is None:
+        notes = job.notes(result, lead, offset)
+    note = "; ".join([n for n in (note, *notes) if n])
     record = Record(unit.key, unit.path or unit.name, "ok", note, summary.rows, shape,
                     str(geo.relative_to(out)), round(seconds, 4), dims=dims)
     return _write_record(out, unit, record, settings)
 
 
-def _finish_safely(unit, out, *args, volume=None) -> Record:
+def unit_offset(unit: Unit, lead: tuple) -> tuple:
+    """What to add to the index of a unit's images: a part of a stack numbers its images from
+    its start; a single image stored as zarr has no leading axis to shift."""
+    return (unit.start,) if unit.kind == "parts" and lead else ()
+
+
+def _finish_safely(unit, out, *args, volume=None, labels=None, notes=None) -> Record:
     try:
-        return finish_unit(unit, out, *args, volume=volume)
+        return finish_unit(unit, out, *args, volume=volume, labels=labels, notes=notes)
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
         return _failed(unit, out, f"writing its results failed: {err}", args[-1])
 
@@ -119,6 +137,25 @@ def _write_heat(unit: Unit, out: Path, heat: np.ndarray, stacked: bool, volume=N
     with atomic_output(path) as tmp:
         tifffile.imwrite(str(tmp), heat.astype(np.float32, copy=False),
                          photometric="minisblack")
+
+
+def _write_labels(unit: Unit, out: Path, labels: np.ndarray, volume=None) -> None:
+    """A segmentation model's predicted labels: NIfTI with the source's affine for a volume
+    input (it overlays the scan, as the heatmap does), else a TIFF per unit (a part of a
+    stack: its own images). The smallest unsigned type that holds the classes keeps them
+    readable as label images everywhere."""
+    top = int(labels.max()) if labels.size else 0
+    labels = labels.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32,
+                           copy=False)
+    if volume is not None:
+        from ..volumes import write_nifti
+
+        write_nifti(labels, volume, out / "segmentation" / f"{unit.name}_labels.nii.gz")
+        return
+    import tifffile
+
+    with atomic_output(out / "segmentation" / f"{unit.key}_labels.tif") as tmp:
+        tifffile.imwrite(str(tmp), labels, photometric="minisblack")
 
 
 def _write_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
