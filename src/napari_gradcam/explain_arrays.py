@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from torch import nn
 
 from ._device import describe_device, resolve_device
 from .cam import explain_batch, get_method, resolve_target_layer
+from .cam._state import explaining
 from .cam.engine import size_errors
 from .models import ModelSpec, normalise_intensity
 from .models.spec import check_input_size, first_conv, refuse_torchscript
@@ -159,6 +161,20 @@ def _guess_channel_axis(shape: tuple[int, ...], spatial_dims: int,
         f"channels or be the images' width; pass channel_axis=-1 if the last axis holds "
         f"channels (this model takes {in_channels}), or channel_axis=False if it is the width."
     )
+
+
+def mask_rows(mask, lead, spatial, start: int, stop: int, what: str = "mask") -> np.ndarray:
+    """Images ``start:stop`` of a per-image mask given as the images' spatial shape (the same
+    for every image) or as their leading shape plus it: (stop - start, *spatial)."""
+    mask = np.asarray(mask)
+    spatial, lead = tuple(spatial), tuple(lead)
+    if mask.shape == spatial:
+        return np.broadcast_to(mask, (stop - start, *spatial))
+    if mask.shape == lead + spatial:
+        return mask.reshape(-1, *spatial)[start:stop]
+    raise ValueError(f"the {what} has shape {mask.shape}; give the images' spatial shape "
+                     f"{spatial}" + (f" or their whole shape {lead + spatial}" if lead else "")
+                     + ".")
 
 
 def read_batch(images, lay: Layout, start: int, stop: int) -> np.ndarray:
@@ -370,6 +386,11 @@ class Runner:
             self.batch_size = int(self.fixed)
         self._layer = target_layer if target_layer is not None else spec.target_layer
         self.layer_name: str | None = None
+        # sides must be multiples of this (a U-Net's skip connections): found on the first
+        # input that breaks them, then inputs are padded to it and results cropped back
+        self.multiple = 1
+        # how a segmentation model's outputs become its predicted regions (None: from the head)
+        self.multilabel = {"multilabel": True, "softmax": False}.get(spec.output)
         spec.module.to(self.device)
 
     def size_for(self, spatial, count: int) -> int:
@@ -379,30 +400,46 @@ class Runner:
                                               count)
         return self.batch_size
 
-    def __call__(self, raw: np.ndarray, method: str | None = None, targets=_OWN):
-        """(heatmaps, class ids, scores) as NumPy for raw pixels (n, *spatial, channels):
-        heatmaps (n, *spatial), ids and scores (n,), or with a K axis after n for targets in
-        the (n, K) form (see :meth:`explain`)."""
-        return self.explain(self.prepare(raw), tuple(raw.shape[1:-1]), method, targets)
-
     def prepare(self, raw: np.ndarray) -> torch.Tensor:
         """Raw pixels -> the model's input on the device (several methods can share it);
         resolves the target layer on first use."""
         batch = preprocess(raw, self.spec, self.device)
         if self.layer_name is None:
             with size_errors(self.spec.module, batch[:1]):  # the first forward runs here
-                self.layer_name, _ = resolve_target_layer(self.spec.module, self._layer,
-                                                          batch[:1])
+                try:
+                    self.layer_name, _ = resolve_target_layer(self.spec.module, self._layer,
+                                                              batch[:1])
+                except RuntimeError as err:
+                    if not self._learn_multiple(err, batch[:1]):
+                        raise
+                    self.layer_name, _ = resolve_target_layer(
+                        self.spec.module, self._layer, pad_sides(batch[:1], self.multiple))
         return batch
 
-    def explain(self, batch: torch.Tensor, spatial, method: str | None = None, targets=_OWN):
+    def _learn_multiple(self, err: BaseException, sample: torch.Tensor) -> bool:
+        """After a failed forward: whether the failure was a U-Net's skip connection meeting
+        a map of another size, and padding to a multiple fixes it (then remembered)."""
+        if self.multiple > 1 or not _SKIP_SIZES.search(str(err)):
+            return False
+        multiple = size_multiple(self.spec.module, sample)
+        if multiple is None:
+            return False
+        log.info("input sides padded to multiples of %d", multiple)
+        self.multiple = multiple
+        return True
+
+    def explain(self, batch: torch.Tensor, spatial, method: str | None = None, targets=_OWN,
+                target_masks=None):
         """The engine over a prepared batch, in parts that fit the device, maps resized back
         to ``spatial``. ``method`` overrides the runner's; ``targets`` overrides its target
         with any form :func:`explain_batch` takes (per-sample arrays are split with the
-        batch)."""
+        batch). ``target_masks``: a segmentation model's regions to explain, (n, *spatial) at
+        the images' size (resized to the model's input here)."""
         method = method or self.method
         targets = self.class_id if targets is _OWN else targets
-        parts = self._explain(batch, self.size_for(spatial, batch.shape[0]), method, targets)
+        masks = None if target_masks is None else self._fit_masks(target_masks, batch)
+        parts = self._explain(batch, self.size_for(spatial, batch.shape[0]), method, targets,
+                              masks)
         maps = torch.cat([p.heatmaps for p in parts])
         if tuple(maps.shape[-self.dims:]) != tuple(spatial):  # resized input: back to the image
             mode = "bilinear" if self.dims == 2 else "trilinear"
@@ -413,22 +450,68 @@ class Runner:
         return (maps.cpu().numpy(), torch.cat([p.class_ids for p in parts]).cpu().numpy(),
                 torch.cat([p.scores for p in parts]).cpu().numpy())
 
-    def _explain(self, batch: torch.Tensor, size: int, method: str, targets) -> list:
+    def segment(self, batch: torch.Tensor, spatial) -> np.ndarray:
+        """A segmentation model's predicted labels (n, *spatial) for a prepared batch (see
+        :func:`napari_gradcam.cam.segmentation_labels`), back at the images' size."""
+        from .cam import segmentation_labels
+        from .cam.engine import _model_output
+        out = []
+        size = self.size_for(spatial, batch.shape[0])
+        for pos in range(0, batch.shape[0], size):
+            part = batch[pos:pos + size]
+            with torch.inference_mode(), explaining(self.spec.module):
+                logits = _model_output(self.spec.module(pad_sides(part, self.multiple)))
+            if self.multiple > 1 and logits.shape[2:] != part.shape[2:]:
+                logits = logits[(..., *(slice(0, s) for s in part.shape[2:]))]
+            labels = segmentation_labels(logits, self.multilabel)
+            if tuple(labels.shape[1:]) != tuple(spatial):
+                labels = F.interpolate(labels[:, None].float(), size=tuple(spatial),
+                                       mode="nearest")[:, 0].long()
+            out.append(labels.cpu().numpy().astype(np.int32))
+        return np.concatenate(out)
+
+    def _fit_masks(self, masks, batch: torch.Tensor) -> torch.Tensor:
+        """Target masks (n, *spatial) as weights at the model input's size on its device:
+        bool / integer masks count where > 0, float ones are weights."""
+        m = torch.as_tensor(np.array(masks), device=batch.device)  # a writable copy
+        if m.ndim != batch.ndim - 1 or m.shape[0] != batch.shape[0]:
+            raise ValueError(f"target masks have shape {tuple(m.shape)}; give one per image, "
+                             f"({batch.shape[0]}, *spatial).")
+        m = (m > 0).float() if not m.is_floating_point() else m.float()
+        size = tuple(batch.shape[2:])
+        if tuple(m.shape[1:]) != size:  # a fixed input size: the masks follow the resize
+            shrink = all(a >= b for a, b in zip(m.shape[1:], size))
+            m = F.interpolate(m[:, None], size=size, mode="area" if shrink else "nearest")[:, 0]
+        return m
+
+    def _explain(self, batch: torch.Tensor, size: int, method: str, targets,
+                 masks=None) -> list:
         module, fixed, results, pos = self.spec.module, self.fixed, [], 0
         per_sample = not (targets is None or callable(targets) or np.ndim(targets) == 0)
         while pos < batch.shape[0]:
             part = batch[pos:pos + size]
             n = part.shape[0]
             tgt = torch.as_tensor(targets)[pos:pos + n] if per_sample else targets
+            weights = None if masks is None else masks[pos:pos + n]
             try:
                 if fixed and n < fixed:  # pad with copies, drop their results
-                    part = torch.cat([part, part[-1:].expand(fixed - n, *part.shape[1:])])
+                    part = _pad(part, fixed)
                     if per_sample:
-                        tgt = torch.cat([tgt, tgt[-1:].expand(fixed - n, *tgt.shape[1:])])
+                        tgt = _pad(tgt, fixed)
+                    if weights is not None:
+                        weights = _pad(weights, fixed)
+                sides = part.shape[2:]
+                if self.multiple > 1:
+                    part = pad_sides(part, self.multiple)
+                    weights = None if weights is None else pad_sides(weights[:, None],
+                                                                     self.multiple, 0.0)[:, 0]
                 res = explain_batch(module, part, method, target_layer=self.layer_name,
-                                    targets=tgt, amp=self.amp)
-                res = type(res)(*(t[:n] for t in res))
+                                    targets=tgt, target_masks=weights,
+                                    multilabel=self.multilabel, amp=self.amp)
+                res = type(res)(crop_sides(res.heatmaps[:n], sides), *(t[:n] for t in res[1:]))
             except Exception as err:
+                if self._learn_multiple(err, batch[pos:pos + 1]):
+                    continue
                 if not _is_oom(err):
                     raise
                 del err
@@ -446,6 +529,52 @@ class Runner:
             results.append(res)
             pos += n
         return results
+
+
+# what PyTorch says when a U-Net's upsampled map meets a skip connection of another size
+_SKIP_SIZES = re.compile(r"Sizes of tensors must match|must match the size of tensor"
+                         r"|divisible by", re.IGNORECASE)
+
+
+def size_multiple(module: nn.Module, sample: torch.Tensor) -> int | None:
+    """The smallest power of two (up to 256) such that the model runs on ``sample`` padded to
+    multiples of it, or None."""
+    for multiple in (2, 4, 8, 16, 32, 64, 128, 256):
+        try:
+            with torch.inference_mode(), explaining(module):
+                module(pad_sides(sample, multiple))
+        except RuntimeError:
+            continue
+        return multiple
+    return None
+
+
+def pad_sides(t: torch.Tensor, multiple: int, value: float | None = None) -> torch.Tensor:
+    """(N, C, *spatial) padded at the end of each spatial axis to a multiple of ``multiple``:
+    edge values repeated (``value`` None) or a constant."""
+    extra = [(-s) % multiple for s in t.shape[2:]]
+    if not any(extra):
+        return t
+    pads = [p for e in reversed(extra) for p in (0, e)]
+    if value is not None:
+        return F.pad(t, pads, value=value)
+    return F.pad(t, pads, mode="replicate")
+
+
+def crop_sides(maps: torch.Tensor, sides) -> torch.Tensor:
+    """Heatmaps (N[, K], *spatial) of a padded input cut back to ``sides`` and scaled to reach
+    1 again (the padding may have held the hottest pixel)."""
+    sides = tuple(int(s) for s in sides)
+    if tuple(maps.shape[-len(sides):]) == sides:
+        return maps
+    maps = maps[(..., *(slice(0, s) for s in sides))]
+    top = maps.flatten(-len(sides)).amax(-1).clamp(min=1e-12)
+    return maps / top.view(*top.shape, *([1] * len(sides)))
+
+
+def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``t`` grown to ``size`` along the first axis with copies of its last entry."""
+    return torch.cat([t, t[-1:].expand(size - t.shape[0], *t.shape[1:])])
 
 
 def read_ahead(images, lay: Layout, runner: Runner) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -481,6 +610,7 @@ def iter_explain(
     target_layer=None,
     amp=None,
     out=None,
+    target_mask=None,
 ) -> Iterator[Progress]:
     """:func:`explain` as a generator: yields :class:`Progress` after each batch, returns the
     :class:`Explanation` (``StopIteration.value``). Closing it stops after the current batch."""
@@ -502,7 +632,10 @@ def iter_explain(
 
     with contextlib.closing(read_ahead(images, lay, runner)) as batches:
         for start, stop, raw in batches:
-            maps, class_ids[start:stop], scores[start:stop] = runner(raw)
+            rows = None if target_mask is None else mask_rows(target_mask, lay.lead, lay.spatial,
+                                                              start, stop, "target mask")
+            maps, class_ids[start:stop], scores[start:stop] = runner.explain(
+                runner.prepare(raw), lay.spatial, target_masks=rows)
             if isinstance(heat, np.ndarray):
                 heat[start:stop] = maps
             else:  # zarr / memmap with the leading shape: write image by image
@@ -541,6 +674,7 @@ def explain(
     target_layer=None,
     amp=None,
     out=None,
+    target_mask=None,
 ) -> Explanation:
     """Class activation maps for every image of an array.
 
@@ -551,7 +685,10 @@ def explain(
         arrays are read one batch at a time.
     spec : a :class:`ModelSpec` (``load_model(...)``): the model and its preprocessing.
     method : a CAM method (``available_methods()``).
-    target : None (each image's predicted class), a class index, or a class name.
+    target : None (each image's predicted class), a class index, or a class name. For a
+        segmentation model (output (N, classes, *spatial)) the class is explained over a
+        region: its predicted pixels, or ``target_mask``; None = the class predicted over the
+        largest area (background excluded).
     batch_size : images per forward pass; None picks one from the image size and the device's
         memory. On out-of-memory errors the batch is halved and retried.
     device : "auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:N", "mps". The model is
@@ -566,6 +703,8 @@ def explain(
     amp : autocast dtype for the model ("bf16", "fp16", True), CAM math stays float32.
     out : optional array (NumPy, zarr, memmap) of the heatmaps' shape to write into, so that
         results for a large lazy stack need not fit in memory.
+    target_mask : segmentation models: the pixels whose class logits are explained, the
+        images' spatial shape (all images) or their whole shape; > 0 inside, or float weights.
 
     Returns
     -------
@@ -573,7 +712,7 @@ def explain(
     """
     return run_generator(
         iter_explain(images, spec, method, target, batch_size, device, channel_axis,
-                     target_layer=target_layer, amp=amp, out=out),
+                     target_layer=target_layer, amp=amp, out=out, target_mask=target_mask),
         progress,
     )
 

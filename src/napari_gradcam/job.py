@@ -19,6 +19,10 @@ and method bookkeeping to it:
   a polygon in every plane crossed), a 2D model's images (also the planes of a volume it
   explains slice by slice) 2D ones; ``regions={"ndim": 2}`` asks a 3D model for plane-wise
   regions instead;
+- a segmentation model (its output is a map of class logits per pixel) is explained for a class
+  *and a region*: the class's logits summed over its predicted region ("predicted <class>"), or
+  over ``target_mask`` ("why is *this* region <class>"); ``"found"`` is every class predicted
+  somewhere, background excluded; :meth:`ExplainJob.segment` gives the predicted labels;
 - a mask either multiplies the heatmap (``mask_mode="multiply"``, the default, as a reader masks
   an X-ray by its lungs: thresholds relative to the heat inside the mask, and the heatmap shown
   or written is the masked one) or only restricts the regions (``"restrict"``: thresholds from
@@ -35,8 +39,20 @@ import numpy as np
 import torch
 
 from .annotations import class_name
-from .cam import get_method
-from .explain_arrays import Progress, Runner, check_channels, layout, read_ahead, run_generator
+from .cam import get_method, is_segmentation_output
+from .cam.segmentation import known_output, remember_output
+from .cam._state import explaining
+from .cam.engine import size_errors
+from .explain_arrays import (
+    Progress,
+    Runner,
+    check_channels,
+    layout,
+    mask_rows,
+    read_ahead,
+    run_generator,
+)
+from .models.spec import first_conv
 from .regions import find_regions
 
 FOUND = "found"
@@ -53,6 +69,41 @@ def _every_class(logits: torch.Tensor) -> torch.Tensor:
     which of them count is decided from their logits afterwards."""
     n, classes = logits.shape
     return torch.arange(classes, device=logits.device).expand(n, classes)
+
+
+_PROBE_SIDE = {2: 64, 3: 32}
+_PROBE_LIMIT = 2048 * 2048  # pixels (voxels) of the largest blank input probed
+
+
+def is_segmentation(spec) -> bool:
+    """Whether ``spec``'s model is a segmentation network: its output has the input's rank,
+    (N, classes, *spatial), rather than (N, classes). Found by one forward of a blank input of
+    the model's input size (or a small one), once per model, unless the model was explained
+    already (the engine remembers what its output looked like)."""
+    module = spec.module
+    known = known_output(module)
+    if known is not None:
+        return known
+    _name, conv = first_conv(module)
+    dims = 3 if isinstance(conv, torch.nn.Conv3d) else 2
+    size = tuple(spec.input_size or (_PROBE_SIDE[dims],) * dims)
+    if np.prod(size) > _PROBE_LIMIT:  # a probe that big could exhaust memory: ask the first run
+        return False
+    ref = next(iter(module.parameters()), None)
+    x = torch.zeros((1, spec.in_channels, *size),
+                    device=ref.device if ref is not None else "cpu")
+    with size_errors(module, x), torch.inference_mode(), explaining(module):
+        result = is_segmentation_output(module(x), x)
+    remember_output(module, result)
+    return result
+
+
+def background_class(spec, num_classes: int) -> int | None:
+    """The class that means "nothing here" in a segmentation model's output: class 0 of a
+    softmax head of more than one class (the convention of MONAI and segmentation_models_pytorch
+    training recipes); a multi-label head has none."""
+    multilabel = spec.output == "multilabel" or (spec.output is None and num_classes == 1)
+    return None if multilabel or num_classes < 2 else 0
 
 
 class BatchResult(NamedTuple):
@@ -101,6 +152,7 @@ class JobResult:
     region_options: dict = field(default_factory=dict)
     mask: np.ndarray | None = None
     offset: tuple = ()
+    notes: list = field(default_factory=list)  # sentences for the user (empty target regions)
 
     def rederive(self, mask=..., **region_options) -> JobResult:
         """Regions, rows and the combined heatmap again from the stored maps, without the
@@ -135,6 +187,9 @@ class ExplainJob:
     mask : regions only where mask > 0: the spatial shape ((H, W), or (D, H, W) for a 3D
         model) for every image, or the leading shape plus the spatial shape. With mask_mode
         "multiply" the combined heatmap is masked too.
+    target_mask : segmentation models only: the region whose class logits are explained
+        (Seg-Grad-CAM), in the same shapes as ``mask``; bool / integers count where > 0, floats
+        are weights. None explains each class over the model's own predicted region of it.
     device, batch_size, target_layer, amp : as for :func:`napari_gradcam.explain`.
 
     Bad methods, targets, devices or region options raise ValueError / TypeError here, before
@@ -142,7 +197,8 @@ class ExplainJob:
     """
 
     def __init__(self, spec, methods=("gradcam",), target=None, *, regions=None, mask=None,
-                 device="auto", batch_size=None, target_layer=None, amp=None):
+                 target_mask=None, device="auto", batch_size=None, target_layer=None,
+                 amp=None):
         self.methods = [methods] if isinstance(methods, str) else list(methods)
         if not self.methods:
             raise ValueError("no method given; name at least one, e.g. methods=('gradcam',).")
@@ -155,29 +211,78 @@ class ExplainJob:
         self.region_options = _check_regions({**REGION_DEFAULTS, "ndim": self.runner.dims,
                                               **(regions or {})}, self.runner.dims)
         self.mask = mask
+        self.target_mask = None if target_mask is None else np.asarray(target_mask)
+        if self.target_mask is not None and not self.segmentation:
+            raise ValueError("a target mask selects the pixels whose class scores a "
+                             "segmentation model explains, but this model is a classifier (one "
+                             "score per image); leave the target mask out, or use mask= to "
+                             "keep regions inside it.")
+
+    @property
+    def segmentation(self) -> bool:
+        """Whether the model is a segmentation network (a class map per pixel)."""
+        return is_segmentation(self.spec)
 
     @property
     def target(self):
         """"found", or the class index explained (None: each image's prediction)."""
         return FOUND if self.found else self.runner.class_id
 
-    def explain(self, raw: np.ndarray) -> BatchResult:
+    def explain(self, raw: np.ndarray, target_masks=None) -> BatchResult:
         """Raw pixels (n, *spatial, channels) -> every method's maps for every target, one
-        forward pass per method."""
+        forward pass per method. ``target_masks`` (n, *spatial): a segmentation model's
+        regions to explain, one per image (default: the job's target mask, when it has the
+        images' spatial shape)."""
         runner, spatial = self.runner, tuple(raw.shape[1:-1])
+        if target_masks is None and self.target_mask is not None:
+            target_masks = mask_rows(self.target_mask, (), spatial, 0, raw.shape[0],
+                                     "target mask")
         batch = runner.prepare(raw)
         targets = _every_class if self.found else runner.class_id
         maps, ids, scores = {}, None, None
         for method in self.methods:
-            heat, method_ids, method_scores = runner.explain(batch, spatial, method, targets)
+            heat, method_ids, method_scores = runner.explain(batch, spatial, method, targets,
+                                                             target_masks)
             if not self.found:  # one target: give it its slot axis
                 heat, method_ids, method_scores = heat[:, None], method_ids[:, None], \
                     method_scores[:, None]
             maps[method] = heat
             if ids is None:
                 ids, scores = method_ids, method_scores
-        kept = scores > 0 if self.found else np.ones(ids.shape, bool)
+        if not self.found:
+            kept = np.ones(ids.shape, bool)
+        elif self.segmentation:  # predicted somewhere (an empty region scores exactly 0)
+            kept = scores != 0
+            background = background_class(self.spec, ids.shape[1])
+            if background is not None:
+                kept &= ids != background
+        else:
+            kept = scores > 0
         return BatchResult(maps, ids, scores, kept)
+
+    def segment(self, images, channel_axis=None) -> np.ndarray:
+        """The segmentation model's predicted labels for every image of an array: int32 of
+        the images' leading + spatial shape; 0 = background (softmax heads) or no class
+        (multi-label heads, where class c is c + 1: the most confident class above 0.5)."""
+        if not self.segmentation:
+            raise ValueError("this model is a classifier (one score per image), so it has no "
+                             "segmentation to show; load a segmentation model.")
+        return run_generator(self.iter_segment(images, channel_axis))
+
+    def iter_segment(self, images, channel_axis=None):
+        """:meth:`segment` as a generator yielding a Progress per batch (closing it stops)."""
+        if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
+            images = np.asarray(images)
+        runner = self.runner
+        lay = layout(images.shape, channel_axis, runner.dims, in_channels=self.spec.in_channels)
+        check_channels(lay.channels, self.spec.in_channels)
+        n = lay.count if lay.lead else 1
+        labels = np.zeros((n, *lay.spatial), np.int32)
+        with contextlib.closing(read_ahead(images, lay, runner)) as batches:
+            for start, stop, raw in batches:
+                labels[start:stop] = runner.segment(runner.prepare(raw), lay.spatial)
+                yield Progress(stop, n, "segmentation", runner.batch_size)
+        return labels.reshape(*lay.lead, *lay.spatial)
 
     def summarise(self, result: BatchResult, lead=(), mask=..., offset=()) -> Summary:
         """Per image the combined heatmap per method, the first method's regions and the
@@ -209,8 +314,10 @@ class ExplainJob:
         n = lay.count if lay.lead else 1
         parts = []
         with contextlib.closing(read_ahead(images, lay, runner)) as batches:
-            for _start, stop, raw in batches:
-                parts.append(self.explain(raw))
+            for start, stop, raw in batches:
+                rows = None if self.target_mask is None else mask_rows(
+                    self.target_mask, lay.lead, lay.spatial, start, stop, "target mask")
+                parts.append(self.explain(raw, rows))
                 yield Progress(stop, n, "+".join(self.methods), runner.batch_size)
         return self._result(_concat(parts), lay.lead, offset)
 
@@ -228,7 +335,29 @@ class ExplainJob:
             regions=summary.regions, rows=summary.rows, class_names=list(self.spec.class_names),
             methods=list(self.methods), target_layer=self.runner.layer_name,
             device=str(self.runner.device), batch_size=int(self.runner.batch_size),
-            region_options=dict(self.region_options), mask=self.mask, offset=tuple(offset))
+            region_options=dict(self.region_options), mask=self.mask, offset=tuple(offset),
+            notes=self.notes(result, lead, offset))
+
+    def notes(self, result: BatchResult, lead=(), offset=()) -> list:
+        """Sentences for the user about targets that explain nothing: a segmentation class
+        asked for that has no pixels in an image's region (its map is zeros)."""
+        if self.found or not self.segmentation:
+            return []
+        ids = result.class_ids.reshape(*lead, -1)
+        empty = (result.scores.reshape(*lead, -1) == 0) & result.kept.reshape(*lead, -1)
+        notes = []
+        for cid in np.unique(ids[empty]):
+            images = ((ids == cid) & empty).any(-1)  # images, not slots
+            where = [shift_index(i, offset) for i in np.ndindex(*lead) if images[i]]
+            name = class_name(list(self.spec.class_names), int(cid), str(cid))
+            shown = ", ".join(str(list(w)) for w in where[:5]) + (" ..." if len(where) > 5
+                                                                  else "")
+            notes.append(
+                f"class {name!r} has no pixels in the region explained for "
+                + (f"image(s) {shown}" if lead else "the image")
+                + ", so its heatmap is zero; draw a target region, or choose a class the model "
+                "predicts there.")
+        return notes
 
 
 def combine(per_target: np.ndarray, kept: np.ndarray) -> np.ndarray:

