@@ -10,9 +10,11 @@ layers on the main thread.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,9 +46,9 @@ from ..annotations import (
     class_name,
     regions_to_annotations,
 )
-from ..cam import available_methods
+from ..cam import EmptyTargetWarning, available_methods
 from ..explain_arrays import Progress, check_channels, layout, model_spatial_dims
-from ..job import FOUND, ExplainJob, JobResult
+from ..job import FOUND, ExplainJob, JobResult, is_segmentation
 from ..models import ModelSpec, load_model
 from ..render import heat_ramp
 from .io import META_KEY
@@ -56,6 +58,9 @@ if TYPE_CHECKING:
 
 PREDICTED = "predicted class"
 PRESENT = "every class found"
+# a segmentation model's own words for the same two targets: it predicts a class per pixel,
+# so "predicted" is the class with the largest predicted region
+SEG_PREDICTED = "predicted"
 AUTO = "auto"
 NO_MASK = "none"
 SCOPES = ("current slice", "whole stack")
@@ -68,6 +73,20 @@ VOLUME_RENDERING = "attenuated_mip"
 VOLUME_ATTENUATION = 0.05
 # what the volume reader keeps in an image layer's metadata to write results back into the file
 VOLUME_METADATA = ("affine", "header", "kind", "source", "file_order")
+
+
+TARGET_TIP = (
+    "predicted class: each image's top class. every class found: each class with a positive "
+    "logit (p > 0.5 for multi-label models), regions per class, one merged heatmap. Or one "
+    "class by name.")
+SEG_TARGET_TIP = (
+    "A segmentation model explains a class over a region of pixels (the sum of its scores "
+    "there). predicted: the class with the largest predicted region. every class found: each "
+    "class predicted somewhere (background skipped), one merged heatmap. predicted <class>: "
+    "the pixels the model gives that class. <class> inside layer <L>: why the model gives "
+    "these pixels that class: a Labels layer's labels (> 0; only its selected label while it "
+    "shows only that one, 'show selected'), or a Shapes layer's selected shapes (all of them "
+    "when none is selected).")
 
 
 def explains(dims: int, layer_ndim: int | None) -> str:
@@ -181,8 +200,92 @@ def compute(job: Job):
     """Worker-thread body: the explain job over the images, yielding its Progress per batch
     (every method and target of a batch in one go); closing it stops after that batch."""
     t0 = time.perf_counter()
-    explained = yield from job.explain.iter_run(job.images, job.channel_axis, job.offset)
+    with _empty_targets_as_notes():
+        explained = yield from job.explain.iter_run(job.images, job.channel_axis, job.offset)
     return Result(job, explained, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _empty_targets_as_notes():
+    """The engine warns once per batch about a class with no pixels in its region; the job's
+    result says the same once per run in its notes, which the widget shows (napari's worker
+    would otherwise turn every batch's warning into a notification of its own)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=EmptyTargetWarning)
+        yield
+
+
+@dataclass
+class Segmented:
+    """A segmentation model's predicted labels for a job's images."""
+
+    job: Job
+    labels: np.ndarray  # int32, the images' leading + spatial shape
+    seconds: float = 0.0
+
+
+@_guarded
+def segment(job: Job):
+    """Worker-thread body for "Add segmentation": the model's labels for the job's images,
+    a Progress per batch."""
+    t0 = time.perf_counter()
+    labels = yield from job.explain.iter_segment(job.images, job.channel_axis)
+    return Segmented(job, labels, time.perf_counter() - t0)
+
+
+def _pairs(choices) -> list[tuple[str, Any]]:
+    """ComboBox choices as (text, value) pairs."""
+    return [c if isinstance(c, tuple) else (str(c), c) for c in choices]
+
+
+@dataclass(frozen=True)
+class InsideLayer:
+    """The target "<class> inside layer <L>": a segmentation model's class explained over the
+    pixels of a Labels layer or the selected shapes of a Shapes layer."""
+
+    class_name: str
+    layer: Any  # a Labels or Shapes layer of the viewer
+
+    def label(self) -> str:
+        return f"{self.class_name} inside layer {self.layer.name}"
+
+
+def labels_region(layer) -> np.ndarray:
+    """The pixels a Labels layer marks: all its labels (> 0), or only its selected label
+    while the layer shows only that one ("show selected"): what the user sees is what is
+    explained."""
+    data = np.asarray(layer.data[0] if getattr(layer, "multiscale", False) else layer.data)
+    if layer.show_selected_label:
+        return data == layer.selected_label
+    return data > 0
+
+
+def shapes_region(shapes, image) -> np.ndarray:
+    """The selected shapes of ``shapes`` (every shape when none is selected) rasterised onto
+    the pixels of ``image``: the vertices go through the shapes' data-to-world and the image's
+    world-to-data transforms (layers share world coordinates). The mask has the trailing
+    ``shapes.ndim`` axes of the image's shape (2D shapes: one plane for every plane)."""
+    if not len(shapes.data):
+        raise ValueError(f"the Shapes layer {shapes.name!r} has no shapes; draw one around the "
+                         "region to explain, or choose another target.")
+    picked = sorted(shapes.selected_data) or range(len(shapes.data))
+    full = image_shape(image)
+    k = min(shapes.ndim, len(full))
+    data = []
+    for i in picked:
+        world = [shapes.data_to_world(v) for v in np.asarray(shapes.data[i], float)]
+        pixels = np.array([np.asarray(image.world_to_data(w), float)[-k:] for w in world])
+        pixels[:, :-2] = np.round(pixels[:, :-2])  # a shape drawn on a plane stays on it
+        data.append(pixels)
+    types = [shapes.shape_type[i] for i in picked]
+    masks = Shapes(data, shape_type=types, ndim=k).to_masks(mask_shape=full[-k:])
+    region = np.asarray(masks).any(axis=0)
+    if not region.any():
+        what = "selected shapes" if shapes.selected_data else "shapes"
+        raise ValueError(f"the {what} of {shapes.name!r} don't overlap the image "
+                         f"{image.name!r}; draw them on the image, or give both layers the "
+                         "same scale and translate.")
+    return region
 
 
 def _shown_mask_changed(old: JobResult, new: JobResult) -> bool:
@@ -204,6 +307,7 @@ class LoadedModel:
 
     spec: ModelSpec
     layers: list[str] | None = None  # target-layer choices; None until the probe has run
+    segmentation: bool = False  # a map of classes per pixel (known once the probe has run)
 
 
 def probe_layers(spec: ModelSpec) -> list[str]:
@@ -226,13 +330,24 @@ def prepare_model(source, trust_code: bool = False) -> LoadedModel:
     """Worker-thread body: load ``source`` (a :class:`ModelSpec` is used as it is) and probe
     its layers, so neither a slow file nor the probe's forward freezes the viewer."""
     spec = source if isinstance(source, ModelSpec) else load_model(source, trust_code=trust_code)
-    return LoadedModel(spec, probe_layers(spec))
+    return LoadedModel(spec, probe_layers(spec), probe_segmentation(spec))
+
+
+def probe_segmentation(spec: ModelSpec) -> bool:
+    """Whether the model answers with a class map per pixel (the job's probe: one forward);
+    a model that can't take the probe is treated as a classifier, and its run says why."""
+    try:
+        return bool(is_segmentation(spec))
+    except Exception:  # noqa: BLE001 - the run reports the model's error where it matters
+        return False
 
 
 class GradCamWidget(Container):
     """CAM / Grad-CAM on the chosen image layer; heatmaps as Image layers, boxes and polygons
     as one editable Shapes layer (saved with File > Save Selected Layers: QuPath GeoJSON,
-    COCO JSON or CSV)."""
+    COCO JSON or CSV). A segmentation model's targets are a class over a region (its
+    predicted pixels, or a Labels / Shapes layer's: see :data:`SEG_TARGET_TIP`), and "Add
+    segmentation" shows its predicted classes as a Labels layer."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
@@ -295,10 +410,7 @@ class GradCamWidget(Container):
                                       "layer each; the regions come from the first.")
         self.methods.native.setMaximumHeight(110)
         self.target = ComboBox(label="target", choices=self._target_choices,
-                               tooltip="predicted class: each image's top class. every class "
-                                       "found: each class with a positive logit (p > 0.5 for "
-                                       "multi-label models), regions per class, one merged "
-                                       "heatmap. Or one class by name.")
+                               tooltip=TARGET_TIP)
         self.target_layer = ComboBox(label="target layer", choices=self._layer_choices,
                                      tooltip="The layer whose activations are explained.")
         self.device = ComboBox(label="device", choices=available_devices(), value=AUTO)
@@ -337,6 +449,10 @@ class GradCamWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.grid_button = PushButton(text="Side by side",
                                       tooltip="Show the heatmap layers next to each other.")
+        self.segment_button = PushButton(
+            text="Add segmentation", enabled=False,
+            tooltip="Segmentation models: add the model's predicted classes for the image (the "
+                    "scope's slice or stack) as a Labels layer; background stays transparent.")
         self.status = Label(label="")
         self.status.native.setWordWrap(True)
         self.extend([
@@ -347,6 +463,7 @@ class GradCamWidget(Container):
             self.threshold_mode, self.min_area, self.simplify, self.mask, self.mask_mode,
             Container(widgets=[self.run_button, self.cancel_button, self.grid_button],
                       layout="horizontal", labels=False),
+            Container(widgets=[self.segment_button], layout="horizontal", labels=False),
             self.status,
         ])
 
@@ -354,6 +471,7 @@ class GradCamWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.grid_button.changed.connect(self.toggle_grid)
+        self.segment_button.changed.connect(self.add_segmentation)
         self.model.changed.connect(self._on_model)
         self.model_file.changed.connect(self._on_model_file)
         self.trust_code.changed.connect(self._on_trust)
@@ -367,6 +485,7 @@ class GradCamWidget(Container):
         layers.events.inserted.connect(self._refresh_layers)
         layers.events.removed.connect(self._refresh_layers)
         layers.events.reordered.connect(self._refresh_layers)
+        layers.events.renamed.connect(self._refresh_layers)
         layers.selection.events.active.connect(self._follow_selection)
 
     # ---- choices ----------------------------------------------------------------------------
@@ -388,6 +507,35 @@ class GradCamWidget(Container):
     def _refresh_layers(self, _event=None):
         self.image.reset_choices()
         self.mask.reset_choices()
+        if self._is_segmentation():  # its targets name the Labels and Shapes layers
+            self._reset_targets()
+
+    def reset_choices(self, *args):
+        """What napari calls when layers change (before the widget's own handlers): the
+        target a segmentation model had stays chosen when its layer is renamed."""
+        value = self.target.value
+        super().reset_choices(*args)
+        self._order_targets(value)
+
+    def _reset_targets(self):
+        value = self.target.value
+        self.target.reset_choices()
+        self._order_targets(value)
+
+    def _order_targets(self, value):
+        """Target choices in their order, ``value`` kept chosen while it is still offered
+        (magicgui keeps the items it knows where they were and appends new ones, so a renamed
+        layer or another model's targets would end up out of order, and the renamed layer's
+        target unchosen)."""
+        texts = [label for label, _value in _pairs(self._target_choices())]
+        if [self.target.native.itemText(i) for i in range(self.target.native.count())] \
+                != texts:
+            with self.target.changed.blocked():
+                self.target.native.clear()
+                self.target.reset_choices()
+        same = [choice for choice in self.target.choices if choice == value]
+        if same and self.target.value != value:  # the new choice object: the combobox
+            self.target.value = same[0]  # matches objects, not equal ones
 
     def _follow_selection(self, _event=None):
         active = self._viewer.layers.selection.active
@@ -416,7 +564,18 @@ class GradCamWidget(Container):
 
     def _target_choices(self, _widget=None):
         loaded = self._loaded()
-        return [PREDICTED, PRESENT, *(loaded.spec.class_names if loaded is not None else ())]
+        names = list(loaded.spec.class_names or ()) if loaded is not None else []
+        if not self._is_segmentation():
+            return [PREDICTED, PRESENT, *names]
+        regions = [layer for layer in self._viewer.layers if isinstance(layer, (Labels, Shapes))]
+        inside = [InsideLayer(c, layer) for layer in regions for c in names]
+        return [(SEG_PREDICTED, PREDICTED), (PRESENT, PRESENT),
+                *((f"predicted {c}", c) for c in names),
+                *((choice.label(), choice) for choice in inside)]
+
+    def _is_segmentation(self) -> bool:
+        loaded = self._loaded()
+        return loaded is not None and loaded.segmentation
 
     def _layer_choices(self, _widget=None):
         loaded = self._loaded()
@@ -426,9 +585,11 @@ class GradCamWidget(Container):
     def _on_model(self, _event=None):
         if _event is not None and not self._selecting:  # the user picked in the list
             self._new_request()
-        self.target.reset_choices()
+        self._reset_targets()
         self.target.value = PREDICTED
+        self.target.tooltip = SEG_TARGET_TIP if self._is_segmentation() else TARGET_TIP
         self._show_target_layers()
+        self._update_buttons()
         self._on_image()
 
     def _show_target_layers(self):
@@ -547,7 +708,11 @@ class GradCamWidget(Container):
         current = self._models.get(name)
         if current is not None and current.spec is loaded.spec:  # set_model's, now probed
             current.layers = loaded.layers
+            known = current.segmentation
+            current.segmentation = loaded.segmentation
             if self.model.value == name:
+                if known != loaded.segmentation:  # its targets are a segmentation model's
+                    self._on_model()
                 self._show_target_layers()
         else:
             self._register(name, loaded, request)
@@ -567,9 +732,14 @@ class GradCamWidget(Container):
             if self._loaded() is not None:
                 self.run()
 
-    def _show_busy(self, text: str):
-        """Run is enabled only when no run is going and no model is loading."""
+    def _update_buttons(self):
+        """Run is enabled only when no run is going and no model is loading; Add
+        segmentation too, and only for a segmentation model."""
         self.run_button.enabled = not self.running and not self.loading
+        self.segment_button.enabled = self.run_button.enabled and self._is_segmentation()
+
+    def _show_busy(self, text: str):
+        self._update_buttons()
         if text or self.status.value.startswith("loading"):
             self.status.value = text
 
@@ -622,17 +792,54 @@ class GradCamWidget(Container):
         if mask_layer is None:
             return None
         data = mask_layer.data[0] if getattr(mask_layer, "multiscale", False) else mask_layer.data
+        return np.asarray(self._fit_to_image(data, f"the mask {mask_layer.name!r}", "a mask",
+                                             "or none", layer, offset, spec)) > 0
+
+    @staticmethod
+    def _fit_to_image(data, what: str, kind: str, instead: str, layer, offset, spec):
+        """``data`` of the image's pixels' shape (for every image) or of the layer's whole
+        shape (cut to the slice ``offset`` when one slice is explained); another shape raises
+        a ValueError naming ``what`` it is and what to choose ``instead``."""
         full = image_shape(layer)
         spatial = full[len(full) - model_spatial_dims(spec.module):]
         if tuple(data.shape) == full and offset:
-            data = data[offset]
-        elif tuple(data.shape) not in (spatial, full):
+            return data[offset]
+        if tuple(data.shape) not in (spatial, full):
             raise ValueError(
-                f"the mask {mask_layer.name!r} has shape {tuple(data.shape)}, but the image's "
-                f"pixels are {spatial}; choose a mask of that size (or of the image layer's "
-                "whole shape), or none."
+                f"{what} has shape {tuple(data.shape)}, but the image's pixels are {spatial}; "
+                f"choose {kind} of that size (or of the image layer's whole shape), {instead}."
             )
-        return np.asarray(data) > 0
+        return data
+
+    def _target_region(self, inside: InsideLayer, layer, offset, spec) -> np.ndarray:
+        """The pixels of a "<class> inside layer <L>" target, for the image ``layer`` (its
+        slice ``offset``): bool, the image's pixels' shape or the layer's whole shape."""
+        source = inside.layer
+        if source not in list(self._viewer.layers):
+            raise ValueError(f"the layer {source.name!r} is no longer in the viewer; choose "
+                             "another target.")
+        if isinstance(source, Shapes):
+            region = shapes_region(source, layer)
+            full = image_shape(layer)
+            dims = model_spatial_dims(spec.module)
+            # 2D shapes on a volume (3D model): the same outline in every plane; shapes
+            # drawn in planes of a stack: each image its own
+            region = np.broadcast_to(region, full[-dims:] if region.ndim <= dims else full)
+            what = f"the shapes of {source.name!r}"
+        else:
+            region = labels_region(source)
+            what = f"the Labels layer {source.name!r}"
+        region = self._fit_to_image(region, what, "a layer", "or another target", layer,
+                                    offset, spec)
+        if not region.any():
+            if isinstance(source, Labels) and source.show_selected_label:
+                raise ValueError(
+                    f"the selected label {source.selected_label} of {source.name!r} marks no "
+                    "pixel of the image explained; select a label that is there, or untick "
+                    "'show selected' to use all its labels.")
+            raise ValueError(f"no pixel of the image explained lies inside {what}; paint or "
+                             "draw the region to explain, or choose another target.")
+        return np.ascontiguousarray(region)  # a broadcast view is read-only: torch warns
 
     def job(self) -> Job:
         """Read and check the controls; raises ValueError / TypeError with what to change."""
@@ -651,26 +858,32 @@ class GradCamWidget(Container):
         dims = model_spatial_dims(spec.module)
         lay = layout(data.shape, channel_axis, dims)  # empty / too few axes raise here
         check_channels(lay.channels, spec.in_channels)
-        found = self.target.value == PRESENT
+        choice = self.target.value
+        inside = choice if isinstance(choice, InsideLayer) else None
+        if inside is not None:  # "<class> inside layer <L>": that class, over that region
+            choice = inside.class_name
+        found = choice == PRESENT
         if found and not spec.class_names:
             raise ValueError("this model has no class names, so 'every class' means nothing; "
                              "give class_names to load_model or pick 'predicted class'.")
         # one class by its index: a class literally named "found" must not mean every class
         # (a name the model lacks stays a name, for the job's error that lists its classes)
         names = list(spec.class_names or ())
-        target = FOUND if found else None if self.target.value == PREDICTED else \
-            names.index(self.target.value) if self.target.value in names else self.target.value
+        target = FOUND if found else None if choice == PREDICTED else \
+            names.index(choice) if choice in names else choice
         offset: tuple[int, ...] = ()
         images, total = data, lay.count
         if lay.lead and self.scope.value == SCOPES[0]:
             offset = self._current_index(layer, len(lay.lead))
             images, total = data[offset], 1
+        target_mask = None if inside is None else \
+            self._target_region(inside, layer, offset, spec)
         # the job checks methods, target, device and region options before any pixel is read
         # (the automatic target layer is found once per model, not per run)
         explain = ExplainJob(
             spec, methods, target, regions=self._region_args(),
-            mask=self._mask_array(layer, offset, spec), device=self.device.value,
-            batch_size=int(self.batch_size.value) or None,
+            mask=self._mask_array(layer, offset, spec), target_mask=target_mask,
+            device=self.device.value, batch_size=int(self.batch_size.value) or None,
             target_layer=None if self.target_layer.value == AUTO else self.target_layer.value)
         return Job(layer=layer, images=images, offset=offset, channel_axis=channel_axis,
                    explain=explain, total=total)
@@ -707,11 +920,63 @@ class GradCamWidget(Container):
         worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
         self._worker = worker
-        self.run_button.enabled = False
+        self._update_buttons()
         self.cancel_button.enabled = True
         self.status.value = "running…"
         worker.start()
         return worker
+
+    def add_segmentation(self, _event=None):
+        """Add the segmentation model's predicted classes for the chosen image (the scope's
+        slice or whole stack) as a Labels layer, computed off the UI thread like a run;
+        returns the worker (None when the inputs are bad: a notification says why)."""
+        if self.running:
+            show_info("napari-gradcam: a run is in progress; cancel it first.")
+            return None
+        try:
+            job = self._segment_job()
+        except (ValueError, TypeError) as err:
+            show_error(f"napari-gradcam: {err}")
+            return None
+        worker = create_worker(segment, job, _start_thread=False, _ignore_errors=True)
+        self._pbar = cancelable_progress(total=job.total, desc=f"segmenting {job.layer.name}",
+                                         cancel_callback=self.cancel)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_segmented)
+        worker.errored.connect(self._on_error)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._update_buttons()
+        self.cancel_button.enabled = True
+        self.status.value = "segmenting…"
+        worker.start()
+        return worker
+
+    def _segment_job(self) -> Job:
+        """The chosen image, slice and model for "Add segmentation" (target, methods and
+        masks play no part)."""
+        layer = self.image.value
+        if layer is None:
+            raise ValueError("there is no image layer to segment: open or select an image.")
+        spec = self._spec()
+        if not self._is_segmentation():
+            raise ValueError(f"the model {self.model.value!r} is a classifier (one score per "
+                             "image), so it has no segmentation to add; choose a segmentation "
+                             "model.")
+        data = layer.data[0] if layer.multiscale else layer.data
+        channel_axis = -1 if layer.rgb else False
+        lay = layout(data.shape, channel_axis, model_spatial_dims(spec.module))
+        check_channels(lay.channels, spec.in_channels)
+        offset: tuple[int, ...] = ()
+        images, total = data, lay.count
+        if lay.lead and self.scope.value == SCOPES[0]:
+            offset = self._current_index(layer, len(lay.lead))
+            images, total = data[offset], 1
+        explain = ExplainJob(spec, device=self.device.value,
+                             batch_size=int(self.batch_size.value) or None)
+        return Job(layer=layer, images=images, offset=offset, channel_axis=channel_axis,
+                   explain=explain, total=total)
 
     def cancel(self, _event=None):
         """Stop the run after the current batch; existing layers stay as they were."""
@@ -740,8 +1005,8 @@ class GradCamWidget(Container):
             self._pbar.close()
             self._pbar = None
         self._worker = None
-        self.run_button.enabled = not self.loading
         self.cancel_button.enabled = False
+        self._update_buttons()
 
     def _on_result(self, result: Result):
         job, explained = result.job, result.explained
@@ -755,6 +1020,15 @@ class GradCamWidget(Container):
         self.status.value = (f"{', '.join(job.methods)}: {self._summary(result)}; "
                              f"{len(explained.regions)} regions{how}; {result.seconds:.2f} s on "
                              f"{describe_device(resolve_device(explained.device))}")
+        for note in explained.notes:  # e.g. a class with no pixels in its region: zero map
+            show_warning(f"napari-gradcam: {note}")
+
+    def _on_segmented(self, result: Segmented):
+        layer = self._show_segmentation(result.job, result.labels)
+        names = dict(zip(layer.features["index"], layer.features["class"]))
+        present = [names.get(v, str(v)) for v in np.unique(result.labels).tolist() if v]
+        self.status.value = (f"segmentation: {', '.join(map(str, present)) or 'no class'} "
+                             f"predicted; {result.seconds:.2f} s")
 
     @staticmethod
     def _summary(result: Result) -> str:
@@ -894,6 +1168,59 @@ class GradCamWidget(Container):
         if volume:
             layer.attenuation = VOLUME_ATTENUATION
         return layer
+
+    @staticmethod
+    def label_classes(spec: ModelSpec, labels: np.ndarray) -> tuple[list, list]:
+        """The label values of a segmentation and the class each means: value v is class v
+        (softmax heads: 0 = background), or class v - 1 for multi-label heads, where 0 means
+        no class (one output channel without ``output`` = multi-label, as the engine rules).
+        Without class names, the values present, named by class index."""
+        names = list(spec.class_names or ())
+        multilabel = spec.output == "multilabel" or (spec.output is None and len(names) == 1)
+        shift = 1 if multilabel else 0
+        top = len(names) + shift if names else int(labels.max(initial=0)) + 1
+        values = list(range(top))
+        classes = [v - shift for v in values]
+        return values, classes
+
+    def _show_segmentation(self, job: Job, labels: np.ndarray):
+        """The predicted labels as a Labels layer on the image (updated in place on a re-run),
+        each class in its regions' colour, background transparent; hovering shows the class
+        (the layer's features: one row per label value)."""
+        from napari.utils.colormaps import DirectLabelColormap
+
+        spec = job.explain.spec
+        names = list(spec.class_names or ())
+        values, classes = self.label_classes(spec, labels)
+        features = {"index": np.array(values),
+                    "class": np.array(["" if c < 0 else class_name(names, c, str(c))
+                                       for c in classes], dtype=object),
+                    "class_id": np.array(classes)}
+        clear = (0.0, 0.0, 0.0, 0.0)
+        colors = {None: clear, 0: clear, **{
+            v: (*(np.array(class_color(c)) / 255), 1.0) for v, c in zip(values, classes)
+            if v and c >= 0}}
+        colormap = DirectLabelColormap(color_dict=colors)
+        geo = self._geometry(job)
+        if job.offset:  # one slice: a layer one frame deep, placed at that frame
+            k = len(job.offset)
+            labels = labels.reshape((1,) * k + labels.shape)
+            geo["translate"] = tuple(
+                t + i * s for t, i, s in zip(geo["translate"][:k], job.offset, geo["scale"][:k])
+            ) + geo["translate"][k:]
+        meta = {META_KEY: {"role": "segmentation", "source": job.layer.name,
+                           "class_names": names, "label_classes": dict(zip(values, classes))}}
+        name = f"{job.layer.name} segmentation"
+
+        def update(layer):
+            layer.data = labels
+            layer.features = features
+            layer.colormap = colormap
+            self._place(layer, geo, meta)
+
+        return self._upsert(name, "segmentation", labels.ndim, lambda: Labels(
+            labels, name=name, features=features, colormap=colormap, opacity=0.5,
+            metadata=meta, **geo), update)
 
     def _show_regions(self, job: Job, explained: JobResult):
         """The first method's regions as one Shapes layer (the job indexes them in the layer's
