@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine: the whole test suite on the GPU, then bench_engine.py
-# in fp32 and bf16, bench_volumes.py (3D), bench_batch.py, bench_targets.py and
-# bench_found_cli.py. Everything it prints lands under $OUT.
+# in fp32 and bf16, bench_volumes.py (3D), bench_batch.py, bench_targets.py,
+# bench_found_cli.py, bench_segmentation.py (2D U-Net) and bench_vit.py (ViT / DeiT / Swin).
+# Everything it prints lands under $OUT. The last two need timm (importable without its
+# optional huggingface_hub) and, for smp's Unet, segmentation-models-pytorch with huggingface_hub
+# and safetensors, in .whl/ like pytorch-grad-cam; without smp the segmentation run uses MONAI.
 #
 # It installs nothing from the network: wheels the machine's image lacks travel in .whl/
 # (pytorch-grad-cam and ttach at least: pip wheel --no-deps grad-cam==1.5.7 ttach==0.0.3 -w .whl;
@@ -14,7 +17,8 @@
 #   TESTS="tests/..."       which tests (default: the whole suite)
 #   DEVICE=cuda             the benchmarks' device; EXTRA="..." more benchmark arguments
 #   BENCH=0                 skip the benchmarks (the CPU dry run in DEVELOPERS.md)
-#   BENCHES="engine volumes batch targets"   which benchmark groups (default: all four)
+#   BENCHES="engine volumes batch targets segmentation vit"   which benchmark groups
+#                           (default: all six)
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -23,7 +27,7 @@ TESTS=${TESTS:-tests}
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}
 BENCH=${BENCH:-1}
-BENCHES=${BENCHES:-engine volumes batch targets}
+BENCHES=${BENCHES:-engine volumes batch targets segmentation vit}
 want() { case " $BENCHES " in *" $1 "*) return 0;; esac; return 1; }
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -68,5 +72,19 @@ if [ "$BENCH" != 0 ] && { [ "$STAGE" = all ] || [ "$STAGE" = bench ]; }; then
             --size 384 --rounds 5 2>&1 | tee "$OUT/bench-targets.md"
         timeout 120 python3 benchmarks/bench_found_cli.py --images 96 --rounds 3 2>&1 \
             | tee "$OUT/bench-found-cli.md"
+    fi
+    if want segmentation; then  # Seg-Grad-CAM / segmentation inference, 2D U-Net at 512^2
+        # smp's Unet (resnet34) where the image can import it, else MONAI's UNet
+        ARCH=monai
+        python3 -c "import segmentation_models_pytorch" 2> /dev/null && ARCH=smp
+        timeout 150 python3 benchmarks/bench_segmentation.py --device "$DEVICE" --arch $ARCH \
+            --batch 16 --rounds 10 2>&1 | tee "$OUT/bench-segmentation-$ARCH.md"
+    fi
+    if want vit; then  # transformer Grad-CAM / inference: ViT-Tiny, distilled DeiT-Tiny, Swin-T
+        for model in vit_tiny_patch16_224 deit_tiny_distilled_patch16_224 \
+                swin_tiny_patch4_window7_224; do
+            timeout 60 python3 benchmarks/bench_vit.py --device "$DEVICE" --model "$model" \
+                --batch 64 --rounds 10 2>&1 | tee "$OUT/bench-vit-$model.md"
+        done
     fi
 fi
