@@ -186,9 +186,13 @@ def test_stack_with_a_target_mask_per_frame_in_several_batches(tmp_path, seg2d):
     np.testing.assert_array_equal(labels[2], logits_of(frames[2]).argmax(0))
 
 
-def test_empty_region_gives_a_zero_map_and_a_note(tmp_path, seg2d):
+def test_empty_region_gives_a_zero_map_and_a_note(tmp_path, seg2d, capsys):
     """A class predicted nowhere ("other"), and an all-zero target mask: score 0, a zero
-    heatmap (no NaN), no regions, and the summary's message says why."""
+    heatmap (no NaN), no regions, and the summary's message says why; so does one line per
+    input on stderr, in place of the engine's warning (which numbers the images of a batch,
+    not of the input)."""
+    import warnings
+
     import tifffile
 
     from napari_gradcam.cam import EmptyTargetWarning
@@ -199,8 +203,16 @@ def test_empty_region_gives_a_zero_map_and_a_note(tmp_path, seg2d):
             "empty": ["--target", "blob", "--target-mask", str(tmp_path / "masks" / "{name}")]}
     for name, flags in runs.items():
         out = tmp_path / name
-        with pytest.warns(EmptyTargetWarning, match="map is zero"):
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             assert main(["batch", str(folder), "--out", str(out), *flags, *seg2d]) == 0
+        assert not [w for w in seen if issubclass(w.category, EmptyTargetWarning)]
+        err = capsys.readouterr().err
+        assert "EmptyTargetWarning" not in err and "sample(s)" not in err
+        note, = [line for line in err.splitlines() if "no pixels" in line]
+        assert note.startswith(f"napari-gradcam: {folder / 'img0.tif'}: class ")
+        assert "heatmap is zero" in note
         row, = summary(out)
         assert row["status"] == "ok" and float(row["score"]) == 0.0 and row["regions"] == "0"
         assert "no pixels" in row["message"] and "heatmap is zero" in row["message"]
@@ -387,3 +399,65 @@ def test_nifti_target_mask_reoriented_and_labels_with_the_affine(tmp_path):
     np.testing.assert_allclose(labels.affine, affine, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(labels.dataobj).T, logits.argmax(0))
     assert (out / "heatmaps" / "scan_heatmap.nii.gz").is_file()
+
+
+def stack_in_parts(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A 3-frame TIFF stack, read in parts of 2 frames with ``--part-size 2``."""
+    frames = np.stack([block_image(shift=k) for k in range(3)])
+    write_tif(tmp_path / "in" / "stack.tif", frames)
+    return tmp_path / "in", frames
+
+
+def test_masks_of_a_stack_read_in_parts(tmp_path, seg2d, capsys):
+    """--target-mask and --mask of a stack read in parts: the same whole-stack file as when
+    read whole, each part taking its own frames (part 2 = frame 2, not frame 0); labels in
+    one zarr array for the stack, not a file per part, named in the closing line."""
+    import zarr
+
+    folder, frames = stack_in_parts(tmp_path)
+    regions = np.zeros((3, 32, 40), np.uint8)
+    regions[0, 8:12, 10:20] = 1
+    regions[1, 10:20, 12:16] = 1
+    regions[2, 8:20, 20:28] = 1
+    write_tif(tmp_path / "targets" / "stack.tif", regions)
+    keep = np.zeros((3, 32, 40), np.uint8)
+    keep[:2] = 1  # regions allowed in frames 0 and 1 only
+    write_tif(tmp_path / "masks" / "stack.tif", keep)
+    out = tmp_path / "out"
+    assert main(["batch", str(folder), "--out", str(out), "--part-size", "2",
+                 "--target-mask", str(tmp_path / "targets" / "{name}"),
+                 "--mask", str(tmp_path / "masks" / "{name}"), "--target", "blob",
+                 "--write-segmentation", *seg2d]) == 0
+    rows = summary(out)
+    assert [(r["index"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok"), ("2", "ok")]
+    for k, row in enumerate(rows):
+        logits = logits_of(frames[k])
+        assert float(row["score"]) == pytest.approx(logits[1][regions[k] > 0].sum(), rel=1e-4)
+    assert int(rows[0]["regions"]) >= 1 and rows[2]["regions"] == "0"
+    labels = zarr.open(str(out / "segmentation" / "stack_labels.zarr"), mode="r")
+    assert labels.shape == (3, 32, 40) and labels.dtype == np.uint16
+    for k in range(3):
+        np.testing.assert_array_equal(labels[k], logits_of(frames[k]).argmax(0))
+    assert sorted(p.name for p in (out / "segmentation").iterdir()) == ["stack_labels.zarr"]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(heatmaps/, geojson/, segmentation/, coco.json, summary.csv)" in last
+
+
+@pytest.mark.parametrize("flag", ["--target-mask", "--mask"])
+def test_a_mask_as_long_as_a_part_is_refused(tmp_path, seg2d, flag, capsys):
+    """A 2-frame mask for a 3-frame stack read in parts of 2: as long as the first part but
+    not the stack, it would give part 2 frame 0's region; every part fails saying the mask
+    needs one frame per frame of the whole stack, and nothing is explained."""
+    folder, _ = stack_in_parts(tmp_path)
+    write_tif(tmp_path / "masks" / "stack.tif", np.ones((2, 32, 40), np.uint8))
+    out = tmp_path / "out"
+    target = ["--target", "blob"] if flag == "--target-mask" else []
+    assert main(["batch", str(folder), "--out", str(out), "--part-size", "2", flag,
+                 str(tmp_path / "masks" / "{name}"), *target, *seg2d]) == 1
+    rows = summary(out)
+    assert len(rows) == 2 and all(r["status"] == "failed" for r in rows)
+    for row in rows:
+        assert "has shape (2, 32, 40)" in row["message"]
+        assert "one frame per frame of the whole stack (3, 32, 40)" in row["message"]
+        assert "or one image (32, 40)" in row["message"]
+    assert "one frame per frame of the whole stack" in capsys.readouterr().err

@@ -54,11 +54,20 @@ def _report(records, out, quiet: bool) -> None:
     print(f"napari-gradcam: {images} image{'s' * (images != 1)} from "
           f"{len(records) - len(failed)} input{'s' * (len(records) - len(failed) != 1)} "
           f"written "
-          f"to {out} (heatmaps/, geojson/, coco.json, summary.csv)"
+          f"to {out} ({', '.join(_written(out))})"
           + (f"; {len(failed)} failed (see summary.csv)" if failed else ""),
           file=sys.stderr if quiet else sys.stdout)
     for r in failed:
         print(f"  failed: {r.source}: {r.message}", file=sys.stderr)
+
+
+def _written(out) -> list[str]:
+    """What the output folder holds, in the order the help lists it: the folders some runs
+    write (overlays/, regions/, segmentation/) only when they are there."""
+    out = Path(out)
+    folders = [f"{d}/" for d in ("heatmaps", "geojson", "regions", "overlays", "segmentation")
+               if d in ("heatmaps", "geojson") or (out / d).is_dir()]
+    return [*folders, "coco.json", "summary.csv"]
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -282,8 +291,9 @@ def _batch_parser(sub) -> None:
                         "predicted region")
     b.add_argument("--write-segmentation", action="store_true",
                    help="segmentation models only: also write each input's predicted labels "
-                        "to segmentation/ (<name>_labels.tif; NIfTI with the scan's affine "
-                        "for NIfTI / DICOM inputs; 0 = background, or for multi-label "
+                        "to segmentation/ (<name>_labels.tif; <name>_labels.zarr, uint16, "
+                        "for zarr inputs and TIFF stacks read in parts; NIfTI with the scan's "
+                        "affine for NIfTI / DICOM inputs; 0 = background, or for multi-label "
                         "models 0 = no class and class c = c + 1)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--batch-size", default=None, help="images per pass (auto)")

@@ -102,7 +102,8 @@ def process_on_cluster(client, units: list[Unit], model: dict, out, opts: Option
 
     if in_channels is None:
         in_channels = worker_model(model).in_channels
-    prepare_outputs(units, out, opts.channel_axis, spatial_dims, in_channels)
+    prepare_outputs(units, out, opts.channel_axis, spatial_dims, in_channels,
+                    segmentation=opts.write_segmentation)
     n_workers = len(client.scheduler_info().get("workers", {})) or 1
     futures = client.map(run_group, groups_of(units, n_workers), model=model, out=str(out),
                          opts=opts, settings=run.digest, pure=False)

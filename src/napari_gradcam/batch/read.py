@@ -434,18 +434,37 @@ def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:
                     raise ValueError(f"its pixels exceed float32's range (about 3.4e38) at {big} "
                                      f"position{'s' * (big != 1)}, where the model would see "
                                      "inf; rescale the image before the run")
-        # one mask for every image, or (a volume's 3D mask for a 2D model explaining it
-        # plane by plane) one per image: the job takes either
-        shapes = {tuple(lay.spatial), (*lay.lead, *lay.spatial)}
-        masks = []
-        for what, path, read in (("mask", unit.mask, _read_mask),
-                                 ("target mask", unit.target_mask, _read_target_mask)):
-            m = read(unit, volume)
-            if m is not None and tuple(m.shape) not in shapes:
-                raise ValueError(f"its {what} {path!r} has shape {tuple(m.shape)}, the image "
-                                 f"{' or '.join(map(str, sorted(shapes, key=len)))}; give a "
-                                 f"{what} of the image's shape")
-            masks.append(m)
+        masks = [_mask_for_unit(unit, what, read(unit, volume), path, lay)
+                 for what, path, read in (("mask", unit.mask, _read_mask),
+                                          ("target mask", unit.target_mask,
+                                           _read_target_mask))]
         return pixels, raw, lay.lead, masks[0], volume, masks[1]
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
         return err
+
+
+def _mask_for_unit(unit: Unit, what: str, m: np.ndarray | None, path, lay) -> np.ndarray | None:
+    """A mask or target mask cut to what ``unit`` explains: one mask for every image, or
+    (a volume's 3D mask for a 2D model explaining it plane by plane) one per image. A stack
+    read in parts takes the same mask file as when read whole, one frame per frame of the
+    whole stack, and each part uses its own frames of it: a mask as long as one part is
+    refused, as every part would otherwise read its regions from the stack's first frames."""
+    if m is None:
+        return None
+    shape, spatial = tuple(m.shape), tuple(lay.spatial)
+    if shape == spatial:
+        return m
+    if unit.kind == "parts" and lay.lead and unit.stop is not None:
+        total = int(open_lazy(unit.path).shape[0])
+        whole = (total, *lay.lead[1:], *spatial)
+        if shape == whole:
+            return m[unit.start:unit.stop]
+        raise ValueError(f"its {what} {path!r} has shape {shape}, but the stack is read in "
+                         f"parts and has {total} frames of {(*lay.lead[1:], *spatial)}; give "
+                         f"a {what} with one frame per frame of the whole stack {whole}, or "
+                         f"one image {spatial} for every frame")
+    if shape == (*lay.lead, *spatial):
+        return m
+    shapes = " or ".join(map(str, dict.fromkeys((spatial, (*lay.lead, *spatial)))))
+    raise ValueError(f"its {what} {path!r} has shape {shape}, the image {shapes}; give a "
+                     f"{what} of the image's shape")

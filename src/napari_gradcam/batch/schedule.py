@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cam import EmptyTargetWarning
 from ..job import BatchResult, ExplainJob
 from .discover import Unit
 from .explainer import check_segmentation_options, make_job
@@ -90,7 +92,8 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
     if settings is None:
         settings = run.digest if run is not None else ""
     if clean:
-        prepare_outputs(units, out, opts.channel_axis, job.runner.dims, spec.in_channels)
+        prepare_outputs(units, out, opts.channel_axis, job.runner.dims, spec.in_channels,
+                        segmentation=opts.write_segmentation)
     schedule = _Schedule(spec, out, opts, job, settings, progress, arrays)
     todo = []
     for unit in units:
@@ -174,9 +177,14 @@ class _Schedule:
 
     def explain(self, raw: np.ndarray, targets: np.ndarray | None) -> tuple:
         """One batch through the job: its results and, with ``write_segmentation``, the
-        predicted labels (n, *spatial) of its images (one more forward, without gradients)."""
-        result = self.job.explain(raw) if targets is None else \
-            self.job.explain(raw, target_masks=targets)
+        predicted labels (n, *spatial) of its images (one more forward, without gradients).
+        The engine's warning about empty regions is silenced: it numbers the images of this
+        batch, which mixes units; each unit's own note (:meth:`ExplainJob.notes`) says it in
+        the unit's terms, in its summary rows and on the log."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EmptyTargetWarning)
+            result = self.job.explain(raw) if targets is None else \
+                self.job.explain(raw, target_masks=targets)
         labels = None
         if self.opts.write_segmentation:
             labels = np.asarray(self.job.segment(raw, channel_axis=-1))
@@ -241,8 +249,13 @@ class _Schedule:
         # notes here, not on the writer thread: finding out whether the model segments may
         # run it once, which must not happen while the engine's hooks listen on this thread.
         # Only an empty region scores exactly 0, so other results need no notes (nor that run)
-        notes = self.job.notes(result, p.lead, unit_offset(p.unit, p.lead)) \
-            if np.any(result.scores == 0) else []
+        notes = []
+        if np.any(result.scores == 0):
+            with warnings.catch_warnings():  # the probe's forward may find regions empty
+                warnings.simplefilter("ignore", EmptyTargetWarning)
+                notes = self.job.notes(result, p.lead, unit_offset(p.unit, p.lead))
+        for note in notes:  # as failures are: one line per input, named as the summary does
+            log.warning("%s: %s", p.unit.path or p.unit.name, note)
         self.writes.append(self.writers.submit(
             _finish_safely, p.unit, self.out, p.pixels, result, p.lead,
             p.mask, self.job, self.opts, time.perf_counter() - p.t0, self.settings,

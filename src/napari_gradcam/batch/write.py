@@ -16,8 +16,10 @@ projection of image and heat with every box's footprint (``mip``), or its middle
 the boxes crossing it (``mid``).
 
 A segmentation model's predicted labels (``--write-segmentation``) go to
-``segmentation/<name>_labels.nii.gz`` with the source's affine for NIfTI and DICOM inputs, else
-``segmentation/<key>_labels.tif`` (0 = background, as napari's Labels layers show it).
+``segmentation/<name>_labels.nii.gz`` with the source's affine for NIfTI and DICOM inputs, to
+``segmentation/<name>_labels.zarr`` (uint16, shaped as the heatmap zarr, each part filling its
+own range) for inputs read in parts, else ``segmentation/<name>_labels.tif`` (0 = background,
+as napari's Labels layers show it).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, result: BatchR
     dims = heat.ndim - len(lead)  # the images' spatial axes: 3 for a 3D model's volumes
     _write_heat(unit, out, heat, bool(lead), volume)
     if labels is not None:
-        _write_labels(unit, out, np.asarray(labels).reshape(heat.shape), volume)
+        _write_labels(unit, out, np.asarray(labels).reshape(heat.shape), volume, bool(lead))
     geo = out / "geojson" / f"{unit.key}.geojson"
     write_geojson(regions_to_annotations(regions, class_names), geo, class_names=class_names)
     if dims == 3 or volume is not None:
@@ -139,12 +141,31 @@ def _write_heat(unit: Unit, out: Path, heat: np.ndarray, stacked: bool, volume=N
                          photometric="minisblack")
 
 
-def _write_labels(unit: Unit, out: Path, labels: np.ndarray, volume=None) -> None:
+# the predicted labels of inputs read in parts: one array per input, made before its parts
+# know their classes, so of a type that holds any class count a model has
+PARTS_LABELS_DTYPE = np.dtype(np.uint16)
+
+
+def _write_labels(unit: Unit, out: Path, labels: np.ndarray, volume=None,
+                  stacked: bool = True) -> None:
     """A segmentation model's predicted labels: NIfTI with the source's affine for a volume
-    input (it overlays the scan, as the heatmap does), else a TIFF per unit (a part of a
-    stack: its own images). The smallest unsigned type that holds the classes keeps them
-    readable as label images everywhere."""
+    input (it overlays the scan, as the heatmap does), the part's range of the input's labels
+    zarr for an input read in parts (one array beside the heatmap's, not a file per part),
+    else a TIFF. The smallest unsigned type that holds the classes keeps them readable as
+    label images everywhere."""
     top = int(labels.max()) if labels.size else 0
+    if unit.kind == "parts":
+        if top > np.iinfo(PARTS_LABELS_DTYPE).max:
+            raise ValueError(f"its predicted class {top} does not fit the labels array "
+                             f"({PARTS_LABELS_DTYPE.name}); leave out --write-segmentation "
+                             "for this model")
+        target = _zarr().open(str(out / "segmentation" / f"{unit.name}_labels.zarr"),
+                              mode="r+")
+        if stacked:
+            target[unit.start:unit.stop] = labels
+        else:  # a single image stored as zarr
+            target[...] = labels
+        return
     labels = labels.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32,
                            copy=False)
     if volume is not None:
@@ -154,7 +175,7 @@ def _write_labels(unit: Unit, out: Path, labels: np.ndarray, volume=None) -> Non
         return
     import tifffile
 
-    with atomic_output(out / "segmentation" / f"{unit.key}_labels.tif") as tmp:
+    with atomic_output(out / "segmentation" / f"{unit.name}_labels.tif") as tmp:
         tifffile.imwrite(str(tmp), labels, photometric="minisblack")
 
 
@@ -252,11 +273,13 @@ def _write_volume_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.n
 
 
 def prepare_outputs(units: list[Unit], out: Path, channel_axis=None,
-                    spatial_dims: int = 2, in_channels: int | None = None) -> None:
+                    spatial_dims: int = 2, in_channels: int | None = None, *,
+                    segmentation: bool = False) -> None:
     """Create what units write into together: the heatmap zarr arrays of inputs read in
     parts (made again when the source's shape changed), shaped as the reader lays the input
-    out for a model of ``in_channels``. Only the process holding the output folder (see
-    :func:`claim_output`) calls it, before any unit is written."""
+    out for a model of ``in_channels``, and with ``segmentation`` (``--write-segmentation``)
+    their predicted labels' zarr arrays of the same shape. Only the process holding the
+    output folder (see :func:`claim_output`) calls it, before any unit is written."""
     out = Path(out)
     (out / STATE_DIR / "records").mkdir(parents=True, exist_ok=True)
     for unit in {u.name: u for u in units if u.kind == "parts"}.values():
@@ -266,14 +289,25 @@ def prepare_outputs(units: list[Unit], out: Path, channel_axis=None,
         except ValueError:
             continue  # reading the unit fails it with the same message
         shape = (*lay.lead, *lay.spatial)
-        if target.exists():
-            try:
-                if tuple(_zarr().open(str(target), mode="r").shape) == shape:
-                    continue
-            except Exception:  # noqa: BLE001 - damaged: made again below
-                pass
-        _zarr().open(str(target), mode="w", shape=shape, dtype="f4",
-                     chunks=(1,) * len(lay.lead) + tuple(lay.spatial), fill_value=0.0)
+        chunks = (1,) * len(lay.lead) + tuple(lay.spatial)
+        _shared_array(target, shape, np.dtype("f4"), chunks)
+        if segmentation:
+            _shared_array(out / "segmentation" / f"{unit.name}_labels.zarr", shape,
+                          PARTS_LABELS_DTYPE, chunks)
+
+
+def _shared_array(target: Path, shape: tuple, dtype: np.dtype, chunks: tuple) -> None:
+    """A zarr array the parts of one input fill, kept when it has this shape and type (a
+    resumed run keeps the parts already written), else made again, zeros."""
+    if target.exists():
+        try:
+            have = _zarr().open(str(target), mode="r")
+            if tuple(have.shape) == shape and np.dtype(have.dtype) == dtype:
+                return
+        except Exception:  # noqa: BLE001 - damaged: made again below
+            pass
+    _zarr().open(str(target), mode="w", shape=shape, dtype=dtype, chunks=chunks,
+                 fill_value=0)
 
 
 SUMMARY_COLUMNS = ("file", "index", "class", "score", "regions", "status", "message")
