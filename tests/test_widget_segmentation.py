@@ -283,3 +283,122 @@ def test_vit_from_its_weights_explains_an_rgb_image(viewer, qtbot, tmp_path, err
     assert heat.metadata["napari_gradcam"]["target_layer"] == "blocks.11.norm1"
     ref = ng.explain(rgb, spec, device="cpu")
     np.testing.assert_allclose(heat.data, ref.heatmaps, atol=1e-4)
+
+
+# ---- regions from layers placed elsewhere, multi-label heads, shapes by plane ------------------
+
+def test_a_multilabel_segmentation_is_labelled_class_plus_one(viewer, qtbot, errors):
+    img = two_squares()
+    viewer.add_image(img, name="img")
+    w = dock(viewer)
+    spec = use(w, ng.load_model(TinySeg().eval(), class_names=CLASSES, name="ml",
+                                output="multilabel"), "ml")
+    run(qtbot, w, w.add_segmentation())
+    seg = viewer.layers["img segmentation"]
+    expected = ExplainJob(spec).segment(img)
+    assert (seg.data == expected).all() and not errors
+    # sigmoid > 0.5: background outside the squares (value 1), cell inside them (value 2)
+    assert seg.data[0, 0] == 1 and seg.data[12, 12] == 2
+    named = dict(zip(seg.features["index"], seg.features["class"]))
+    assert named == {0: "", 1: "background", 2: "cell", 3: "edge"}
+    assert seg.colormap.map(np.array([0]))[0, 3] == 0  # nothing: transparent
+    assert seg.colormap.map(np.array([2]))[0, 3] == 1
+
+
+def test_a_whole_stack_labels_layer_gives_the_current_slice_its_plane(viewer, qtbot, errors):
+    img = two_squares()
+    stack = np.stack([img, img, img])
+    viewer.add_image(stack, name="stack")
+    w = dock(viewer)
+    spec = use(w, seg_spec(), "seg")
+    w.methods.value = ["hirescam"]
+    labels = np.zeros((3, 32, 32), np.int32)
+    labels[0][A] = 1  # plane 0: square A, plane 2: square B
+    labels[2][B] = 1
+    viewer.add_labels(labels, name="cells")
+    w.image.value = viewer.layers["stack"]
+    viewer.dims.set_point(0, 2)
+    choose(w, "cell inside layer cells")
+    run(qtbot, w)
+    heat = viewer.layers["stack hirescam heatmap"].data.reshape(32, 32)
+    assert heat[B].max() > 0.5 and heat[A].max() == 0 and not errors
+    ref = ExplainJob(spec, ["hirescam"], "cell", target_mask=labels[2] > 0).run(stack[2])
+    np.testing.assert_allclose(heat, ref.heatmaps["hirescam"], atol=1e-5)
+
+
+def test_the_segmentation_of_a_slice_is_a_target_region_at_its_plane(viewer, qtbot, errors):
+    img = two_squares()
+    stack = np.stack([np.zeros_like(img), img, img])
+    viewer.add_image(stack, name="stack", scale=(3, 0.5, 0.5), translate=(0, 2, 4))
+    w = dock(viewer)
+    spec = use(w, seg_spec(), "seg")
+    w.methods.value = ["hirescam"]
+    viewer.dims.set_point(0, 6.0)  # plane 2
+    run(qtbot, w, w.add_segmentation())
+    seg = viewer.layers["stack segmentation"]
+    assert seg.data.shape == (1, 32, 32)
+    choose(w, "cell inside layer stack segmentation")  # the widget's own output, fed back
+    run(qtbot, w)
+    assert not errors
+    heat = viewer.layers["stack hirescam heatmap"].data.reshape(32, 32)
+    ref = ExplainJob(spec, ["hirescam"], "cell", target_mask=seg.data[0] > 0).run(stack[2])
+    np.testing.assert_allclose(heat, ref.heatmaps["hirescam"], atol=1e-5)
+    # the whole stack: the region lies in plane 2 only
+    w.scope.value = "whole stack"
+    region = w.job().explain.target_mask
+    assert region.shape == (3, 32, 32)
+    assert not region[:2].any() and (region[2] == (seg.data[0] > 0)).all()
+    # the same one-frame layer moved to plane 1, seen from plane 1: a region there too
+    viewer.dims.set_point(0, 3.0)
+    w.scope.value = "current slice"
+    seg.translate = (3, 2, 4)
+    assert (w.job().explain.target_mask == (seg.data[0] > 0)).all()
+    viewer.dims.set_point(0, 0.0)  # plane 0: the layer isn't there
+    assert w.run() is None and "no pixel" in errors[-1]
+
+
+def test_labels_and_masks_in_other_geometry_are_matched_through_the_world(viewer, qtbot,
+                                                                          errors):
+    viewer.add_image(two_squares(), name="img", scale=(2, 2))
+    w = dock(viewer)
+    use(w, seg_spec(), "seg")
+    lab = np.zeros((32, 32), np.int32)
+    lab[A] = 1
+    cells = viewer.add_labels(lab, name="cells", scale=(1, 1), translate=(40, 40))
+    w.image.value = viewer.layers["img"]
+    choose(w, "cell inside layer cells")
+    # image pixel p lies at world 2p, the labels' pixel 2p - 40: A (8..15) under pixels 24..27
+    expected = np.zeros((32, 32), bool)
+    expected[24:28, 24:28] = True
+    assert (w.job().explain.target_mask == expected).all()
+    w.mask.value = cells  # a mask goes the same way
+    assert (w.job().explain.mask == expected).all()
+    w.mask.value = None
+    run(qtbot, w)
+    assert not errors
+    # a rotation against the image: refused, naming both layers' scale and translate
+    cells.rotate = 30
+    before = layer_names(viewer)
+    assert w.run() is None
+    assert "rotated or sheared" in errors[-1] and "'cells' (scale (1.0, 1.0), translate " \
+        "(40.0, 40.0)" in errors[-1] and "'img' (scale (2.0, 2.0)" in errors[-1]
+    assert layer_names(viewer) == before
+
+
+def test_shapes_are_rasterised_plane_by_plane_and_only_the_slice_explained():
+    from napari.layers import Image, Shapes
+
+    image = Image(np.zeros((4, 32, 32), np.float32))
+    square = [[8, 8], [8, 15], [15, 15], [15, 8]]
+    shapes = Shapes([[[1, *v] for v in square], [[3, *v] for v in square],
+                     [[3, y + 12, x + 12] for y, x in square]], shape_type="rectangle", ndim=3)
+    whole = widget_mod.shapes_region(shapes, image)
+    assert whole.shape == (4, 32, 32) and whole.dtype == bool
+    assert not whole[0].any() and not whole[2].any()
+    assert whole[1].sum() == 64 and whole[3].sum() == 128
+    one = widget_mod.shapes_region(shapes, image, offset=(1,))
+    assert one.shape == (32, 32) and (one == whole[1]).all()
+    outlines = widget_mod.shape_outlines(shapes, image, offset=(3,))
+    assert list(outlines.planes) == [()] and len(outlines.planes[()][0]) == 2
+    with pytest.raises(ValueError, match="don't overlap the image .* in the slice shown"):
+        widget_mod.shape_outlines(shapes, image, offset=(2,))

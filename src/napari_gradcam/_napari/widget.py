@@ -86,7 +86,9 @@ SEG_TARGET_TIP = (
     "the pixels the model gives that class. <class> inside layer <L>: why the model gives "
     "these pixels that class: a Labels layer's labels (> 0; only its selected label while it "
     "shows only that one, 'show selected'), or a Shapes layer's selected shapes (all of them "
-    "when none is selected).")
+    "when none is selected). Layers are matched to the image where they lie in the viewer "
+    "(their scale and translate). On a volume or stack, a 3D Shapes layer's outline covers "
+    "its own plane; a 2D Shapes layer's covers every plane.")
 
 
 def explains(dims: int, layer_ndim: int | None) -> str:
@@ -140,6 +142,8 @@ class Job:
     channel_axis: int | bool
     explain: ExplainJob
     total: int  # images to explain (the progress bar's length)
+    # a Shapes layer's target region, read on the UI thread, rasterised by the worker
+    outlines: Outlines | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -200,6 +204,9 @@ def compute(job: Job):
     """Worker-thread body: the explain job over the images, yielding its Progress per batch
     (every method and target of a batch in one go); closing it stops after that batch."""
     t0 = time.perf_counter()
+    if job.outlines is not None:
+        job.explain.target_mask = GradCamWidget._shaped(
+            job.outlines, job.layer, job.offset, job.explain.spec)
     with _empty_targets_as_notes():
         explained = yield from job.explain.iter_run(job.images, job.channel_axis, job.offset)
     return Result(job, explained, time.perf_counter() - t0)
@@ -260,32 +267,149 @@ def labels_region(layer) -> np.ndarray:
     return data > 0
 
 
-def shapes_region(shapes, image) -> np.ndarray:
+def shapes_region(shapes, image, offset: tuple[int, ...] = ()) -> np.ndarray:
     """The selected shapes of ``shapes`` (every shape when none is selected) rasterised onto
     the pixels of ``image``: the vertices go through the shapes' data-to-world and the image's
     world-to-data transforms (layers share world coordinates). The mask has the trailing
-    ``shapes.ndim`` axes of the image's shape (2D shapes: one plane for every plane)."""
+    ``shapes.ndim`` axes of the image's shape (2D shapes: one plane for every plane), less the
+    leading axes fixed by ``offset`` (one slice explained: only the shapes on that plane)."""
+    return shape_outlines(shapes, image, offset).rasterise()
+
+
+@dataclass
+class Outlines:
+    """Shapes as 2D outlines in an image's pixel coordinates, grouped by the plane they lie
+    on: reading them is cheap (the UI thread does it), rasterising costs one (H, W) plane
+    per group, so it runs in the worker."""
+
+    shape: tuple[int, ...]  # the mask's shape: planes (leading) + (H, W)
+    planes: dict  # plane index (tuple) -> ([(n, 2) vertices], [shape types])
+    failure: str  # the error when no pixel lies inside
+
+    def rasterise(self) -> np.ndarray:
+        region = np.zeros(self.shape, bool)
+        for plane, (data, types) in self.planes.items():
+            masks = Shapes(data, shape_type=types, ndim=2).to_masks(mask_shape=self.shape[-2:])
+            np.logical_or(region[plane], np.any(masks, axis=0), out=region[plane])
+        if not region.any():
+            raise ValueError(self.failure)
+        return region
+
+
+def shape_outlines(shapes, image, offset: tuple[int, ...] = ()) -> Outlines:
+    """The outlines of :func:`shapes_region`, checked (no shapes, none near the image: a
+    ValueError saying what to change) but not yet rasterised."""
     if not len(shapes.data):
         raise ValueError(f"the Shapes layer {shapes.name!r} has no shapes; draw one around the "
                          "region to explain, or choose another target.")
     picked = sorted(shapes.selected_data) or range(len(shapes.data))
     full = image_shape(image)
     k = min(shapes.ndim, len(full))
-    data = []
+    first = len(full) - k  # the image axis of the shapes' first axis
+    fixed = max(len(offset) - first, 0)  # leading shape axes fixed by the slice explained
+    out = full[first + fixed:]
+    planes: dict = {}
     for i in picked:
         world = [shapes.data_to_world(v) for v in np.asarray(shapes.data[i], float)]
         pixels = np.array([np.asarray(image.world_to_data(w), float)[-k:] for w in world])
-        pixels[:, :-2] = np.round(pixels[:, :-2])  # a shape drawn on a plane stays on it
-        data.append(pixels)
-    types = [shapes.shape_type[i] for i in picked]
-    masks = Shapes(data, shape_type=types, ndim=k).to_masks(mask_shape=full[-k:])
-    region = np.asarray(masks).any(axis=0)
-    if not region.any():
-        what = "selected shapes" if shapes.selected_data else "shapes"
-        raise ValueError(f"the {what} of {shapes.name!r} don't overlap the image "
-                         f"{image.name!r}; draw them on the image, or give both layers the "
-                         "same scale and translate.")
-    return region
+        # a shape drawn on a plane stays on it (napari's own masks take the first vertex's)
+        plane = tuple(int(np.floor(v + 0.5)) for v in pixels[0, :-2])
+        if plane[:fixed] != tuple(offset[first:]):
+            continue  # on another plane than the slice explained
+        plane = plane[fixed:]
+        if any(not 0 <= p < s for p, s in zip(plane, out[:-2])):
+            continue
+        yx = pixels[:, -2:]
+        if (yx.max(axis=0) < -0.5).any() or (yx.min(axis=0) > np.array(full[-2:]) - 0.5).any():
+            continue  # wholly outside the image
+        data, types = planes.setdefault(plane, ([], []))
+        data.append(yx)
+        types.append(shapes.shape_type[i])
+    what = "selected shapes" if shapes.selected_data else "shapes"
+    failure = (f"the {what} of {shapes.name!r} don't overlap the image {image.name!r}"
+               f"{' in the slice shown' if fixed else ''}; draw them on the image, or give "
+               "both layers the same scale and translate.")
+    if not planes:
+        raise ValueError(failure)
+    return Outlines(tuple(out), planes, failure)
+
+
+def _data_to_world(layer) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's data-to-world transform as a matrix and an offset (probed through its
+    public ``data_to_world``: scale, translate, rotate, shear and affine together)."""
+    n = layer.ndim
+    origin = np.asarray(layer.data_to_world(np.zeros(n)), float)
+    matrix = np.stack([np.asarray(layer.data_to_world(e), float) - origin for e in np.eye(n)],
+                      axis=1)
+    return matrix, origin
+
+
+def index_map(source, image, point=None) -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) with ``source index = A @ image index + b``: the image's pixels seen in the
+    ``source`` layer's data through world coordinates (trailing axes aligned, as napari
+    shows them). A source with more axes than the image is read at the viewer's ``point``
+    (world) on its extra leading axes, as shown."""
+    mi, oi = _data_to_world(image)
+    ms, os_ = _data_to_world(source)
+    ni, ns = len(oi), len(os_)
+    if ns <= ni:
+        rows, offset = mi[-ns:], oi[-ns:]
+    else:
+        lead = np.zeros(ns - ni) if point is None else np.asarray(point, float)[-ns:][:ns - ni]
+        rows = np.vstack([np.zeros((ns - ni, ni)), mi])
+        offset = np.concatenate([lead, oi])
+    inverse = np.linalg.inv(ms)
+    return inverse @ rows, inverse @ (offset - os_)
+
+
+def _geometry_text(layer) -> str:
+    text = f"{layer.name!r} (scale {tuple(float(v) for v in layer.scale)}, translate " \
+           f"{tuple(float(v) for v in layer.translate)}"
+    if not np.allclose(layer.affine.affine_matrix, np.eye(layer.ndim + 1)) or \
+            not np.allclose(layer.rotate, np.eye(layer.ndim)) or \
+            not np.allclose(layer.shear, 0):
+        text += ", with a rotation, shear or affine"
+    return text + ")"
+
+
+def layer_onto_image(data, source, image, offset: tuple[int, ...] = (), point=None):
+    """``data`` (the array of the layer ``source``) looked up at the pixel centres of
+    ``image`` (nearest source pixel; 0 / False outside it): an array over the image's axes
+    after the ``offset`` ones (one slice explained), of the image's size on each axis the
+    source varies along and 1 on the others (it then holds for every plane). Only for
+    axis-aligned transforms between the two (scale, translate; the same rotation is fine):
+    otherwise a ValueError naming both layers' geometry."""
+    a, b = index_map(source, image, point)
+    full = image_shape(image)
+    tol = 1e-6 * max(1.0, float(np.abs(a).max()))
+    used = np.abs(a) > tol
+    columns = [np.flatnonzero(row) for row in used]
+    if any(len(c) > 1 for c in columns) or len({int(c[0]) for c in columns if len(c)}) < \
+            sum(1 for c in columns if len(c)):
+        raise ValueError(
+            f"the layer {_geometry_text(source)} is rotated or sheared against the image "
+            f"{_geometry_text(image)}, so its pixels can't be matched to the image's; give "
+            "both the same rotation (or none), or paint the region on the image's grid.")
+    lead = len(offset)
+    out = [1] * (len(full) - lead)
+    index, valid = [], np.ones((1,) * len(out), bool)
+    for j, (cols, size) in enumerate(zip(columns, data.shape)):
+        if len(cols) and cols[0] >= lead:  # varies along an image axis explained
+            c = int(cols[0])
+            q = np.floor(a[j, c] * np.arange(full[c]) + b[j] + 0.5).astype(np.int64)
+            out[c - lead] = full[c]
+            shape = [1] * len(out)
+            shape[c - lead] = full[c]
+            q = q.reshape(shape)
+        else:  # constant over the pixels explained
+            p = offset[cols[0]] if len(cols) else 0
+            q = np.full((1,) * len(out), np.floor(a[j, cols[0]] * p + b[j] + 0.5)
+                        if len(cols) else np.floor(b[j] + 0.5), np.int64)
+        inside = (q >= 0) & (q < size)
+        valid = valid & inside
+        index.append(np.where(inside, q, 0))
+    values = np.asarray(data)[tuple(index)] if data.size else np.zeros(valid.shape, data.dtype)
+    return np.where(valid, values, np.zeros((), data.dtype))
 
 
 def _shown_mask_changed(old: JobResult, new: JobResult) -> bool:
@@ -785,61 +909,85 @@ class GradCamWidget(Container):
         return tuple(int(np.clip(round(v), 0, s - 1)) for v, s in zip(data, shape[:lead]))
 
     def _mask_array(self, layer, offset: tuple[int, ...], spec: ModelSpec) -> np.ndarray | None:
-        """The chosen mask for ``layer`` (its slice ``offset`` when one slice is explained):
-        a mask of the pixels' shape applies to every image, one of the whole layer's shape
-        image by image."""
+        """The chosen mask for ``layer`` (its slice ``offset`` when one slice is explained),
+        matched to the image's pixels through both layers' world coordinates: a mask of the
+        pixels' shape applies to every image, one of the whole layer's shape image by
+        image."""
         mask_layer = self.mask.value
         if mask_layer is None:
             return None
         data = mask_layer.data[0] if getattr(mask_layer, "multiscale", False) else mask_layer.data
         return np.asarray(self._fit_to_image(data, f"the mask {mask_layer.name!r}", "a mask",
-                                             "or none", layer, offset, spec)) > 0
+                                             "or none", layer, offset, spec, mask_layer)) > 0
 
-    @staticmethod
-    def _fit_to_image(data, what: str, kind: str, instead: str, layer, offset, spec):
-        """``data`` of the image's pixels' shape (for every image) or of the layer's whole
-        shape (cut to the slice ``offset`` when one slice is explained); another shape raises
-        a ValueError naming ``what`` it is and what to choose ``instead``."""
+    def _fit_to_image(self, data, what: str, kind: str, instead: str, layer, offset, spec,
+                      source=None):
+        """``data`` (of the layer ``source``) on the image's pixels: the image's pixels' shape
+        (for every image) or the layer's whole shape (cut to the slice ``offset`` when one
+        slice is explained). A layer placed elsewhere in the world (another scale or
+        translate, a one-frame layer at its frame) is looked up pixel by pixel; one with
+        the image's own placement but other pixels raises a ValueError naming ``what`` it is
+        and what to choose ``instead``."""
         full = image_shape(layer)
-        spatial = full[len(full) - model_spatial_dims(spec.module):]
-        if tuple(data.shape) == full and offset:
-            return data[offset]
-        if tuple(data.shape) not in (spatial, full):
+        dims = model_spatial_dims(spec.module)
+        spatial = full[len(full) - dims:]
+        same = True
+        if source is not None:
+            a, b = index_map(source, layer, self._viewer.dims.point)
+            k = min(a.shape)
+            same = a.shape[0] <= a.shape[1] and np.allclose(a[:, -k:], np.eye(k)) and \
+                np.allclose(a[:, :-k], 0) and np.allclose(b, 0)
+        if same and tuple(data.shape[len(data.shape) - dims:]) != spatial or \
+                not same and data.ndim != source.ndim:
             raise ValueError(
                 f"{what} has shape {tuple(data.shape)}, but the image's pixels are {spatial}; "
                 f"choose {kind} of that size (or of the image layer's whole shape), {instead}."
             )
+        if not same or tuple(data.shape) not in (spatial, full):
+            region = layer_onto_image(data, source, layer, offset, self._viewer.dims.point)
+            rest = full[len(offset):]
+            if all(s == 1 for s in region.shape[:max(region.ndim - dims, 0)]):
+                region = region.reshape(region.shape[max(region.ndim - dims, 0):])
+                return np.broadcast_to(region, spatial)
+            return np.broadcast_to(region, rest)
+        if tuple(data.shape) == full and offset:
+            return data[offset]
         return data
 
-    def _target_region(self, inside: InsideLayer, layer, offset, spec) -> np.ndarray:
+    def _target_region(self, inside: InsideLayer, layer, offset, spec):
         """The pixels of a "<class> inside layer <L>" target, for the image ``layer`` (its
-        slice ``offset``): bool, the image's pixels' shape or the layer's whole shape."""
+        slice ``offset``): bool, the image's pixels' shape or the layer's whole shape. A
+        Shapes layer's outlines are read and checked here but rasterised in the worker: an
+        :class:`Outlines` then comes back, for :meth:`_shaped`."""
         source = inside.layer
         if source not in list(self._viewer.layers):
             raise ValueError(f"the layer {source.name!r} is no longer in the viewer; choose "
                              "another target.")
         if isinstance(source, Shapes):
-            region = shapes_region(source, layer)
-            full = image_shape(layer)
-            dims = model_spatial_dims(spec.module)
-            # 2D shapes on a volume (3D model): the same outline in every plane; shapes
-            # drawn in planes of a stack: each image its own
-            region = np.broadcast_to(region, full[-dims:] if region.ndim <= dims else full)
-            what = f"the shapes of {source.name!r}"
-        else:
-            region = labels_region(source)
-            what = f"the Labels layer {source.name!r}"
-        region = self._fit_to_image(region, what, "a layer", "or another target", layer,
-                                    offset, spec)
+            return shape_outlines(source, layer, offset)
+        region = self._fit_to_image(labels_region(source), f"the Labels layer {source.name!r}",
+                                    "a layer", "or another target", layer, offset, spec, source)
         if not region.any():
             if isinstance(source, Labels) and source.show_selected_label:
                 raise ValueError(
                     f"the selected label {source.selected_label} of {source.name!r} marks no "
                     "pixel of the image explained; select a label that is there, or untick "
                     "'show selected' to use all its labels.")
-            raise ValueError(f"no pixel of the image explained lies inside {what}; paint or "
-                             "draw the region to explain, or choose another target.")
+            raise ValueError(f"no pixel of the image explained lies inside the Labels layer "
+                             f"{source.name!r}; paint the region to explain, or choose another "
+                             "target.")
         return np.ascontiguousarray(region)  # a broadcast view is read-only: torch warns
+
+    @staticmethod
+    def _shaped(outlines: Outlines, layer, offset, spec) -> np.ndarray:
+        """Worker side of a Shapes target: the outlines rasterised, shaped as the job's
+        target mask (2D shapes on a volume explained in 3D: the same outline in every
+        plane; shapes drawn in planes of a stack: each image its own)."""
+        region = outlines.rasterise()
+        full = image_shape(layer)
+        dims = model_spatial_dims(spec.module)
+        target = full[-dims:] if region.ndim <= dims else full[len(offset):]
+        return np.ascontiguousarray(np.broadcast_to(region, target))
 
     def job(self) -> Job:
         """Read and check the controls; raises ValueError / TypeError with what to change."""
@@ -878,6 +1026,9 @@ class GradCamWidget(Container):
             images, total = data[offset], 1
         target_mask = None if inside is None else \
             self._target_region(inside, layer, offset, spec)
+        outlines = None
+        if isinstance(target_mask, Outlines):  # rasterised in the worker
+            outlines, target_mask = target_mask, None
         # the job checks methods, target, device and region options before any pixel is read
         # (the automatic target layer is found once per model, not per run)
         explain = ExplainJob(
@@ -886,7 +1037,7 @@ class GradCamWidget(Container):
             device=self.device.value, batch_size=int(self.batch_size.value) or None,
             target_layer=None if self.target_layer.value == AUTO else self.target_layer.value)
         return Job(layer=layer, images=images, offset=offset, channel_axis=channel_axis,
-                   explain=explain, total=total)
+                   explain=explain, total=total, outlines=outlines)
 
     # ---- running ----------------------------------------------------------------------------
 
