@@ -152,3 +152,52 @@ def test_a_unet_that_needs_even_sides_is_padded_and_cropped_back():
     assert heat.shape == (30, 30) and np.isfinite(heat).all() and heat.max() == pytest.approx(1)
     assert job.runner.multiple == 4
     assert job.segment(img).shape == (30, 30)
+
+
+def test_found_inside_a_target_mask_counts_only_classes_predicted_there():
+    spec = _spec()
+    inside = np.zeros((32, 32), bool)
+    inside[2:14, 2:14] = True  # around the left object only
+    result = ExplainJob(spec, target="found", target_mask=inside, device="cpu",
+                        regions={"min_area": 4}).run(_image())
+    assert [r["class"] for r in result.rows] == ["left"]
+    assert result.class_ids.ravel().tolist() == [0, 1, 2]  # slot k is class k
+    assert np.isfinite(result.scores).all() and result.scores.ravel()[2] == 0
+    nothing = ExplainJob(spec, target="found", device="cpu").run(np.zeros((32, 32), np.float32))
+    assert [r["class"] for r in nothing.rows] == [""] and np.isfinite(nothing.scores).all()
+
+
+def test_padding_adds_no_pixels_to_a_class_region_and_segment_learns_it_too():
+    monai = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    net = monai.UNet(spatial_dims=2, in_channels=1, out_channels=3, channels=(4, 8, 16),
+                     strides=(2, 2), num_res_units=0).eval()
+    spec = ModelSpec(net, ["background", "a", "b"], 1, intensity="none",
+                     target_layer="model.1")  # named: no automatic probe learns the padding
+    img = np.random.default_rng(1).random((17, 17)).astype(np.float32)
+    job = ExplainJob(spec, target=1, device="cpu")
+    labels = job.segment(img)  # the first call: learns the multiple itself
+    assert labels.shape == (17, 17) and job.runner.multiple == 4
+    padded = np.pad(img, ((0, 3), (0, 3)), mode="edge")
+    with torch.inference_mode():
+        logits = net(torch.as_tensor(padded)[None, None])[0, :, :17, :17]
+    np.testing.assert_array_equal(labels, logits.argmax(0).numpy())
+    # the score sums class 1's logits over its predicted pixels inside the image only
+    expected = float((logits[1] * (logits.argmax(0) == 1)).sum())
+    assert job.run(img).scores.ravel()[0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_unsigned_and_weighted_target_masks():
+    spec = _spec()
+    labels = np.zeros((32, 32), np.uint16)
+    labels[20:28, 20:30] = 7
+    a = ExplainJob(spec, target="right", target_mask=labels, device="cpu").run(_image())
+    b = ExplainJob(spec, target="right", target_mask=labels > 0, device="cpu").run(_image())
+    np.testing.assert_allclose(a.heatmaps["gradcam"], b.heatmaps["gradcam"])
+    for bad in (np.full((32, 32), np.nan), np.full((32, 32), -1.0)):
+        with pytest.raises(ValueError, match="NaN, infinite or negative"):
+            ExplainJob(spec, target="right", target_mask=bad)
+    huge = np.where(labels > 0, 1e38, 0).astype(np.float32)
+    c = ExplainJob(spec, target="right", target_mask=huge, device="cpu").run(_image())
+    assert np.isfinite(c.scores).all()
+    np.testing.assert_allclose(c.heatmaps["gradcam"], b.heatmaps["gradcam"], atol=1e-6)

@@ -29,7 +29,8 @@ from torch import nn
 from ._device import describe_device, resolve_device
 from .cam import explain_batch, get_method, resolve_target_layer
 from .cam._state import explaining
-from .cam.engine import size_errors
+from .cam.engine import _model_output, size_errors
+from .cam.segmentation import known_output, remember_output, segmentation_labels
 from .models import ModelSpec, normalise_intensity
 from .models.spec import check_input_size, first_conv, refuse_torchscript
 
@@ -393,6 +394,12 @@ class Runner:
         self.multilabel = {"multilabel": True, "softmax": False}.get(spec.output)
         spec.module.to(self.device)
 
+    @property
+    def _crop(self) -> _CropOutput:
+        if self.__dict__.get("_cropper") is None:
+            self.__dict__["_cropper"] = _CropOutput(self.spec.module)
+        return self.__dict__["_cropper"]
+
     def size_for(self, spatial, count: int) -> int:
         """The batch size (chosen on first use from the image size and device memory)."""
         if self.batch_size is None:
@@ -438,8 +445,23 @@ class Runner:
         method = method or self.method
         targets = self.class_id if targets is _OWN else targets
         masks = None if target_masks is None else self._fit_masks(target_masks, batch)
-        parts = self._explain(batch, self.size_for(spatial, batch.shape[0]), method, targets,
-                              masks)
+        per_sample = not (targets is None or callable(targets) or np.ndim(targets) == 0)
+
+        def work(pos: int, n: int):
+            tgt = torch.as_tensor(targets)[pos:pos + n] if per_sample else targets
+            weights = None if masks is None else masks[pos:pos + n]
+            if self.fixed and n < self.fixed:  # pad with copies, drop their results
+                tgt = _pad(tgt, self.fixed) if per_sample else tgt
+                weights = None if weights is None else _pad(weights, self.fixed)
+            part, module, layer = self._input(batch[pos:pos + n])
+            res = explain_batch(module, part, method, target_layer=layer, targets=tgt,
+                                target_masks=weights, multilabel=self.multilabel,
+                                amp=self.amp)
+            self._seen(module)
+            return type(res)(crop_sides(res.heatmaps[:n], batch.shape[2:]),
+                             *(t[:n] for t in res[1:]))
+
+        parts = self._each_part(batch, self.size_for(spatial, batch.shape[0]), work)
         maps = torch.cat([p.heatmaps for p in parts])
         if tuple(maps.shape[-self.dims:]) != tuple(spatial):  # resized input: back to the image
             mode = "bilinear" if self.dims == 2 else "trilinear"
@@ -453,62 +475,53 @@ class Runner:
     def segment(self, batch: torch.Tensor, spatial) -> np.ndarray:
         """A segmentation model's predicted labels (n, *spatial) for a prepared batch (see
         :func:`napari_gradcam.cam.segmentation_labels`), back at the images' size."""
-        from .cam import segmentation_labels
-        from .cam.engine import _model_output
-        out = []
-        size = self.size_for(spatial, batch.shape[0])
-        for pos in range(0, batch.shape[0], size):
-            part = batch[pos:pos + size]
-            with torch.inference_mode(), explaining(self.spec.module):
-                logits = _model_output(self.spec.module(pad_sides(part, self.multiple)))
-            if self.multiple > 1 and logits.shape[2:] != part.shape[2:]:
-                logits = logits[(..., *(slice(0, s) for s in part.shape[2:]))]
-            labels = segmentation_labels(logits, self.multilabel)
+
+        def work(pos: int, n: int):
+            part, module, _layer = self._input(batch[pos:pos + n])
+            with torch.inference_mode(), explaining(module):
+                logits = _model_output(module(part))
+            if logits is None or logits.ndim != batch.ndim:
+                raise ValueError("this model returns no segmentation map (N, classes, "
+                                 "*spatial), so it has no predicted labels to show.")
+            labels = segmentation_labels(logits[:n], self.multilabel)
             if tuple(labels.shape[1:]) != tuple(spatial):
                 labels = F.interpolate(labels[:, None].float(), size=tuple(spatial),
                                        mode="nearest")[:, 0].long()
-            out.append(labels.cpu().numpy().astype(np.int32))
-        return np.concatenate(out)
+            return labels.cpu().numpy().astype(np.int32)
 
-    def _fit_masks(self, masks, batch: torch.Tensor) -> torch.Tensor:
-        """Target masks (n, *spatial) as weights at the model input's size on its device:
-        bool / integer masks count where > 0, float ones are weights."""
-        m = torch.as_tensor(np.array(masks), device=batch.device)  # a writable copy
-        if m.ndim != batch.ndim - 1 or m.shape[0] != batch.shape[0]:
-            raise ValueError(f"target masks have shape {tuple(m.shape)}; give one per image, "
-                             f"({batch.shape[0]}, *spatial).")
-        m = (m > 0).float() if not m.is_floating_point() else m.float()
-        size = tuple(batch.shape[2:])
-        if tuple(m.shape[1:]) != size:  # a fixed input size: the masks follow the resize
-            shrink = all(a >= b for a, b in zip(m.shape[1:], size))
-            m = F.interpolate(m[:, None], size=size, mode="area" if shrink else "nearest")[:, 0]
-        return m
+        return np.concatenate(self._each_part(batch, self.size_for(spatial, batch.shape[0]),
+                                              work))
 
-    def _explain(self, batch: torch.Tensor, size: int, method: str, targets,
-                 masks=None) -> list:
-        module, fixed, results, pos = self.spec.module, self.fixed, [], 0
-        per_sample = not (targets is None or callable(targets) or np.ndim(targets) == 0)
+    def _input(self, part: torch.Tensor):
+        """What the model is called with for ``part``: (input, module, target layer). A
+        static-batch program gets the part padded with copies; a model that needs sides of a
+        multiple gets the padded input through :class:`_CropOutput`, which cuts its output
+        back to the image, so that predicted regions and pooled scores see no padding."""
+        if self.fixed and part.shape[0] < self.fixed:
+            part = _pad(part, self.fixed)
+        if self.multiple == 1:
+            return part, self.spec.module, self.layer_name
+        self._crop.sides = tuple(part.shape[2:])
+        layer = None if self.layer_name is None else self.spec.module.get_submodule(
+            self.layer_name)
+        return pad_sides(part, self.multiple), self._crop, layer
+
+    def _seen(self, module) -> None:
+        """Pass on what the engine learnt about a wrapped model's output to the model."""
+        if module is not self.spec.module:
+            seen = known_output(module)
+            if seen is not None:
+                remember_output(self.spec.module, seen)
+
+    def _each_part(self, batch: torch.Tensor, size: int, work) -> list:
+        """``work(pos, n)`` over the batch in parts of ``size``: an out-of-memory error halves
+        the size (kept small afterwards), a U-Net's skip-size error teaches the padding
+        multiple; both retry the part."""
+        results, pos = [], 0
         while pos < batch.shape[0]:
-            part = batch[pos:pos + size]
-            n = part.shape[0]
-            tgt = torch.as_tensor(targets)[pos:pos + n] if per_sample else targets
-            weights = None if masks is None else masks[pos:pos + n]
+            n = min(size, batch.shape[0] - pos)
             try:
-                if fixed and n < fixed:  # pad with copies, drop their results
-                    part = _pad(part, fixed)
-                    if per_sample:
-                        tgt = _pad(tgt, fixed)
-                    if weights is not None:
-                        weights = _pad(weights, fixed)
-                sides = part.shape[2:]
-                if self.multiple > 1:
-                    part = pad_sides(part, self.multiple)
-                    weights = None if weights is None else pad_sides(weights[:, None],
-                                                                     self.multiple, 0.0)[:, 0]
-                res = explain_batch(module, part, method, target_layer=self.layer_name,
-                                    targets=tgt, target_masks=weights,
-                                    multilabel=self.multilabel, amp=self.amp)
-                res = type(res)(crop_sides(res.heatmaps[:n], sides), *(t[:n] for t in res[1:]))
+                results.append(work(pos, n))
             except Exception as err:
                 if self._learn_multiple(err, batch[pos:pos + 1]):
                     continue
@@ -517,18 +530,69 @@ class Runner:
                 del err
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if n == 1 or fixed:
+                if n == 1 or self.fixed:
                     raise MemoryError(
                         f"{describe_device(self.device)} ran out of memory on a single image of "
-                        f"{tuple(part.shape[2:])} pixels; use device='cpu', a smaller "
+                        f"{tuple(batch.shape[2:])} pixels; use device='cpu', a smaller "
                         "input_size, or a smaller image."
                     ) from None
                 size = self.batch_size = max(1, n // 2)
                 log.warning("out of memory: batch size reduced to %d", size)
                 continue
-            results.append(res)
             pos += n
         return results
+
+    def _fit_masks(self, masks, batch: torch.Tensor) -> torch.Tensor:
+        """Target masks (n, *spatial) as weights at the model input's size on its device:
+        bool / integer masks count where > 0, float ones are weights."""
+        m = check_weights(masks, "target mask")
+        if m.ndim != batch.ndim - 1 or m.shape[0] != batch.shape[0]:
+            raise ValueError(f"target masks have shape {tuple(m.shape)}; give one per image, "
+                             f"({batch.shape[0]}, *spatial).")
+        m = torch.as_tensor(m, device=batch.device)
+        size = tuple(batch.shape[2:])
+        if tuple(m.shape[1:]) != size:  # a fixed input size: the masks follow the resize
+            shrink = all(a >= b for a, b in zip(m.shape[1:], size))
+            m = F.interpolate(m[:, None], size=size, mode="area" if shrink else "nearest")[:, 0]
+        return m
+
+
+class _CropOutput(nn.Module):
+    """A model that needs sides of a multiple, called on a padded input: a segmentation
+    output is cut back to the part covering the image (``sides``, the unpadded input size;
+    a lower-resolution output keeps the same fraction), so the padding adds no pixels to a
+    class's region. Classifier outputs pass unchanged."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.sides: tuple = ()
+
+    def forward(self, x):
+        out = self.model(x)
+        logits = _model_output(out)
+        if logits is None or logits.ndim != x.ndim or not self.sides:
+            return out
+        keep = [math.ceil(o * s / p) for o, s, p in zip(logits.shape[2:], self.sides,
+                                                          x.shape[2:])]
+        return logits[(..., *(slice(0, k) for k in keep))]
+
+
+def check_weights(mask, what: str = "target mask") -> np.ndarray:
+    """A region mask as float32 weights: booleans / integers count where > 0 (any integer
+    type, also unsigned label images), floats are weights that must be finite and >= 0 (and
+    are scaled to at most 1: a region's weights only matter relative to each other)."""
+    m = np.asarray(mask)
+    if m.dtype.kind in "biu":
+        return (m > 0).astype(np.float32)
+    if m.dtype.kind != "f":
+        raise TypeError(f"the {what} has dtype {m.dtype}; give booleans, integers (> 0 = "
+                        "inside) or non-negative float weights.")
+    if not np.isfinite(m).all() or (m < 0).any():
+        raise ValueError(f"the {what} holds NaN, infinite or negative values; give weights "
+                         ">= 0 (or a boolean mask).")
+    top = float(m.max()) if m.size else 0.0
+    return (m / top if top > 1 else m).astype(np.float32)
 
 
 # what PyTorch says when a U-Net's upsampled map meets a skip connection of another size

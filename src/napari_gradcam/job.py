@@ -42,13 +42,14 @@ from .annotations import class_name
 from .cam import get_method, is_segmentation_output
 from .cam.segmentation import known_output, remember_output
 from .cam._state import explaining
-from .cam.engine import size_errors
 from .explain_arrays import (
     Progress,
     Runner,
     check_channels,
+    check_weights,
     layout,
     mask_rows,
+    pad_sides,
     read_ahead,
     run_generator,
 )
@@ -64,22 +65,27 @@ def is_found(target) -> bool:
     return isinstance(target, str) and target.strip().lower() == FOUND
 
 
-def _every_class(logits: torch.Tensor) -> torch.Tensor:
+def _every_class(scores: torch.Tensor) -> torch.Tensor:
     """Targets for "found": every class in its own slot (slot k = class k), for every image;
-    which of them count is decided from their logits afterwards."""
-    n, classes = logits.shape
-    return torch.arange(classes, device=logits.device).expand(n, classes)
+    which of them count is decided from their scores afterwards. A score of exactly 0 leaves
+    the slot empty (-1): for a segmentation model that is a class predicted nowhere in the
+    region (its pooled score sums no pixel), which then costs no gradient."""
+    n, classes = scores.shape
+    every = torch.arange(classes, device=scores.device).expand(n, classes)
+    return torch.where(scores != 0, every, torch.full_like(every, -1))
 
 
 _PROBE_SIDE = {2: 64, 3: 32}
 _PROBE_LIMIT = 2048 * 2048  # pixels (voxels) of the largest blank input probed
 
 
-def is_segmentation(spec) -> bool:
+def is_segmentation(spec) -> bool | None:
     """Whether ``spec``'s model is a segmentation network: its output has the input's rank,
     (N, classes, *spatial), rather than (N, classes). Found by one forward of a blank input of
-    the model's input size (or a small one), once per model, unless the model was explained
-    already (the engine remembers what its output looked like)."""
+    the model's input size (or a small one; padded to the multiple a U-Net needs, batched as a
+    static-batch program needs), once per model, unless the model was explained already (the
+    engine remembers what its output looked like). None when the probe can't tell (the model
+    refuses blank inputs of that size): the first explanation decides."""
     module = spec.module
     known = known_output(module)
     if known is not None:
@@ -88,14 +94,19 @@ def is_segmentation(spec) -> bool:
     dims = 3 if isinstance(conv, torch.nn.Conv3d) else 2
     size = tuple(spec.input_size or (_PROBE_SIDE[dims],) * dims)
     if np.prod(size) > _PROBE_LIMIT:  # a probe that big could exhaust memory: ask the first run
-        return False
+        return None
     ref = next(iter(module.parameters()), None)
-    x = torch.zeros((1, spec.in_channels, *size),
+    x = torch.zeros((int(spec.extra.get("fixed_batch") or 1), spec.in_channels, *size),
                     device=ref.device if ref is not None else "cpu")
-    with size_errors(module, x), torch.inference_mode(), explaining(module):
-        result = is_segmentation_output(module(x), x)
-    remember_output(module, result)
-    return result
+    for multiple in (1, 2, 4, 8, 16, 32, 64):
+        try:
+            with torch.inference_mode(), explaining(module):
+                result = is_segmentation_output(module(pad_sides(x, multiple)), x)
+        except Exception:  # noqa: BLE001 - any failure: try a padded size, else don't know
+            continue
+        remember_output(module, result)
+        return result
+    return None
 
 
 def background_class(spec, num_classes: int) -> int | None:
@@ -211,16 +222,17 @@ class ExplainJob:
         self.region_options = _check_regions({**REGION_DEFAULTS, "ndim": self.runner.dims,
                                               **(regions or {})}, self.runner.dims)
         self.mask = mask
-        self.target_mask = None if target_mask is None else np.asarray(target_mask)
-        if self.target_mask is not None and not self.segmentation:
+        self.target_mask = None if target_mask is None else check_weights(target_mask)
+        if self.target_mask is not None and self.segmentation is False:
             raise ValueError("a target mask selects the pixels whose class scores a "
                              "segmentation model explains, but this model is a classifier (one "
                              "score per image); leave the target mask out, or use mask= to "
                              "keep regions inside it.")
 
     @property
-    def segmentation(self) -> bool:
-        """Whether the model is a segmentation network (a class map per pixel)."""
+    def segmentation(self) -> bool | None:
+        """Whether the model is a segmentation network (a class map per pixel); None until
+        the first explanation when a blank probe can't tell."""
         return is_segmentation(self.spec)
 
     @property
@@ -250,9 +262,13 @@ class ExplainJob:
             if ids is None:
                 ids, scores = method_ids, method_scores
         if not self.found:
-            kept = np.ones(ids.shape, bool)
-        elif self.segmentation:  # predicted somewhere (an empty region scores exactly 0)
-            kept = scores != 0
+            return BatchResult(maps, ids, scores, np.ones(ids.shape, bool))
+        # slot k stays class k; an empty slot (-1) holds no score: 0, so no table shows NaN
+        present = ids >= 0
+        scores = np.where(present, scores, np.float32(0))
+        ids = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+        if self.segmentation:  # predicted somewhere in the region (else the slot is empty)
+            kept = present
             background = background_class(self.spec, ids.shape[1])
             if background is not None:
                 kept &= ids != background
@@ -264,7 +280,7 @@ class ExplainJob:
         """The segmentation model's predicted labels for every image of an array: int32 of
         the images' leading + spatial shape; 0 = background (softmax heads) or no class
         (multi-label heads, where class c is c + 1: the most confident class above 0.5)."""
-        if not self.segmentation:
+        if self.segmentation is False:
             raise ValueError("this model is a classifier (one score per image), so it has no "
                              "segmentation to show; load a segmentation model.")
         return run_generator(self.iter_segment(images, channel_axis))
@@ -355,8 +371,8 @@ class ExplainJob:
             notes.append(
                 f"class {name!r} has no pixels in the region explained for "
                 + (f"image(s) {shown}" if lead else "the image")
-                + ", so its heatmap is zero; draw a target region, or choose a class the model "
-                "predicts there.")
+                + ", so its heatmap is zero; give a target region that covers the class, or "
+                "choose a class the model predicts there.")
         return notes
 
 
