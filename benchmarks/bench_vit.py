@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -42,6 +39,9 @@ import torch
 
 import napari_gradcam as ng
 from napari_gradcam._device import describe_device, resolve_device
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleaved, peer_version  # noqa: E402
 
 try:
     import pytorch_grad_cam as pgc
@@ -58,42 +58,9 @@ PEERS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiRe
 
 
 
-def peer_version() -> str:
-    if pgc is None:
-        return "absent"
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("grad-cam")  # the package has no __version__
-    except PackageNotFoundError:
-        return "installed"
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def interleaved(contenders: dict, repeats: int, device, budget: float) -> dict:
-    """Median seconds per contender over ``repeats`` shuffled rounds, after one warm-up call
-    each (allocator, kernels, layer discovery); a contender over ``budget`` seconds in all stops
-    after 3 rounds."""
-    for fn in contenders.values():
-        fn()
-        sync(device)
-    times = {k: [] for k in contenders}
-    order = list(contenders)
-    shuffle = random.Random(0).shuffle
-    for _ in range(repeats):
-        shuffle(order)  # no contender always runs right after the same one
-        for name in order:
-            if len(times[name]) >= 3 and sum(times[name]) > budget:
-                continue
-            sync(device)
-            t0 = time.perf_counter()
-            contenders[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+
 
 
 def reshape_transform(model, size: int):

@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
-import statistics
 import sys
-import time
 import warnings
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -32,6 +29,9 @@ import torch
 
 import napari_gradcam as ng
 from napari_gradcam._device import describe_device, resolve_device
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleaved  # noqa: E402
 from napari_gradcam.cam import resolve_target_layer
 
 try:
@@ -40,32 +40,8 @@ except ImportError:  # the peer is optional: without it the table shows ours vs 
     pgc = None
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def interleaved(contenders: dict, repeats: int, device, budget: float) -> dict:
-    """Median seconds per contender over ``repeats`` shuffled rounds, after one warm-up call
-    each (allocator, cuDNN, layer discovery); a contender over ``budget`` seconds in all stops
-    after 3 rounds."""
-    for fn in contenders.values():
-        fn()
-        sync(device)
-    times = {k: [] for k in contenders}
-    order = list(contenders)
-    shuffle = random.Random(0).shuffle
-    for _ in range(repeats):
-        shuffle(order)
-        for name in order:
-            if len(times[name]) >= 3 and sum(times[name]) > budget:
-                continue
-            sync(device)
-            t0 = time.perf_counter()
-            contenders[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def demo3d():

@@ -285,14 +285,20 @@ class ExplainJob:
                              "segmentation to show; load a segmentation model.")
         return run_generator(self.iter_segment(images, channel_axis))
 
-    def iter_segment(self, images, channel_axis=None):
-        """:meth:`segment` as a generator yielding a Progress per batch (closing it stops)."""
+    def _layout(self, images, channel_axis):
+        """The array (anything array-like made one), its :class:`Layout` for this model, and
+        its number of images; channels checked against the model's."""
         if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
             images = np.asarray(images)
-        runner = self.runner
-        lay = layout(images.shape, channel_axis, runner.dims, in_channels=self.spec.in_channels)
+        lay = layout(images.shape, channel_axis, self.runner.dims,
+                     in_channels=self.spec.in_channels)
         check_channels(lay.channels, self.spec.in_channels)
-        n = lay.count if lay.lead else 1
+        return images, lay, lay.count if lay.lead else 1
+
+    def iter_segment(self, images, channel_axis=None):
+        """:meth:`segment` as a generator yielding a Progress per batch (closing it stops)."""
+        images, lay, n = self._layout(images, channel_axis)
+        runner = self.runner
         labels = np.zeros((n, *lay.spatial), np.int32)
         with contextlib.closing(read_ahead(images, lay, runner)) as batches:
             for start, stop, raw in batches:
@@ -322,12 +328,8 @@ class ExplainJob:
         """Explain every image of a NumPy / dask / zarr array, reading the next batch while
         this one runs; yields a Progress per batch and returns a :class:`JobResult`. Closing
         the generator stops after the current batch."""
-        if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
-            images = np.asarray(images)
+        images, lay, n = self._layout(images, channel_axis)
         runner = self.runner
-        lay = layout(images.shape, channel_axis, runner.dims, in_channels=self.spec.in_channels)
-        check_channels(lay.channels, self.spec.in_channels)
-        n = lay.count if lay.lead else 1
         parts = []
         with contextlib.closing(read_ahead(images, lay, runner)) as batches:
             for start, stop, raw in batches:

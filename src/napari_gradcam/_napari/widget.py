@@ -1061,21 +1061,8 @@ class GradCamWidget(Container):
         except (ValueError, TypeError) as err:
             show_error(f"napari-gradcam: {err}")
             return None
-        worker = create_worker(compute, job, _start_thread=False, _ignore_errors=True)
-        self._pbar = cancelable_progress(total=job.total, desc=f"{job.methods[0]} on "
-                                                               f"{job.layer.name}",
-                                         cancel_callback=self.cancel)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_result)
-        worker.errored.connect(self._on_error)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self._update_buttons()
-        self.cancel_button.enabled = True
-        self.status.value = "running…"
-        worker.start()
-        return worker
+        return self._start(compute, job, f"{job.methods[0]} on {job.layer.name}",
+                           self._on_result, "running…")
 
     def add_segmentation(self, _event=None):
         """Add the segmentation model's predicted classes for the chosen image (the scope's
@@ -1089,18 +1076,24 @@ class GradCamWidget(Container):
         except (ValueError, TypeError) as err:
             show_error(f"napari-gradcam: {err}")
             return None
-        worker = create_worker(segment, job, _start_thread=False, _ignore_errors=True)
-        self._pbar = cancelable_progress(total=job.total, desc=f"segmenting {job.layer.name}",
+        return self._start(segment, job, f"segmenting {job.layer.name}", self._on_segmented,
+                           "segmenting…")
+
+    def _start(self, work, job: Job, desc: str, on_result, status: str):
+        """Run ``work(job)`` on a worker thread with a cancellable progress bar; ``on_result``
+        gets its result on the UI thread. Returns the worker."""
+        worker = create_worker(work, job, _start_thread=False, _ignore_errors=True)
+        self._pbar = cancelable_progress(total=job.total, desc=desc,
                                          cancel_callback=self.cancel)
         worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_segmented)
+        worker.returned.connect(on_result)
         worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._update_buttons()
         self.cancel_button.enabled = True
-        self.status.value = "segmenting…"
+        self.status.value = status
         worker.start()
         return worker
 
@@ -1283,15 +1276,21 @@ class GradCamWidget(Container):
             setattr(layer, key, value)
         layer.metadata = {**layer.metadata, **metadata}
 
-    def _show_heatmap(self, job: Job, explained: JobResult, method: str):
-        heat = explained.heatmaps[method]  # "every class found": the classes' maps combined
+    def _placed(self, job: Job, data: np.ndarray):
+        """A result array and the layer geometry that puts it on the image: for one slice, a
+        layer one frame deep placed at that frame."""
         geo = self._geometry(job)
-        if job.offset:  # one slice: a layer one frame deep, placed at that frame
+        if job.offset:
             k = len(job.offset)
-            heat = heat.reshape((1,) * k + heat.shape)
+            data = data.reshape((1,) * k + data.shape)
             geo["translate"] = tuple(
                 t + i * s for t, i, s in zip(geo["translate"][:k], job.offset, geo["scale"][:k])
             ) + geo["translate"][k:]
+        return data, geo
+
+    def _show_heatmap(self, job: Job, explained: JobResult, method: str):
+        heat = explained.heatmaps[method]  # "every class found": the classes' maps combined
+        heat, geo = self._placed(job, heat)
         meta = {META_KEY: {"role": "heatmap", "source": job.layer.name, "method": method,
                            "target_layer": explained.target_layer,
                            "class_names": list(explained.class_names)}}
@@ -1352,13 +1351,7 @@ class GradCamWidget(Container):
             v: (*(np.array(class_color(c)) / 255), 1.0) for v, c in zip(values, classes)
             if v and c >= 0}}
         colormap = DirectLabelColormap(color_dict=colors)
-        geo = self._geometry(job)
-        if job.offset:  # one slice: a layer one frame deep, placed at that frame
-            k = len(job.offset)
-            labels = labels.reshape((1,) * k + labels.shape)
-            geo["translate"] = tuple(
-                t + i * s for t, i, s in zip(geo["translate"][:k], job.offset, geo["scale"][:k])
-            ) + geo["translate"][k:]
+        labels, geo = self._placed(job, labels)
         meta = {META_KEY: {"role": "segmentation", "source": job.layer.name,
                            "class_names": names, "label_classes": dict(zip(values, classes))}}
         name = f"{job.layer.name} segmentation"
