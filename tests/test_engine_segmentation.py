@@ -366,6 +366,8 @@ def test_non_empty_regions_warn_nothing():
     (-torch.ones(1, 2, 2), [0], ValueError, "negative weights"),
     (torch.full((1, 2, 2), float("nan")), [0], ValueError, "NaN"),
     (torch.full((1, 2, 2), float("inf")), [0], ValueError, "infinite"),
+    (torch.full((1, 2, 2), 1e38), [0], ValueError, r"weights up to 1e\+38.*overflow.*scale"),
+    (torch.full((1, 2, 2), 1e300, dtype=torch.float64), [0], ValueError, "infinite"),
     (torch.ones(1, 2, 2, dtype=torch.complex64), [0], TypeError, "booleans or non-negative"),
     ("everywhere", [0], TypeError, "target_masks must be a tensor or array"),
 ])
@@ -384,6 +386,14 @@ def test_multilabel_must_be_a_bool():
 def test_numpy_masks_are_accepted():
     m = np.array([[[1.0, 0.5], [0.0, 0.0]]])
     close(run(targets=[0], target_masks=m).scores, [1.8])
+
+
+def test_large_weights_below_the_limit_keep_the_raw_weighted_sum():
+    # the score stays sum(logits * W): the map of weights 1e30 is the map of weights 1
+    m = np.array([[[1.0, 0.5], [0.0, 0.0]]])
+    big, one = run(targets=[0], target_masks=m * 1e30), run(targets=[0], target_masks=m)
+    torch.testing.assert_close(big.scores, one.scores * 1e30, rtol=1e-5, atol=0)
+    close(big.heatmaps, one.heatmaps)
 
 
 def test_target_masks_on_a_classifier_are_refused():

@@ -78,8 +78,9 @@ def vit(**kw):
     return TinyViT(**kw).eval()
 
 
-def hand_gradcam(model, layer, x, prefix, grid, channels_last=False):
-    """Grad-CAM the long way: the layer's output, a full backward, then the peers' reshape."""
+def hand_gradcam(model, layer, x, prefix, grid, channels_last=False, covered=None):
+    """Grad-CAM the long way: the layer's output, a full backward, then the peers' reshape.
+    ``covered``: the padded input size the grid stands for (upsampled to it, then cropped)."""
     store = {}
 
     def hook(_m, _i, out):
@@ -103,7 +104,14 @@ def hand_gradcam(model, layer, x, prefix, grid, channels_last=False):
         g = g[:, prefix:].transpose(1, 2).reshape(n, c, *grid)
     w = g.flatten(2).mean(2)
     raw = (w.view(*w.shape, *([1] * len(grid))) * a).sum(1)
-    return to_heatmaps(raw, x.shape[2:]), cls
+    if covered is None:
+        return to_heatmaps(raw, x.shape[2:]), cls
+    mode = "bilinear" if len(grid) == 2 else "trilinear"
+    up = F.interpolate(raw.relu()[:, None], size=covered, mode=mode, align_corners=False)
+    up = up[(slice(None), 0, *(slice(0, s) for s in x.shape[2:]))]
+    lo = up.flatten(1).amin(1).view(-1, *([1] * len(grid)))
+    hi = up.flatten(1).amax(1).view(-1, *([1] * len(grid)))
+    return (up - lo) / (hi - lo), cls
 
 
 # ---- layouts ----------------------------------------------------------------------------
@@ -118,6 +126,17 @@ def test_token_layouts_prefix_and_grid():
     assert split_tokens(1 + 2 * 4 * 4, (8, 64, 64), patch=(4, 16, 16)) == (1, (2, 4, 4))
     assert token_grid(45, (32, 32)) is None
     assert split_tokens(45, (32, 32)) is None
+
+
+def test_the_models_patch_size_wins_over_a_smaller_prefix():
+    # 4 x 5 patches of 32 plus a class token and 4 registers: with one prefix token the 24
+    # rest also form a grid (4 x 6, patch 27..), but the model says its patches are 32
+    assert split_tokens(4 * 5 + 5, (128, 160)) == (1, (4, 6))  # nothing declared: smallest
+    assert split_tokens(4 * 5 + 5, (128, 160), patch=(32, 32)) == (5, (4, 5))
+    assert split_tokens(5 * 7 + 5, (80, 112), patch=(16, 16)) == (5, (5, 7))
+    # the declared patch fits no prefix: any stride, as before
+    assert split_tokens(1 + 14 * 14, (224, 224), patch=(10, 10)) == (1, (14, 14))
+    assert read_layout((1, 25, 8), (128, 160), patch=(32, 32)) == Layout("tokens", (4, 5), 5)
 
 
 def test_map_layouts_channels_last_only_when_unambiguous():
@@ -170,6 +189,41 @@ def test_gradcam_on_tokens_matches_hand(kw, x_shape, prefix, grid):
     torch.testing.assert_close(res.heatmaps, expected, atol=2e-5, rtol=1e-4)
     assert hooks_left(model) == 0 and [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_padded_patch_grid_is_cropped_not_stretched():
+    # the model pads 30 x 18 to 32 x 20 (8 x 5 patches of 4): each cell keeps its patch's
+    # place, so the map is upsampled to 32 x 20 and cropped, not stretched over 30 x 18
+    model = vit(prefix=2, pad=True)
+    model.patch_size = 4
+    x = torch.randn(2, 3, 30, 18, generator=torch.Generator().manual_seed(1))
+    expected, cls = hand_gradcam(model, model.blocks[-1].norm1, x, 2, (8, 5), covered=(32, 20))
+    stretched, _ = hand_gradcam(model, model.blocks[-1].norm1, x, 2, (8, 5))
+    res = explain_batch(model, x, "gradcam", "blocks.1.norm1")
+    assert res.heatmaps.shape == (2, 30, 18) and torch.equal(res.class_ids, cls)
+    torch.testing.assert_close(res.heatmaps, expected, atol=2e-5, rtol=1e-4)
+    assert (res.heatmaps - stretched).abs().max() > 0.01
+    # Score-CAM masks the input with the same cropped maps, and still runs
+    assert explain_batch(model, x, "scorecam", "blocks.1.norm1").heatmaps.shape == (2, 30, 18)
+    # an input of whole patches is upsampled as before
+    whole = torch.randn(1, 3, 32, 20)
+    expected, _ = hand_gradcam(model, model.blocks[-1].norm1, whole, 2, (8, 5))
+    torch.testing.assert_close(explain_batch(model, whole, "gradcam").heatmaps, expected,
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_timm_dynamic_img_pad_vit_is_cropped():
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=(64, 96), patch_size=16, embed_dim=32, depth=2,
+                              num_heads=2, reg_tokens=4, num_classes=3, dynamic_img_size=True,
+                              dynamic_img_pad=True).eval()
+    x = torch.randn(1, 3, 70, 100)
+    layer = model.blocks[-1].norm1
+    expected, _ = hand_gradcam(model, layer, x, 5, (5, 7), covered=(80, 112))
+    res = explain_batch(model, x, "gradcam", "blocks.1.norm1")
+    torch.testing.assert_close(res.heatmaps, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_gradcam_on_channels_last_swin_matches_hand():
@@ -274,6 +328,35 @@ def test_auto_layer_of_a_monai_unet():
                       strides=(2, 2)).eval()
     name, _ = find_target_layer(unet, torch.randn(1, 1, 32, 32))
     assert name == "model.1"  # what the final convolution ("model.2") takes
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_auto_layer_of_a_monai_unet_with_residual_units(dims):
+    # its head ("model.2") is an up-convolution then a ResidualUnit whose inner convolution
+    # already makes the class maps: those inner steps explain the logits, so they are passed
+    # over for what the head takes, as without residual units
+    monai = pytest.importorskip("monai.networks.nets")
+    unet = monai.UNet(spatial_dims=dims, in_channels=1, out_channels=3, channels=(4, 8, 16),
+                      strides=(2, 2), num_res_units=2).eval()
+    x = torch.randn((1, 1) + (16,) * dims)
+    name, _ = find_target_layer(unet, x)
+    assert name == "model.1"
+    assert "model.2.1.conv" in spatial_layer_names(unet, x)  # still choosable by name
+
+
+def test_auto_layer_keeps_the_old_rule_when_the_head_is_all_there_is():
+    # everything runs inside the module making the output, at the output's shape: nothing
+    # would be left, so the last map before the output stands
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(3, 3, 1))
+
+        def forward(self, x):
+            return self.net(x)
+
+    assert find_target_layer(Wrapped().eval(), torch.randn(1, 3, 16, 16))[0] == "net.1"
 
 
 def test_auto_layer_of_an_smp_unet():

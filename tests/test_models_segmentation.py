@@ -274,6 +274,33 @@ def test_monai_unet_classes_from_the_weights(tmp_path):
         assert same_outputs(spec.module, model, (1, 1, 32, 32))
 
 
+class _LinearFirst(nn.Module):
+    """A classifier whose head is registered before its convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, padding=1))
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_classifier_head_registered_before_its_convolutions_sets_the_classes(tmp_path):
+    # the last Linear is the class count, not the last convolution's 16 channels
+    spec = ng.load_model(_LinearFirst())
+    assert spec.class_names == ["class 0", "class 1", "class 2"] and spec.in_channels == 1
+    spec = ng.load_model(_LinearFirst(), class_names=["a", "b", "c"])
+    assert spec.class_names == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="4 class names for a model with 3 outputs"):
+        ng.load_model(_LinearFirst(), class_names=["a", "b", "c", "d"])
+    # a fully convolutional network (no Linear) still takes its last convolution
+    squeeze = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert len(ng.load_model(squeeze).class_names) == 5
+
+
 # ---- timm transformers --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",

@@ -177,13 +177,14 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
             module=module,
             target_name=name,
             forward=partial(_forward_logits, module, amp_dtype),
-            options={"chunk_size": chunk_size, "amp": amp_dtype},
+            options={"chunk_size": chunk_size, "amp": amp_dtype, "covered": capture.covered},
             region_weights=weights,
         )
         del logits, scores
         raw = _per_slot(spec, ctx, gradients)  # (N, K, *S)
     n, k = class_ids.shape
-    heat = to_heatmaps(raw.flatten(0, 1), batch.shape[2:]).view(n, k, *batch.shape[2:])
+    heat = to_heatmaps(raw.flatten(0, 1), batch.shape[2:], covered=capture.covered).view(
+        n, k, *batch.shape[2:])
     shown = valid if empty is None else live  # an empty region explains nothing: zero map
     heat = heat * shown.view(n, k, *([1] * (heat.ndim - 2)))
     out_scores = torch.where(valid, ctx.scores, torch.full_like(ctx.scores, float("nan")))
@@ -232,14 +233,20 @@ def _per_slot(spec, ctx: CamContext, gradients) -> torch.Tensor:
     return torch.stack(maps, 1)
 
 
-def to_heatmaps(raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def to_heatmaps(raw: torch.Tensor, size: Sequence[int],
+                covered: Sequence[int] | None = None) -> torch.Tensor:
     """ReLU, upsample (bi/trilinear) to ``size`` and min-max scale each map to [0, 1];
-    flat maps become zeros."""
+    flat maps become zeros. ``covered``: the (larger) input size the map's grid stands for
+    when the model padded the input to whole patches; the map is upsampled to it and cropped
+    to ``size`` (the padding lies after the input on every axis)."""
     cam = F.relu(raw.float())
     size = tuple(int(s) for s in size)
-    if tuple(cam.shape[1:]) != size:
+    full = size if covered is None else tuple(int(s) for s in covered)
+    if tuple(cam.shape[1:]) != full:
         mode = {2: "bilinear", 3: "trilinear"}[len(size)]
-        cam = F.interpolate(cam[:, None], size=size, mode=mode, align_corners=False)[:, 0]
+        cam = F.interpolate(cam[:, None], size=full, mode=mode, align_corners=False)[:, 0]
+    if full != size:
+        cam = cam[(slice(None), *(slice(0, s) for s in size))]
     flat = cam.flatten(1)
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     span = hi - lo
@@ -266,6 +273,7 @@ class _Capture(contextlib.AbstractContextManager):
         self.model = model
         self.activation: torch.Tensor | None = None
         self.problem: str | None = None  # why the output can't be read as a feature map
+        self.covered: tuple[int, ...] | None = None  # a padded patch grid's input size
         self.calls = 0
         self.handle = None
 
@@ -315,6 +323,9 @@ class _Capture(contextlib.AbstractContextManager):
                                     layer=self.layer)
         if layout is None and act.ndim == 3:
             self.problem = tokens.no_grid_message(self.name, act.shape, self.spatial, prefix)
+        if layout is not None and layout.kind != "map":
+            self.covered = tokens.covered_size(layout.grid, self.spatial,
+                                               tokens.patch_hint(self.model, dims))
         return layout
 
     def result(self, batch: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,18 @@ def _output_like(records: list[_Record], final: tuple) -> set[int]:
     return found
 
 
+def _inside_output(records: list[_Record], final: tuple, like: set[int]) -> set[int]:
+    """Records that run inside a module producing the model's output (``like``) and output a
+    tensor of the output's exact shape: the pieces of a head that computes the logits in more
+    than one step (MONAI's UNet with residual units ends in a ResidualUnit whose inner
+    convolution already makes the class maps), which explain the logits just the same."""
+    shapes = {tuple(t.shape) for t in final}
+    return {i for i, r in enumerate(records)
+            if i not in like and r.out is not None and tuple(r.out.shape) in shapes
+            and any(records[k].start < r.start and r.finish < records[k].finish
+                    for k in like)}
+
+
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
@@ -248,19 +260,23 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
     sample = batch[:1]
     records, final = _probe(module, sample)
     layouts = _layouts(module, records, sample)
-    excluded = _output_like(records, final)
+    like = _output_like(records, final)
     runs: dict[str, int] = {}
     for r in records:
         runs[r.name] = runs.get(r.name, 0) + 1
-    once = [i for i, r in enumerate(records) if runs[r.name] == 1 and i not in excluded]
-    maps = [i for i in once if layouts[i] is not None and layouts[i].kind == "map"]
-    candidates = [i for i in maps if _spatial(records[i].out, batch.ndim)]
-    if not candidates:  # e.g. inputs so small that the last map is 1 x 1
-        candidates = maps
-    chosen = _transformer_layer(records, layouts, runs, excluded, candidates)
-    if chosen is None and not candidates:  # tokens without attention (MLP-Mixer, ...)
-        shaped = [i for i in once if layouts[i] is not None]
-        chosen = shaped[-1] if shaped else None
+    # first without the head's inner steps as well; if that leaves nothing, the old rule
+    for excluded in (like | _inside_output(records, final, like), like):
+        once = [i for i, r in enumerate(records) if runs[r.name] == 1 and i not in excluded]
+        maps = [i for i in once if layouts[i] is not None and layouts[i].kind == "map"]
+        candidates = [i for i in maps if _spatial(records[i].out, batch.ndim)]
+        if not candidates:  # e.g. inputs so small that the last map is 1 x 1
+            candidates = maps
+        chosen = _transformer_layer(records, layouts, runs, excluded, candidates)
+        if chosen is None and not candidates:  # tokens without attention (MLP-Mixer, ...)
+            shaped = [i for i in once if layouts[i] is not None]
+            chosen = shaped[-1] if shaped else None
+        if chosen is not None or candidates:
+            break
     if chosen is None and not candidates:
         raise ValueError(
             f"no layer of this {type(module).__name__} outputs a (N, C, "

@@ -179,9 +179,13 @@ def scorecam(ctx: CamContext) -> torch.Tensor:
     pairs = (~constant).nonzero()
     chunk = ctx.options.get("chunk_size") or _default_chunk(x)
     mode = "bilinear" if A.ndim == 4 else "trilinear"
+    # a patch grid the model padded the input for stands for a larger input: crop to x's
+    full = ctx.options.get("covered") or x.shape[2:]
+    crop = (slice(None), slice(None), *(slice(0, s) for s in x.shape[2:]))
     for start in range(0, pairs.shape[0], chunk):
         ni, ki = pairs[start : start + chunk].unbind(1)
-        up = F.interpolate(A[ni, ki][:, None], size=x.shape[2:], mode=mode, align_corners=False)
+        up = F.interpolate(A[ni, ki][:, None], size=tuple(full), mode=mode,
+                           align_corners=False)[crop]
         up_flat = up.flatten(1)
         lo = up_flat.amin(1).view(-1, *([1] * (up.ndim - 1)))
         hi = up_flat.amax(1).view(-1, *([1] * (up.ndim - 1)))

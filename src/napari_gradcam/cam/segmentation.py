@@ -149,6 +149,9 @@ def slot_scores(logits: torch.Tensor, class_ids: torch.Tensor,
     return (picked * weights).flatten(2).sum(-1)
 
 
+MAX_WEIGHT = 1e30  # larger region weights overflow float32 scores (logits times weights, summed)
+
+
 def region_weights(target_masks, n: int, k: int | None, in_spatial, out_spatial,
                    device) -> torch.Tensor:
     """Caller's target masks as float weights at the output's resolution, (N, 1 or K, *S_out).
@@ -190,6 +193,12 @@ def region_weights(target_masks, n: int, k: int | None, in_spatial, out_spatial,
     if bool((m < 0).any()):
         raise ValueError(f"target_masks of shape {seen} has negative weights (min "
                          f"{float(m.min()):g}); give non-negative weights (or booleans).")
+    if bool((m > MAX_WEIGHT).any()):
+        # the score explained is the raw weighted sum of the logits, which float32 can't hold
+        # for such weights (inf, then NaN), so they are refused rather than silently rescaled
+        raise ValueError(f"target_masks of shape {seen} has weights up to {float(m.max()):g}, "
+                         "so the weighted sums of the logits would overflow; scale the weights "
+                         f"down to at most {MAX_WEIGHT:g} (e.g. divide them by their maximum).")
     if m.ndim == dims + 1:
         m = m[:, None]
     if tuple(m.shape[2:]) != tuple(out_spatial):

@@ -9,7 +9,7 @@ maps. Transformers hand their layers other layouts:
   count p in 0..8 for which T - p tokens form the input's grid. The grid is the input's spatial
   size over an integer patch size, rounded down (strided patch embedding) or up (dynamic
   padding); the model's own ``patch_size`` (timm's and Hugging Face's patch embeddings carry
-  one) is tried before every other patch size.
+  one) is tried, with every prefix count, before every other patch size.
 - channels last (N, H, W, C) / (N, D, H, W, C), as in Swin's stages: permuted, not reshaped.
   An output of the batch's rank is read channels last only when its axes 1 .. -2 form the
   input's grid exactly (one integer stride for every axis) and its axes 2 .. form no
@@ -103,11 +103,11 @@ def _strided(spatial, stride) -> list[tuple[int, ...]]:
     return [down] if down == up else [down, up]
 
 
-def token_grid(count: int, spatial, patch=None) -> tuple[int, ...] | None:
+def token_grid(count: int, spatial, patch=None, *, any_patch=True) -> tuple[int, ...] | None:
     """The grid of ``count`` patch tokens for an input of this spatial shape, or None.
 
-    ``patch`` (the model's patch size) is tried first, then every integer patch size, the
-    same on every axis."""
+    ``patch`` (the model's patch size) is tried first, then (unless ``any_patch`` is False)
+    every integer patch size, the same on every axis."""
     spatial = tuple(int(s) for s in spatial)
     if count < 1:
         return None
@@ -115,6 +115,8 @@ def token_grid(count: int, spatial, patch=None) -> tuple[int, ...] | None:
         for grid in _strided(spatial, patch):
             if math.prod(grid) == count and min(grid) >= 1:
                 return grid
+    if not any_patch:
+        return None
     for k in range(1, max(spatial) + 1):
         grids = _strided(spatial, (k,) * len(spatial))
         for grid in grids:
@@ -128,13 +130,32 @@ def token_grid(count: int, spatial, patch=None) -> tuple[int, ...] | None:
 def split_tokens(count: int, spatial, prefix=None, patch=None) -> tuple[int, tuple] | None:
     """``(prefix tokens, grid)`` for a token axis of ``count``, or None when no prefix of
     0 .. MAX_PREFIX tokens leaves a grid. The model's declared prefix is tried first (the patch
-    embedding's own output has none, so 0 follows it)."""
-    order = ([prefix] if prefix is not None else []) + list(range(MAX_PREFIX + 1))
-    for p in dict.fromkeys(order):
-        grid = token_grid(count - p, spatial, patch)
-        if grid is not None:
-            return p, grid
+    embedding's own output has none, so 0 follows it). Every prefix is tried with the model's
+    own patch size before any prefix with another patch size: 4 x 4 patches of 32 plus 5
+    register tokens must not read as one class token and a 3 x 6 grid of some other stride."""
+    order = list(dict.fromkeys(([prefix] if prefix is not None else [])
+                               + list(range(MAX_PREFIX + 1))))
+    passes = ([{"any_patch": False}] if patch is not None else []) + [{}]
+    for kw in passes:
+        for p in order:
+            grid = token_grid(count - p, spatial, patch, **kw)
+            if grid is not None:
+                return p, grid
     return None
+
+
+def covered_size(grid, spatial, patch) -> tuple[int, ...] | None:
+    """The input size a grid of the model's ``patch`` size covers when it was rounded up
+    (a patch embedding that pads the input, as timm's ``dynamic_img_pad`` does at the bottom
+    and right), else None. Heatmaps are upsampled to that size and cropped to the input, so
+    each cell keeps its patch's place instead of being stretched over the unpadded input."""
+    if patch is None or len(patch) != len(spatial):
+        return None
+    grid, spatial = tuple(int(g) for g in grid), tuple(int(s) for s in spatial)
+    down, up = _strided(spatial, patch)[0], _strided(spatial, patch)[-1]
+    if grid != up or up == down:
+        return None
+    return tuple(g * int(k) for g, k in zip(grid, patch))
 
 
 def is_grid(shape, spatial) -> bool:

@@ -739,15 +739,21 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 
 
 def _head(model: nn.Module) -> tuple[str | None, nn.Module | None]:
-    """The layer whose outputs are the model's classes: the last Linear or convolution
-    registered. A classifier's is its last Linear (or the 1x1 convolution of SqueezeNet-like
-    heads); a segmentation network's is the convolution that makes one map per class (smp's
-    ``segmentation_head``, looked up by name since an auxiliary classifier may follow it)."""
+    """The layer whose outputs are the model's classes: smp's ``segmentation_head`` (looked
+    up by name since an auxiliary classifier may follow it), else the last Linear registered
+    (a classifier's head, wherever its ``__init__`` happens to register it, e.g. before the
+    convolutions), else the last convolution (SqueezeNet-like 1x1 heads, fully convolutional
+    segmentation networks such as MONAI's UNet)."""
     seg = getattr(model, "segmentation_head", None)
-    found = (None, None)
-    for name, m in (seg if isinstance(seg, nn.Module) else model).named_modules():
-        if isinstance(m, (nn.Linear, *_CONVS)):
-            found = (name, m)
+    root = seg if isinstance(seg, nn.Module) else model
+    linear = conv = (None, None)
+    for name, m in root.named_modules():
+        if isinstance(m, nn.Linear):
+            linear = (name, m)
+        elif isinstance(m, _CONVS):
+            conv = (name, m)
+    found = conv if (isinstance(seg, nn.Module) and conv[0] is not None) or linear[0] is None \
+        else linear
     if found[0] is not None and isinstance(seg, nn.Module):
         found = (f"segmentation_head.{found[0]}".rstrip("."), found[1])
     return found
