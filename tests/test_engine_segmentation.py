@@ -481,3 +481,23 @@ def test_is_segmentation_output():
     assert not is_segmentation_output(torch.zeros(2, 3), x)
     assert not is_segmentation_output({"a": x, "b": x}, x)
     assert is_segmentation_output(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 8, 8, 8))
+
+
+def test_torchvision_segmentation_models_dict_output_and_automatic_layer():
+    """torchvision's segmentation networks return {"out": ..., "aux": ...} and upsample their
+    class maps in the forward: the "out" entry is explained, and the automatic layer is the
+    head's last feature map, not its low-resolution logits."""
+    seg_models = pytest.importorskip("torchvision.models.segmentation")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    lraspp = seg_models.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                  num_classes=3).eval()
+    assert ng.cam.find_target_layer(lraspp, x)[0] == "classifier.cbr"
+    deeplab = seg_models.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                      num_classes=3, aux_loss=True).eval()
+    out = ng.explain_batch(deeplab, x, "gradcam", target_layer="classifier.3", targets=1,
+                           target_masks=torch.ones(2, 64, 64))
+    with torch.no_grad():
+        logits = deeplab(x)["out"]
+    np.testing.assert_allclose(out.scores.numpy(), logits[:, 1].sum((1, 2)).numpy(), rtol=1e-4)
+    assert out.heatmaps.shape == (2, 64, 64) and torch.isfinite(out.heatmaps).all()

@@ -380,13 +380,15 @@ def _forward_logits(module: nn.Module, amp_dtype, x: torch.Tensor) -> torch.Tens
 
 def _model_output(output):
     """The documented rule for models that don't return a plain tensor: the tensor itself, a
-    dict's ``"logits"`` entry (or its only tensor), an object's ``.logits``, or the first tensor
+    dict's ``"logits"`` or ``"out"`` entry (or its only tensor), an object's ``.logits``, or the first tensor
     of a tuple / list; None when there is none."""
     logits = output
     if not isinstance(logits, torch.Tensor):
         if isinstance(output, Mapping):
-            if isinstance(output.get("logits"), torch.Tensor):
-                logits = output["logits"]
+            named = next((output[k] for k in ("logits", "out")
+                          if isinstance(output.get(k), torch.Tensor)), None)
+            if named is not None:  # Hugging Face's "logits", torchvision segmentation's "out"
+                logits = named
             else:
                 tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
                 logits = tensors[0] if len(tensors) == 1 else None

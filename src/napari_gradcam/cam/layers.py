@@ -190,6 +190,22 @@ def _inside_output(records: list[_Record], final: tuple, like: set[int]) -> set[
                     for k in like)}
 
 
+def _coarse_logits(records: list[_Record], final: tuple, ndim: int) -> set[int]:
+    """The last records when they output class maps at another resolution than the model's
+    segmentation output (torchvision's FCN / DeepLabV3 / LR-ASPP heads, whose forward upsamples
+    the logits itself, outside any module): explaining them would explain the logits too."""
+    classes = {t.shape[1] for t in final if t.ndim == ndim and any(s > 1 for s in t.shape[2:])}
+    found: set[int] = set()
+    for i in range(len(records) - 1, -1, -1):
+        out = records[i].out
+        if out is None or out.ndim != ndim:
+            continue
+        if out.shape[1] not in classes:
+            break
+        found.add(i)
+    return found
+
+
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
@@ -242,8 +258,9 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
       channels-last maps are read as a feature map.
     - Otherwise the last layer that outputs a spatial feature map (N, C, H, W) /
       (N, C, D, H, W), except the model's own output (and what weightless modules such as
-      Identity or an activation pass on to it): a segmentation network is explained at its
-      last layer before the head, not at its logits.
+      Identity or an activation pass on to it, and class maps the forward upsamples into it):
+      a segmentation network is explained at its last layer before the head, not at its
+      logits.
 
     Among nested modules that return the very same tensor (``layer4``, ``layer4.1``, ...) the
     outermost is chosen, so that names read as users expect (``layer4``, ``features``).
@@ -265,7 +282,8 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
     for r in records:
         runs[r.name] = runs.get(r.name, 0) + 1
     # first without the head's inner steps as well; if that leaves nothing, the old rule
-    for excluded in (like | _inside_output(records, final, like), like):
+    head = _inside_output(records, final, like) | _coarse_logits(records, final, batch.ndim)
+    for excluded in (like | head, like):
         once = [i for i, r in enumerate(records) if runs[r.name] == 1 and i not in excluded]
         maps = [i for i in once if layouts[i] is not None and layouts[i].kind == "map"]
         candidates = [i for i in maps if _spatial(records[i].out, batch.ndim)]
