@@ -393,12 +393,7 @@ class Runner:
         # how a segmentation model's outputs become its predicted regions (None: from the head)
         self.multilabel = {"multilabel": True, "softmax": False}.get(spec.output)
         spec.module.to(self.device)
-
-    @property
-    def _crop(self) -> _CropOutput:
-        if self.__dict__.get("_cropper") is None:
-            self.__dict__["_cropper"] = _CropOutput(self.spec.module)
-        return self.__dict__["_cropper"]
+        self._crop = _CropOutput(spec.module)  # used once padding is needed
 
     def size_for(self, spatial, count: int) -> int:
         """The batch size (chosen on first use from the image size and device memory)."""

@@ -380,8 +380,8 @@ def _forward_logits(module: nn.Module, amp_dtype, x: torch.Tensor) -> torch.Tens
 
 def _model_output(output):
     """The documented rule for models that don't return a plain tensor: the tensor itself, a
-    dict's ``"logits"`` or ``"out"`` entry (or its only tensor), an object's ``.logits``, or the first tensor
-    of a tuple / list; None when there is none."""
+    dict's ``"logits"`` or ``"out"`` entry (or its only tensor), an object's ``.logits``, or
+    the first tensor of a tuple / list; None when there is none."""
     logits = output
     if not isinstance(logits, torch.Tensor):
         if isinstance(output, Mapping):
