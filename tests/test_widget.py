@@ -129,8 +129,8 @@ def test_run_on_the_synthetic_sample(viewer, qtbot):
     truth = [o.box for o in item.objects if o.class_name == predicted]
     boxes = [rect_box(d) for d, t in zip(shapes.data, shapes.shape_type) if t == "rectangle"]
     assert max(box_iou(t, b) for t in truth for b in boxes) >= 0.5
-    # shapes the user draws get a valid features row
-    assert shapes.feature_defaults["kind"][0] == "polygon"
+    # shapes the user draws get a valid features row (kind filled in once drawn)
+    assert shapes.feature_defaults["kind"][0] == ""
     meta = shapes.metadata["napari_gradcam"]
     assert meta["class_names"] == ["disc", "square", "triangle"]
     assert meta["image_shape"] == [256, 256] and meta["image_name"] == "sample"
@@ -154,8 +154,8 @@ def test_rerun_updates_layers_in_place_and_a_target_by_name(viewer, qtbot):
     square = next(o.box for o in item.objects if o.class_name == "square")
     boxes = [rect_box(d) for d, t in zip(shapes.data, shapes.shape_type) if t == "rectangle"]
     assert max(box_iou(square, b) for b in boxes) >= 0.5
-    # new shapes default to the explained class and its colour
-    assert shapes.feature_defaults["class"][0] == "square"
+    # new shapes have no class, even when the run explained one
+    assert shapes.feature_defaults["class"][0] == ""
 
 
 def test_every_class_found_boxes_each_object_in_its_class(viewer, qtbot):
@@ -519,7 +519,8 @@ def test_edited_regions_save_through_the_file_menu_writers(viewer, qtbot, tmp_pa
     shapes.selected_data = {0}  # the user deletes one shape and draws a rectangle
     shapes.remove_selected()
     shapes.add_rectangles(np.array([[10.0, 10.0], [30.0, 40.0]]))
-    assert shapes.features["kind"].iloc[-1] == "polygon"  # a valid default row
+    assert shapes.features["kind"].iloc[-1] == "rectangle"  # its real kind, no class
+    assert shapes.features["class"].iloc[-1] == ""
     path = tmp_path / "edited.geojson"
     viewer.layers.selection = {shapes}
     viewer.layers.save(str(path), selected=True, plugin="napari-gradcam")
@@ -716,3 +717,102 @@ def test_a_class_named_found_is_one_class_not_every_class(viewer, qtbot):
     assert rows and all(r["class_id"] == 0 for r in rows)
     if "x regions" in layer_names(viewer):
         assert set(viewer.layers["x regions"].features["class_id"]) <= {0}
+
+
+# ---- a model file that can't be one, and shapes drawn by hand ------------------------------------
+
+def test_a_model_file_path_that_is_no_model_notifies_and_changes_nothing(viewer, qtbot, errors,
+                                                                        tmp_path, monkeypatch):
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    viewer.add_image(np.zeros((48, 48), np.float32), name="x")
+    w = dock(viewer)
+    assert w.wait_until_ready()
+    w.target.value = "square"
+
+    def unchanged():
+        assert w.model.value == "demo" and w.target.value == "square" and not w.loading
+        assert layer_names(viewer) == ["x"] and w.run_button.enabled
+
+    w.model_file.value = tmp_path / "nope.safetensors"
+    assert "'" + str(tmp_path / "nope.safetensors") + "' does not exist" in errors[-1]
+    assert "Select file" in errors[-1] and "stays 'demo'" in errors[-1]
+    unchanged()
+
+    (tmp_path / "empty").mkdir()
+    w.model_file.value = tmp_path / "empty"
+    assert "is a folder with no model.json" in errors[-1] and ".safetensors" in errors[-1]
+    unchanged()
+
+    locked = tmp_path / "locked.pt"
+    locked.write_bytes(b"x")
+    locked.chmod(0)
+    real_access = os.access  # root reads anything: say the file is unreadable as a user sees it
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked
+                        else real_access(p, mode, **kw))
+    w.model_file.value = locked
+    assert "can't be read" in errors[-1] and "readable" in errors[-1]
+    unchanged()
+    assert len(errors) == 3
+
+    # typing: no error per keystroke, one when the typing ends, not repeated on focus loss
+    edit = w.model_file.line_edit.native
+    monkeypatch.setattr(edit, "hasFocus", lambda: True)
+    w.model_file.line_edit.value = str(tmp_path / "half")
+    w.model_file.line_edit.value = str(tmp_path / "half-typed")
+    assert len(errors) == 3
+    edit.editingFinished.emit()
+    assert len(errors) == 4 and "half-typed' does not exist" in errors[-1]
+    edit.editingFinished.emit()
+    assert len(errors) == 4
+    monkeypatch.setattr(edit, "hasFocus", lambda: False)
+    w.model_file.line_edit.value = ""  # a cleared field is no error
+    assert len(errors) == 4
+    unchanged()
+
+    # a folder holding a model.json sidecar is that model
+    save_file(small_cnn(in_ch=3, classes=2).state_dict(), str(tmp_path / "tb.safetensors"))
+    (tmp_path / "model.json").write_text(json.dumps({
+        "architecture": "conftest:small_cnn", "arguments": {"in_ch": 3, "classes": 2},
+        "weights": "tb.safetensors", "class_names": ["normal", "tb"], "name": "TB"}))
+    w.trust_code.value = True
+    w.model_file.value = tmp_path
+    assert w.wait_until_ready()
+    assert len(errors) == 4 and w.model.value == "TB (model.json)"
+
+
+def test_shapes_drawn_by_hand_get_their_kind_and_no_class(viewer, qtbot):
+    item = make_image(128, seed=SEED, classes=[0, 1, 2])
+    viewer.add_image(item.image, name="sample")
+    w = dock(viewer)
+    w.target.value = "square"  # a run that explained one class
+    run(qtbot, w)
+    shapes = viewer.layers["sample regions"]
+    before = shapes.features.copy()
+    n = len(before)
+    assert n and set(before["class"]) == {"square"}
+    shapes.selected_data = {0}  # the user had a region selected
+    shapes.add_rectangles(np.array([[2, 2], [10, 12]]))
+    shapes.add_ellipses(np.array([[[20, 20], [20, 30], [30, 30], [30, 20]],
+                                  [[40, 40], [40, 50], [50, 50], [50, 40]]]))
+    shapes.add_polygons([np.array([[60, 60], [60, 70], [70, 65]])])
+    shapes.add_paths([np.array([[80, 80], [85, 90], [90, 80]])])
+    shapes.add_lines([np.array([[100, 100], [110, 110]])])
+    drawn = shapes.features.iloc[n:]
+    assert list(drawn["kind"]) == ["rectangle", "ellipse", "ellipse", "polygon", "path", "line"]
+    assert list(drawn["kind"]) == shapes.shape_type[n:]
+    assert set(drawn["class"]) == {""} and drawn["class_id"].isna().all()
+    assert set(drawn["label"]) == {""} and drawn["score"].isna().all()
+    # the explained regions keep their rows
+    assert shapes.features.iloc[:n].equals(before)
+
+    # a re-run replaces the regions; drawing after it still works, once per shape
+    run(qtbot, w)
+    assert raw(viewer.layers["sample regions"]) is raw(shapes)
+    m = len(shapes.features)
+    shapes.add_rectangles(np.array([[2, 2], [10, 12]]))
+    assert list(shapes.features["kind"][m:]) == ["rectangle"]
+    assert shapes.features["class"].iloc[-1] == "" and len(shapes.features) == m + 1

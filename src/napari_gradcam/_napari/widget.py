@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -466,6 +467,22 @@ def probe_segmentation(spec: ModelSpec) -> bool:
         return False
 
 
+def model_file_problem(path: Path) -> str:
+    """Why ``path`` (not a readable file) can't be loaded as a model, and what to pick."""
+    exts = ", ".join(MODEL_FILES.replace("*", "").split())
+    if not path.exists():
+        return (f"the model file {str(path)!r} does not exist; check the path or pick the "
+                "file with the model file's Select file button")
+    if path.is_dir():
+        return (f"{str(path)!r} is a folder with no model.json sidecar in it; pick the "
+                f"model file itself ({exts})")
+    if not path.is_file():
+        return (f"{str(path)!r} is not a regular file (a device or pipe); pick a model "
+                f"file ({exts})")
+    return (f"the model file {str(path)!r} can't be read (permission denied); make it "
+            "readable or pick a copy you can read")
+
+
 class GradCamWidget(Container):
     """CAM / Grad-CAM on the chosen image layer; heatmaps as Image layers, boxes and polygons
     as one editable Shapes layer (saved with File > Save Selected Layers: QuPath GeoJSON,
@@ -485,6 +502,7 @@ class GradCamWidget(Container):
         # request is still the latest (the start-up demo load is request 0), so a slow load
         # finishing last can't override a later choice
         self._request = 0
+        self._model_file_said = ""  # the model-file text last reported as unusable
         self._owners: dict[str, int] = {}  # model name -> the request that registered it
         self._selecting = False  # the widget itself is setting the model list's value
         self._worker = None
@@ -598,6 +616,7 @@ class GradCamWidget(Container):
         self.segment_button.changed.connect(self.add_segmentation)
         self.model.changed.connect(self._on_model)
         self.model_file.changed.connect(self._on_model_file)
+        self.model_file.line_edit.native.editingFinished.connect(self._on_model_file_typed)
         self.trust_code.changed.connect(self._on_trust)
         self.device.changed.connect(self._on_device)
         self.image.changed.connect(self._on_image)
@@ -867,14 +886,37 @@ class GradCamWidget(Container):
         if text or self.status.value.startswith("loading"):
             self.status.value = text
 
-    def _on_model_file(self, _event=None):
-        """Load the picked file (weights + sidecar, sidecar, .pt2) on a worker; errors leave
-        the current model chosen."""
-        path = self.model_file.value
-        if not path or not Path(path).is_file():
+    def _on_model_file(self, _event=None, *, typed: bool = False):
+        """Load the picked file (weights + sidecar, sidecar, .pt2; a folder holding a
+        ``model.json`` sidecar) on a worker; errors leave the current model chosen.
+
+        A path that can't be a model is a notification that says why, and nothing else
+        changes. The field reports every keystroke, so while the user is typing in it a
+        half-typed path is not an error: it is judged when the typing ends (``typed``)."""
+        text = str(self.model_file.line_edit.value).strip()
+        if not text:
+            self._model_file_said = ""
             return
-        self._start_loading(Path(path), label=Path(path).name,
-                            trust_code=bool(self.trust_code.value), request=self._new_request())
+        path = Path(text).expanduser()
+        if path.is_dir() and (path / "model.json").is_file():
+            path = path / "model.json"
+        if path.is_file() and os.access(path, os.R_OK):
+            self._model_file_said = ""
+            if not typed:  # a valid path was loaded when it was set
+                self._start_loading(path, label=path.name,
+                                    trust_code=bool(self.trust_code.value),
+                                    request=self._new_request())
+            return
+        if not typed and self.model_file.line_edit.native.hasFocus():
+            return  # still typing: editingFinished judges the path
+        if text == self._model_file_said:  # said already (focus left again, trust ticked)
+            return
+        self._model_file_said = text
+        show_error(f"napari-gradcam: {model_file_problem(path)}; the model stays "
+                   f"{self.model.value!r}.")
+
+    def _on_model_file_typed(self):
+        self._on_model_file(typed=True)
 
     @property
     def trust_pickle(self) -> CheckBox:
@@ -1378,14 +1420,10 @@ class GradCamWidget(Container):
             dtype=object)
         colors = np.array([[*class_color(None if np.isnan(c) else int(c)), 255]
                            for c in features["class_id"]], float).reshape(-1, 4) / 255
-        # rows for shapes the user draws: blank, or the explained class when there is one
+        # rows for shapes the user draws: blank (no class: what a hand-drawn shape shows is the
+        # user's, not the model's), their kind filled in from the shape once drawn
         defaults = {key: ("" if col.dtype == object else np.nan) for key, col in features.items()}
-        defaults["kind"] = "polygon"
         new_color = np.array([1.0, 1.0, 1.0, 1.0])
-        if job.target is not None:
-            defaults.update({"class": class_name(names, job.target, ""),
-                             "class_id": float(job.target)})
-            new_color = np.array([*class_color(job.target), 255]) / 255
         meta = {META_KEY: {"role": "regions", "class_names": names,
                            "image_shape": list(image_shape(job.layer)),
                            "image_name": job.layer.name, "method": explained.methods[0]}}
@@ -1411,8 +1449,27 @@ class GradCamWidget(Container):
         layer = self._upsert(name, "regions", ndim, create, update)
         layer.feature_defaults = defaults
         layer.current_edge_color = new_color
+        layer.events.data.connect(self._kind_of_drawn)  # once: a bound method is not re-added
         self._show_wireframe(job, explained)
         return layer
+
+    @staticmethod
+    def _kind_of_drawn(event):
+        """Shapes added to the regions layer by hand (or from Python) come with the default
+        row, whose kind is blank: give them their shape type once they are added (a drawn
+        polygon is a path until its last click, so only the end of the drawing is final)."""
+        if str(getattr(event, "action", "")) != "added":
+            return
+        layer = event.source
+        kinds = layer.features.get("kind")
+        if kinds is None:
+            return
+        types = layer.shape_type
+        blank = [i for i, k in enumerate(kinds) if i < len(types) and (not isinstance(k, str)
+                                                                       or not k)]
+        if blank:
+            layer.features.loc[layer.features.index[blank], "kind"] = [types[i] for i in blank]
+            layer.events.features()
 
     def _show_wireframe(self, job: Job, explained: JobResult):
         """The boxes of the 3D regions as edges in the 3D view (a Vectors layer, shown only
