@@ -94,8 +94,9 @@ def test_rederive_equals_a_fresh_run(spec, stack):
 def test_rows_for_images_with_nothing_found(spec, stack):
     res = ExplainJob(spec, "gradcam", "found", device="cpu").run(stack)
     last = [r for r in res.rows if r["index"] == [3]]
-    assert last == [{"index": [3], "class": "", "class_id": -1,
-                     "score": float(res.scores[3].max()), "regions": 0}]
+    best = float(res.scores[3].max())  # its best logit, and that class's probability
+    assert last == [{"index": [3], "class": "", "class_id": -1, "score": best,
+                     "probability": pytest.approx(1 / (1 + np.exp(-best))), "regions": 0}]
     first = [r for r in res.rows if r["index"] == [0]]
     assert [r["class"] for r in first] == [spec.class_names[k] for k in range(3)
                                            if res.kept[0, k]]
@@ -265,3 +266,110 @@ def test_a_volume_mask_with_plane_wise_regions_of_several_volumes(spec3d):
     assert _boxes(res.rederive(ndim=3).regions) == _boxes(
         ExplainJob(spec3d, "gradcam", None, device="cpu", mask=mask,
                    regions={"threshold": 0.3, "min_area": 1}).run(vols).regions)
+
+
+# ---- probabilities -----------------------------------------------------------------------------
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+def _softmax_spec(spec):
+    """The demo model read as a softmax head (one class per image)."""
+    return copy_with(spec, output="softmax")
+
+
+def test_probabilities_follow_the_head(spec):
+    from napari_gradcam.job import probabilities
+
+    logits = np.array([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(probabilities(spec, logits), _sigmoid(logits), rtol=1e-6)
+    soft = probabilities(_softmax_spec(spec), logits)
+    e = np.exp(logits)
+    np.testing.assert_allclose(soft, e / e.sum(-1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(soft.sum(-1), 1, rtol=1e-6)
+    # no "output": one channel is multi-label (a sigmoid), several a softmax
+    unsaid = copy_with(spec, output=None)
+    np.testing.assert_allclose(probabilities(unsaid, [[3.0]]), _sigmoid([[3.0]]), rtol=1e-6)
+    np.testing.assert_allclose(probabilities(unsaid, [[3.0, 3.0]]), [[0.5, 0.5]], rtol=1e-6)
+    # huge logits stay finite
+    assert np.isfinite(probabilities(_softmax_spec(spec), [[1e4, -1e4, 0.0]])).all()
+
+
+def copy_with(spec, **changes):
+    import copy
+
+    out = copy.copy(spec)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+def test_the_bundled_demo_is_multilabel(spec):
+    assert spec.output == "multilabel"
+    assert ng.load_model("demo3d").output == "multilabel"
+
+
+def test_rows_carry_the_probability_beside_the_logit(spec, stack):
+    found = ExplainJob(spec, "gradcam", "found", device="cpu", batch_size=2).run(stack)
+    for r in found.rows:
+        if r["class_id"] >= 0:
+            assert r["probability"] == pytest.approx(_sigmoid(r["score"]), rel=1e-5)
+            assert r["probability"] > 0.5  # found: a positive logit
+    nothing = [r for r in found.rows if r["class_id"] < 0]
+    assert nothing and all(0 <= r["probability"] <= 0.5 for r in nothing)
+    # one target, batches of two: every image's own probability
+    one = ExplainJob(spec, "gradcam", None, device="cpu", batch_size=2).run(stack)
+    assert len(one.rows) == len(stack)
+    for r in one.rows:
+        assert r["probability"] == pytest.approx(_sigmoid(r["score"]), rel=1e-5)
+    # rederive keeps them
+    again = one.rederive(threshold=0.7)
+    assert [r["probability"] for r in again.rows] == [r["probability"] for r in one.rows]
+
+
+def test_a_softmax_head_gets_a_softmax_over_every_class(spec, stack):
+    soft = _softmax_spec(spec)
+    every = ExplainJob(soft, "gradcam", "found", device="cpu").run(stack)
+    expected = np.exp(every.scores.astype(np.float64))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(every.probabilities, expected, rtol=1e-4)
+    # one target: the job keeps only the explained class's logit, yet the probability is the
+    # same softmax over every class (seen in the same forward)
+    for target in (None, 2):
+        one = ExplainJob(soft, ["gradcam", "gradcam++"], target, device="cpu",
+                         batch_size=3).run(stack)
+        for i, r in enumerate(one.rows):
+            assert r["probability"] == pytest.approx(expected[i, r["class_id"]], rel=1e-4)
+
+
+def test_probability_costs_no_extra_forward(spec, stack):
+    calls = []
+    handle = spec.module.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ExplainJob(_softmax_spec(spec), ["gradcam", "gradcam++"], None, device="cpu",
+                   batch_size=len(stack)).run(stack)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # one per method
+
+
+def test_logits_of_retried_parts_give_no_probability_rather_than_a_wrong_one():
+    from napari_gradcam.job import _captured
+
+    a, b = np.zeros((4, 3)), np.ones((2, 3))
+    np.testing.assert_array_equal(_captured([a], 4), a)
+    # a static-batch model's last part is padded with copies: cut back to the images
+    np.testing.assert_array_equal(_captured([b, np.full((2, 3), 2.0)], 3),
+                                  np.concatenate([b, np.full((1, 3), 2.0)]))
+    # a part that ran out of memory (4 rows) was kept before its halves were retried
+    assert _captured([a, b, b], 4) is None
+    assert _captured([b], 4) is None and _captured([], 2) is None
+
+
+def test_segmentation_rows_have_no_probability():
+    from test_job_segmentation import _image, _spec
+
+    res = ExplainJob(_spec(), "gradcam", "found", device="cpu").run(_image())
+    assert res.rows and all("probability" not in r for r in res.rows)
+    assert np.isnan(res.probabilities).all()

@@ -28,7 +28,7 @@ def run_example(methods=None, device="auto", seed: int = 6, size: int = 256,
     """
     from . import available_methods, find_regions
     from ._device import describe_device, resolve_device
-    from .job import ExplainJob
+    from .job import ExplainJob, probabilities
     from .models import load_model
     from .models.demo.synthetic import make_image
 
@@ -39,7 +39,7 @@ def run_example(methods=None, device="auto", seed: int = 6, size: int = 256,
     # "found" explains every class from one forward per method; its per-target maps hold
     # each class's heatmap whether or not the model finds the class
     res = ExplainJob(spec, methods, "found", device=dev).run(item.image)
-    probs = 1 / (1 + np.exp(-res.scores.astype(np.float64)))
+    probs = probabilities(spec, res.scores)  # "found": slot k holds class k's logit
     out(f"napari-gradcam example: the bundled demo model on a synthetic {size} x {size} image; "
         f"device: {describe_device(dev)}")
     for o in item.objects:

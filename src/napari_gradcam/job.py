@@ -32,6 +32,7 @@ and method bookkeeping to it:
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -40,8 +41,8 @@ import torch
 
 from .annotations import class_name
 from .cam import get_method, is_segmentation_output
-from .cam.segmentation import known_output, remember_output
 from .cam._state import explaining
+from .cam.segmentation import known_output, remember_output
 from .explain_arrays import (
     Progress,
     Runner,
@@ -109,12 +110,29 @@ def is_segmentation(spec) -> bool | None:
     return None
 
 
+def is_multilabel(spec, num_classes: int) -> bool:
+    """Whether the model's classes are decided each on its own (sigmoid > 0.5) rather than one
+    per image or pixel (the largest logit): the spec's ``output``, else one output channel."""
+    return spec.output == "multilabel" or (spec.output is None and num_classes == 1)
+
+
+def probabilities(spec, logits) -> np.ndarray:
+    """The model's logits (..., classes) as probabilities, float32 of the same shape: sigmoid
+    of each class for a multi-label head, softmax over the classes otherwise (``spec.output``,
+    else decided from the head). Every place that shows what the model said uses this, so the
+    widget, the batch summary and the example agree."""
+    x = np.asarray(logits, np.float64)
+    if is_multilabel(spec, x.shape[-1]):
+        return (1 / (1 + np.exp(-x))).astype(np.float32)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
 def background_class(spec, num_classes: int) -> int | None:
     """The class that means "nothing here" in a segmentation model's output: class 0 of a
     softmax head of more than one class (the convention of MONAI and segmentation_models_pytorch
     training recipes); a multi-label head has none."""
-    multilabel = spec.output == "multilabel" or (spec.output is None and num_classes == 1)
-    return None if multilabel or num_classes < 2 else 0
+    return None if is_multilabel(spec, num_classes) or num_classes < 2 else 0
 
 
 class BatchResult(NamedTuple):
@@ -125,12 +143,15 @@ class BatchResult(NamedTuple):
     class_ids: np.ndarray  # int64 (n, K)
     scores: np.ndarray  # float32 (n, K): the model's logit for that class
     kept: np.ndarray  # bool (n, K): the target counts ("found": its logit > 0; else always)
+    # float32 (n, K): the model's probability for that class (classifiers; None or NaN where
+    # the model gives none: a segmentation model's score sums a region's logits)
+    probabilities: np.ndarray | None = None
 
     def part(self, start: int, stop: int) -> BatchResult:
         """Images ``start:stop``: a batch gathered from several inputs, split back to each."""
         return BatchResult({m: h[start:stop] for m, h in self.heatmaps.items()},
                            self.class_ids[start:stop], self.scores[start:stop],
-                           self.kept[start:stop])
+                           self.kept[start:stop], _probs(self)[start:stop])
 
     @staticmethod
     def join(parts: list) -> BatchResult:
@@ -141,7 +162,8 @@ class BatchResult(NamedTuple):
 class Summary(NamedTuple):
     heatmaps: dict  # method -> (*lead, *spatial): the one target's map, or the hottest kept class
     regions: list  # first method's regions of kept targets, ordered by image, then class
-    rows: list  # dicts: index, class, class_id, score, regions (one per kept target or image)
+    rows: list  # dicts: index, class, class_id, score, probability, regions (one per kept
+    # target or image)
 
 
 @dataclass
@@ -164,6 +186,7 @@ class JobResult:
     mask: np.ndarray | None = None
     offset: tuple = ()
     notes: list = field(default_factory=list)  # sentences for the user (empty target regions)
+    probabilities: np.ndarray | None = None  # (*lead, K); NaN where the model gives none
 
     def rederive(self, mask=..., **region_options) -> JobResult:
         """Regions, rows and the combined heatmap again from the stored maps, without the
@@ -175,7 +198,8 @@ class JobResult:
         options = _check_regions({**self.region_options, **region_options}, dims)
         mask = self.mask if mask is ... else mask
         regions, rows = find_targets(first, self.class_ids, self.scores, self.kept, lead,
-                                     self.class_names, options, mask, self.offset)
+                                     self.class_names, options, mask, self.offset,
+                                     self.probabilities)
         shown = {m: masked(combine(h, self.kept), mask, options)
                  for m, h in self.per_target.items()}
         return replace(self, heatmaps=shown, regions=regions, rows=rows,
@@ -251,9 +275,15 @@ class ExplainJob:
                                      "target mask")
         batch = runner.prepare(raw)
         targets = _every_class if self.found else runner.class_id
+        # a softmax probability needs every class's logits, which one target's result lacks:
+        # the first method's target choice sees them (no extra forward)
+        logits = [] if not self.found and self.segmentation is False else None
         maps, ids, scores = {}, None, None
         for method in self.methods:
-            heat, method_ids, method_scores = runner.explain(batch, spatial, method, targets,
+            chosen = targets
+            if logits is not None and ids is None:
+                chosen = functools.partial(_keep_logits, logits, targets)
+            heat, method_ids, method_scores = runner.explain(batch, spatial, method, chosen,
                                                              target_masks)
             if not self.found:  # one target: give it its slot axis
                 heat, method_ids, method_scores = heat[:, None], method_ids[:, None], \
@@ -262,7 +292,11 @@ class ExplainJob:
             if ids is None:
                 ids, scores = method_ids, method_scores
         if not self.found:
-            return BatchResult(maps, ids, scores, np.ones(ids.shape, bool))
+            probs = np.full(ids.shape, np.nan, np.float32)
+            every = _captured(logits or [], ids.shape[0])
+            if every is not None:
+                probs = np.take_along_axis(probabilities(self.spec, every), ids, 1)
+            return BatchResult(maps, ids, scores, np.ones(ids.shape, bool), probs)
         # slot k stays class k; an empty slot (-1) holds no score: 0, so no table shows NaN
         present = ids >= 0
         scores = np.where(present, scores, np.float32(0))
@@ -274,7 +308,10 @@ class ExplainJob:
                 kept &= ids != background
         else:
             kept = scores > 0
-        return BatchResult(maps, ids, scores, kept)
+        # "found" on a classifier holds every class's logit (slot k = class k)
+        probs = (np.full(ids.shape, np.nan, np.float32) if self.segmentation is not False
+                 else probabilities(self.spec, scores))
+        return BatchResult(maps, ids, scores, kept, probs)
 
     def segment(self, images, channel_axis=None) -> np.ndarray:
         """The segmentation model's predicted labels for every image of an array: int32 of
@@ -316,12 +353,13 @@ class ExplainJob:
         ids = result.class_ids.reshape(*lead, -1)
         scores = result.scores.reshape(*lead, -1)
         kept = result.kept.reshape(*lead, -1)
+        probs = _probs(result).reshape(*lead, -1)
         per_target = {m: h.reshape(*lead, *h.shape[1:]) for m, h in result.heatmaps.items()}
         shown = {m: masked(combine(h, kept), mask, self.region_options)
                  for m, h in per_target.items()}
         regions, rows = find_targets(per_target[self.methods[0]], ids, scores, kept, lead,
                                      list(self.spec.class_names), self.region_options, mask,
-                                     offset)
+                                     offset, probs)
         return Summary(shown, regions, rows)
 
     def iter_run(self, images, channel_axis=None, offset=()):
@@ -354,7 +392,8 @@ class ExplainJob:
             methods=list(self.methods), target_layer=self.runner.layer_name,
             device=str(self.runner.device), batch_size=int(self.runner.batch_size),
             region_options=dict(self.region_options), mask=self.mask, offset=tuple(offset),
-            notes=self.notes(result, lead, offset))
+            notes=self.notes(result, lead, offset),
+            probabilities=_probs(result).reshape(*lead, -1))
 
     def notes(self, result: BatchResult, lead=(), offset=()) -> list:
         """Sentences for the user about targets that explain nothing: a segmentation class
@@ -398,9 +437,10 @@ def masked(heat: np.ndarray, mask, options: dict) -> np.ndarray:
 
 
 def find_targets(per_target, class_ids, scores, kept, lead, class_names, options, mask=None,
-                 offset=()):
+                 offset=(), probabilities=None):
     """Regions of the targets that count, ordered by image then class, and one summary row per
-    counted target (an image where none counts gets a row with class '' and id -1). Regions
+    counted target (an image where none counts gets a row with class '' and id -1);
+    ``probabilities`` (the shape of ``scores``) go into the rows. Regions
     with fewer dimensions than the images (plane-wise regions of a volume) carry the plane in
     their index after the image's."""
     lead = tuple(lead)
@@ -421,7 +461,8 @@ def find_targets(per_target, class_ids, scores, kept, lead, class_names, options
     regions = _one_label_per_region(regions, n)
     regions = [replace(r, index=shift_index(r.index[:n], offset) + tuple(r.index[n:]))
                for r in regions] if offset else regions
-    return regions, summary_rows(class_ids, scores, kept, lead, class_names, regions, offset)
+    return regions, summary_rows(class_ids, scores, kept, lead, class_names, regions, offset,
+                                 probabilities)
 
 
 def _mask_for(mask, shape):
@@ -455,8 +496,21 @@ def _one_label_per_region(regions: list, image_axes: int) -> list:
     return out
 
 
-def summary_rows(class_ids, scores, kept, lead, class_names, regions, offset=()) -> list:
-    """One row per counted target per image: index, class, class_id, score, regions."""
+def summary_rows(class_ids, scores, kept, lead, class_names, regions, offset=(),
+                 probabilities=None) -> list:
+    """One row per counted target per image: index, class, class_id, score (the logit),
+    probability (only where the model gives one: a segmentation model's score sums a region's
+    logits, and rows are written as strict JSON, which has no NaN), regions."""
+    if probabilities is None:
+        probabilities = np.full(np.shape(scores), np.nan, np.float32)
+
+    def row(index, name, cid, score, prob, regions):
+        out = {"index": index, "class": name, "class_id": cid, "score": float(score)}
+        if np.isfinite(prob):
+            out["probability"] = float(prob)
+        out["regions"] = regions
+        return out
+
     counts: dict = {}
     image_axes = max(len(lead), len(offset))
     for r in regions:  # a plane-wise region of a volume counts for its volume
@@ -468,12 +522,11 @@ def summary_rows(class_ids, scores, kept, lead, class_names, regions, offset=())
         slots = [k for k in range(class_ids.shape[-1]) if kept[idx][k]]
         for k in slots:
             cid = int(class_ids[idx][k])
-            rows.append({"index": list(full), "class": class_name(class_names, cid, str(cid)),
-                         "class_id": cid, "score": float(scores[idx][k]),
-                         "regions": counts.get((full, cid), 0)})
+            rows.append(row(list(full), class_name(class_names, cid, str(cid)), cid,
+                            scores[idx][k], probabilities[idx][k], counts.get((full, cid), 0)))
         if not slots:  # nothing found: the image still gets its row, with its best logit
-            rows.append({"index": list(full), "class": "", "class_id": -1,
-                         "score": float(np.max(scores[idx])), "regions": 0})
+            best = int(np.argmax(scores[idx]))
+            rows.append(row(list(full), "", -1, scores[idx][best], probabilities[idx][best], 0))
     return rows
 
 
@@ -509,8 +562,38 @@ def _concat(parts: list) -> BatchResult:
         return parts[0]
     return BatchResult({m: np.concatenate([p.heatmaps[m] for p in parts])
                         for m in parts[0].heatmaps},
-                       *(np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)))
+                       *(np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)),
+                       np.concatenate([_probs(p) for p in parts]))
+
+
+def _probs(result: BatchResult) -> np.ndarray:
+    """A result's probabilities, NaN where it has none (a result built without them)."""
+    if result.probabilities is None:
+        return np.full(result.scores.shape, np.nan, np.float32)
+    return result.probabilities
+
+
+def _keep_logits(store: list, targets, logits: torch.Tensor):
+    """The engine's target choice for one target (None: the predicted class, or a class
+    index), keeping the part's logits of every class on the way."""
+    store.append(logits.detach().float().cpu().numpy())
+    return logits.argmax(1) if targets is None else targets
+
+
+def _captured(store: list, n: int) -> np.ndarray | None:
+    """The (n, classes) logits kept by :func:`_keep_logits`, part after part; a static-batch
+    model's last part holds padding copies past n. None when the parts don't add up to n (a
+    part that ran out of memory was kept before it was retried smaller): no probability then
+    rather than one of the wrong image."""
+    taken, pos = [], 0
+    for part in store:
+        if pos >= n:
+            return None
+        taken.append(part[:n - pos])
+        pos += len(taken[-1])
+    return np.concatenate(taken) if taken and pos == n else None
 
 
 __all__ = ["FOUND", "BatchResult", "ExplainJob", "JobResult", "Summary", "combine",
-           "find_targets", "is_found", "masked", "shift_index", "summary_rows"]
+           "find_targets", "is_found", "is_multilabel", "masked", "probabilities", "shift_index",
+           "summary_rows"]

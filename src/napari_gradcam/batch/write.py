@@ -310,7 +310,8 @@ def _shared_array(target: Path, shape: tuple, dtype: np.dtype, chunks: tuple) ->
                  fill_value=0)
 
 
-SUMMARY_COLUMNS = ("file", "index", "class", "score", "regions", "status", "message")
+SUMMARY_COLUMNS = ("file", "index", "class", "score", "regions", "status", "message",
+                   "probability")
 
 
 def write_summary(records: list[Record], out: Path, class_names: list) -> tuple[Path, Path]:
@@ -325,11 +326,14 @@ def write_summary(records: list[Record], out: Path, class_names: list) -> tuple[
     entries, file_names, used = [], [], set()
     for rec in records:
         if rec.status != "ok":
-            w.writerow([rec.source, "", "", "", "", rec.status, rec.message])
+            w.writerow([rec.source, "", "", "", "", rec.status, rec.message, ""])
             continue
         for img in rec.images:  # a row per image (per class found, with --target found)
+            # score: the logit; probability: blank where the model gives none (segmentation)
+            prob = img.get("probability")
             w.writerow([rec.source, " ".join(map(str, img["index"])), img["class"],
-                        f"{img['score']:.6g}", img["regions"], "ok", rec.message])
+                        f"{img['score']:.6g}", img["regions"], "ok", rec.message,
+                        "" if prob is None else f"{prob:.6g}"])
         annotations, _meta = read_geojson(out / rec.geojson)
         dims = rec.dims if rec.dims in (2, 3) else 2
         lead = len(rec.shape) - dims

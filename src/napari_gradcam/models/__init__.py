@@ -29,7 +29,8 @@ def demo_spec() -> ModelSpec:
     module.load_state_dict(load_file(str(weights)))
     return ModelSpec(module.eval(), list(meta["class_names"]), meta["in_channels"], None,
                      tuple(meta["mean"]), tuple(meta["std"]), meta["target_layer"],
-                     normalise_intensity(meta.get("intensity", "dtype")), "demo")
+                     normalise_intensity(meta.get("intensity", "dtype")), "demo",
+                     output=meta.get("output"))
 
 
 __all__ = ["INTENSITY", "SIDECAR_FIELDS", "ModelSpec", "build_architecture", "demo_spec",

@@ -99,10 +99,11 @@ def calibrate_biases(model: DemoNet, samples: Iterable[tuple[np.ndarray, np.ndar
 
 def sidecar(architecture: str, class_names) -> dict:
     """What the loader needs beside the weights: one grey channel taken as it comes, any size,
-    explained at ``features``."""
+    explained at ``features``; each class decided on its own (trained with a sigmoid per
+    class), so its probabilities are sigmoids, not a softmax over the classes."""
     return {"architecture": architecture, "class_names": list(class_names), "in_channels": 1,
             "input_size": None, "mean": [0.0], "std": [1.0], "target_layer": "features",
-            "intensity": "dtype"}
+            "intensity": "dtype", "output": "multilabel"}
 
 
 def save(model: DemoNet, path: Path, meta: dict) -> Path:

@@ -22,4 +22,5 @@ def demo3d_spec(weights=None):
     module.load_state_dict(state)
     return ModelSpec(module.eval(), list(meta["class_names"]), meta["in_channels"], None,
                      tuple(meta["mean"]), tuple(meta["std"]), meta["target_layer"],
-                     normalise_intensity(meta.get("intensity", "dtype")), "demo3d")
+                     normalise_intensity(meta.get("intensity", "dtype")), "demo3d",
+                     output=meta.get("output"))
