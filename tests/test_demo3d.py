@@ -183,7 +183,7 @@ def test_demo_3d_window_runs_demo3d_on_the_volume(make_napari_viewer_proxy, qtbo
     assert worker is not None and w.model.value == "demo3d"
     assert viewer.dims.ndisplay == 3
     qtbot.waitUntil(lambda: not w.running and w._region_worker is None, timeout=60_000)
-    heat = [lay for lay in viewer.layers if "heatmap" in lay.name]
+    heat = [lay for lay in viewer.layers if lay.name.startswith("gradcam · ")]
     assert len(heat) == 1 and heat[0].data.shape == (48, 64, 64)
-    regions = [lay for lay in viewer.layers if lay.name.endswith("regions")]
+    regions = [lay for lay in viewer.layers if lay.name.startswith("regions · ")]
     assert regions and set(regions[0].features["class"]) == set(CLASS_NAMES)

@@ -77,7 +77,7 @@ def run_every_class(viewer, qtbot):
     w = dock(viewer)
     w.target.value = "every class found"
     run(qtbot, w)
-    return item, w, viewer.layers["sample regions"]
+    return item, w, viewer.layers["regions · sample"]
 
 
 def raw(obj):
@@ -99,9 +99,9 @@ def test_run_on_the_synthetic_sample(viewer, qtbot):
     assert raw(w.image.value) is raw(image) and w.model.value == "demo"
     assert w.device_label.value == describe_device(resolve_device("auto"))
     run(qtbot, w)
-    assert layer_names(viewer) == ["sample", "sample gradcam heatmap", "sample regions"]
+    assert layer_names(viewer) == ["sample", "gradcam · sample", "regions · sample"]
 
-    heat = viewer.layers["sample gradcam heatmap"]
+    heat = viewer.layers["gradcam · sample"]
     assert heat.data.shape == (256, 256) and heat.data.dtype == np.float32
     # transparent where cold, so the image shows through untouched (additive blending would
     # wash a bright object out to white: see the screenshot test)
@@ -116,7 +116,7 @@ def test_run_on_the_synthetic_sample(viewer, qtbot):
     ref = ng.explain(item.image, ng.load_model("demo"), device=auto_device())
     np.testing.assert_allclose(heat.data, ref.heatmaps, atol=1e-5)
 
-    shapes = viewer.layers["sample regions"]
+    shapes = viewer.layers["regions · sample"]
     np.testing.assert_array_equal(shapes.scale, image.scale)
     feats = shapes.features
     for column in ("kind", "class", "class_id", "score", "peak", "area", "label"):
@@ -125,7 +125,12 @@ def test_run_on_the_synthetic_sample(viewer, qtbot):
     assert shapes.shape_type[:2] == ["rectangle", "polygon"]
     predicted = ng.load_model("demo").class_names[int(ref.class_ids)]
     assert set(feats["class"]) == {predicted}
-    assert feats["label"][0] == f"{predicted} {float(ref.scores):.2f}"
+    # the label says the probability (the demo is multi-label: a sigmoid); the logit stays
+    # in the table
+    prob = 1 / (1 + np.exp(-float(ref.scores)))
+    assert feats["label"][0] == f"{predicted} {prob:.2f}"
+    assert feats["score"][0] == pytest.approx(float(ref.scores), rel=1e-4)
+    assert feats["probability"][0] == pytest.approx(prob, rel=1e-4)
     truth = [o.box for o in item.objects if o.class_name == predicted]
     boxes = [rect_box(d) for d, t in zip(shapes.data, shapes.shape_type) if t == "rectangle"]
     assert max(box_iou(t, b) for t in truth for b in boxes) >= 0.5
@@ -143,13 +148,13 @@ def test_rerun_updates_layers_in_place_and_a_target_by_name(viewer, qtbot):
     viewer.add_image(item.image, name="sample")
     w = dock(viewer)
     run(qtbot, w)
-    heat, shapes = viewer.layers["sample gradcam heatmap"], viewer.layers["sample regions"]
+    heat, shapes = viewer.layers["gradcam · sample"], viewer.layers["regions · sample"]
     shapes.visible = False  # a user setting that must survive the re-run
     w.target.value = "square"
     run(qtbot, w)
-    assert layer_names(viewer) == ["sample", "sample gradcam heatmap", "sample regions"]
-    assert raw(viewer.layers["sample gradcam heatmap"]) is raw(heat)
-    assert raw(viewer.layers["sample regions"]) is raw(shapes) and not shapes.visible
+    assert layer_names(viewer) == ["sample", "gradcam · sample", "regions · sample"]
+    assert raw(viewer.layers["gradcam · sample"]) is raw(heat)
+    assert raw(viewer.layers["regions · sample"]) is raw(shapes) and not shapes.visible
     assert set(shapes.features["class"]) == {"square"}
     square = next(o.box for o in item.objects if o.class_name == "square")
     boxes = [rect_box(d) for d, t in zip(shapes.data, shapes.shape_type) if t == "rectangle"]
@@ -167,7 +172,7 @@ def test_every_class_found_boxes_each_object_in_its_class(viewer, qtbot):
     assert (shapes.features["score"] > 0).all()
     # one heatmap: per pixel the hottest class found, each class's map as the library makes it
     spec = ng.load_model("demo")
-    heat = viewer.layers["sample gradcam heatmap"].data
+    heat = viewer.layers["gradcam · sample"].data
     maps = [ng.explain(item.image, spec, target=k, device=auto_device()).heatmaps
             for k in range(3)]
     np.testing.assert_allclose(heat, np.max(maps, 0), atol=1e-5)
@@ -201,9 +206,9 @@ def test_every_class_found_runs_one_forward_per_batch_per_method(viewer, qtbot):
     ref = ExplainJob(spec, ["gradcam", "hirescam"], "found", device=auto_device(),
                      batch_size=2).run(stack)
     for method in ("gradcam", "hirescam"):
-        np.testing.assert_allclose(viewer.layers[f"four {method} heatmap"].data,
+        np.testing.assert_allclose(viewer.layers[f"{method} · four"].data,
                                    ref.heatmaps[method], atol=1e-5)
-    shapes = viewer.layers["four regions"]
+    shapes = viewer.layers["regions · four"]
     rects = [(int(d[0, 0]), c, rect_box(d)) for d, t, c in
              zip(shapes.data, shapes.shape_type, shapes.features["class"]) if t == "rectangle"]
     assert rects == [(r.index[0], spec.class_names[r.class_id], tuple(float(v) for v in r.bbox))
@@ -220,11 +225,11 @@ def test_whole_stack_and_current_slice(viewer, qtbot):
     w.scope.value = "whole stack"
     w.batch_size.value = 4
     run(qtbot, w)
-    heat = viewer.layers["movie gradcam heatmap"]
+    heat = viewer.layers["gradcam · movie"]
     assert heat.data.shape == stack.shape
     np.testing.assert_array_equal(heat.scale, image.scale)
     np.testing.assert_array_equal(heat.translate, image.translate)
-    shapes = viewer.layers["movie regions"]
+    shapes = viewer.layers["regions · movie"]
     assert shapes.ndim == 3
     frames = {int(d[0, 0]) for d in shapes.data}
     assert frames <= set(range(6)) and len(frames) >= 3
@@ -237,11 +242,11 @@ def test_whole_stack_and_current_slice(viewer, qtbot):
     viewer.dims.set_point(0, 18.0)
     w.scope.value = "current slice"
     run(qtbot, w)
-    heat = viewer.layers["movie gradcam heatmap"]
+    heat = viewer.layers["gradcam · movie"]
     assert heat.data.shape == (1, 128, 128)
     assert heat.translate[0] == 18.0
     np.testing.assert_allclose(heat.data[0], ref.heatmaps[4], atol=1e-5)
-    shapes = viewer.layers["movie regions"]
+    shapes = viewer.layers["regions · movie"]
     assert set(shapes.features["index0"]) <= {4.0}
     assert all((d[:, 0] == 4).all() for d in shapes.data)
 
@@ -255,7 +260,7 @@ def test_threshold_rederives_shapes_without_running_the_model(viewer, qtbot):
     spec.module.register_forward_pre_hook(lambda *_: calls.append(1))
     w.target.value = "square"
     run(qtbot, w)
-    shapes = viewer.layers["sample regions"]
+    shapes = viewer.layers["regions · sample"]
     before = len(calls)
     area_hi = shapes.features["area"].max()
     w.threshold.value = 0.2
@@ -319,13 +324,13 @@ def test_compare_methods_side_by_side(viewer, qtbot):
     w = dock(viewer)
     w.methods.value = ["cam", "gradcam", "layercam"]
     run(qtbot, w)
-    assert layer_names(viewer) == ["img", "img cam heatmap", "img gradcam heatmap",
-                                   "img layercam heatmap", "img regions"]
-    assert viewer.layers["img regions"].metadata["napari_gradcam"]["method"] == "cam"
+    assert layer_names(viewer) == ["img", "cam · img", "gradcam · img",
+                                   "layercam · img", "regions · img"]
+    assert viewer.layers["regions · img"].metadata["napari_gradcam"]["method"] == "cam"
     grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
     w.grid_button.clicked()
     assert grid.enabled and w.grid_button.text == "Overlay"
-    heat = viewer.layers["img cam heatmap"]
+    heat = viewer.layers["cam · img"]
     assert heat.colormap.name == "turbo" and heat.opacity == 1.0  # opaque in its own cell
     w.grid_button.clicked()
     assert not grid.enabled and heat.colormap.name == "gradcam heat" and heat.opacity == 0.7
@@ -347,9 +352,9 @@ def test_chest_xray_rgb_palette_png_with_its_lung_mask(viewer, qtbot):
     w.threshold_mode.value = "relative"
     w.threshold.value = 0.15
     run(qtbot, w)
-    heat = viewer.layers["xray gradcam heatmap"]
+    heat = viewer.layers["gradcam · xray"]
     assert heat.data.shape == (512, 512) and not heat.rgb
-    shapes = viewer.layers["xray regions"]
+    shapes = viewer.layers["regions · xray"]
     assert len(shapes.data) >= 2
     from napari_gradcam.annotations import shapes_to_annotations
     from napari_gradcam.regions import rasterize
@@ -377,7 +382,7 @@ def test_grey_layer_feeds_a_three_channel_model_and_dask_uint16(viewer, qtbot):
     assert w.target.choices[-3:] == ("a", "b", "c")
     w.scope.value = "whole stack"
     run(qtbot, w)
-    heat = viewer.layers["lazy gradcam heatmap"].data
+    heat = viewer.layers["gradcam · lazy"].data
     ref = ng.explain(np.repeat(stack[..., None], 3, -1), ng.load_model(model),
                      device=auto_device())
     np.testing.assert_allclose(heat, ref.heatmaps, atol=2e-3)
@@ -464,7 +469,7 @@ def test_screenshot_shows_heat_on_the_object_and_the_box(make_napari_viewer_prox
         r, g, b = (int(v) for v in rgb[:3])
         return r > 150 and r > b + 60 and r > g + 30
 
-    predicted = viewer.layers["sample regions"].features["class"][0]
+    predicted = viewer.layers["regions · sample"].features["class"][0]
     obj = next(o for o in item.objects if o.class_name == predicted)
     r0, c0, r1, c1 = obj.box
     centre = shot[screen((r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5)]
@@ -477,7 +482,7 @@ def test_screenshot_shows_heat_on_the_object_and_the_box(make_napari_viewer_prox
     from napari_gradcam.annotations import class_color
 
     colour = np.array(class_color(ng.load_model("demo").class_names.index(predicted)))
-    rect = viewer.layers["sample regions"].data[0][:, -2:]
+    rect = viewer.layers["regions · sample"].data[0][:, -2:]
     top = rect[:, 0].min()
     left, right = rect[:, 1].min(), rect[:, 1].max()
     row, col = screen(top, (left + right) / 2)
@@ -491,9 +496,9 @@ def test_demo_command_opens_sample_widget_and_run(viewer, qtbot):
     _viewer, w, worker = open_demo(viewer)
     assert worker is not None
     finish(qtbot, w)
-    assert layer_names(viewer) == ["synthetic shapes", "synthetic shapes gradcam heatmap",
-                                   "synthetic shapes regions"]
-    shapes = viewer.layers["synthetic shapes regions"]
+    assert layer_names(viewer) == ["synthetic shapes", "gradcam · synthetic…apes",
+                                   "regions · synthetic…apes"]
+    shapes = viewer.layers["regions · synthetic…apes"]
     assert set(shapes.features["class"]) == {"disc", "square", "triangle"}
 
 
@@ -581,7 +586,7 @@ def test_a_model_file_with_its_sidecar_is_one_pick(viewer, qtbot, tmp_path, erro
     w.image.value = viewer.layers["x"]
     w.target.value = "tuberculosis"
     run(qtbot, w)
-    assert viewer.layers["x gradcam heatmap"].metadata["napari_gradcam"]["class_names"] == [
+    assert viewer.layers["gradcam · x"].metadata["napari_gradcam"]["class_names"] == [
         "normal", "tuberculosis"]
 
     # a whole pickled model: refused with the reason, loaded once trusted
@@ -625,7 +630,7 @@ def test_a_picked_model_loads_and_is_probed_on_a_worker_and_run_waits(viewer, qt
     assert w.loading and w.model.value == "demo" and "loading" in w.status.value
     assert not w.run_button.enabled
     assert w.run() is None  # asked for while loading: it starts once the model is ready
-    qtbot.waitUntil(lambda: "x gradcam heatmap" in layer_names(viewer), timeout=20_000)
+    qtbot.waitUntil(lambda: "gradcam · x" in layer_names(viewer), timeout=20_000)
     finish(qtbot, w)
     assert w.model.value == "slow (slow.safetensors)" and w.run_button.enabled
     assert w.target.choices[-3:] == ("a", "b", "c") and "2" in w.target_layer.choices
@@ -684,7 +689,7 @@ def test_the_model_asked_for_last_is_chosen_whichever_load_finishes_last(viewer,
     w.model_file.value = tmp_path / "a.safetensors"
     w.model_file.value = tmp_path / "b.safetensors"
     assert w.run() is None  # waits for the loads
-    qtbot.waitUntil(lambda: "x gradcam heatmap" in layer_names(viewer), timeout=20_000)
+    qtbot.waitUntil(lambda: "gradcam · x" in layer_names(viewer), timeout=20_000)
     finish(qtbot, w)
     assert not w.loading and w.model.value == "b (b.safetensors)"
     assert {"a (a.safetensors)", "b (b.safetensors)"} <= set(w.model.choices)
@@ -712,11 +717,11 @@ def test_a_class_named_found_is_one_class_not_every_class(viewer, qtbot):
     assert not job.found and job.target == 0
     run(qtbot, w)
     expected = ng.explain(image, spec, target=0, device=auto_device()).heatmaps
-    np.testing.assert_allclose(viewer.layers["x gradcam heatmap"].data, expected, atol=1e-5)
+    np.testing.assert_allclose(viewer.layers["gradcam · x"].data, expected, atol=1e-5)
     rows = w._last.explained.rows
     assert rows and all(r["class_id"] == 0 for r in rows)
-    if "x regions" in layer_names(viewer):
-        assert set(viewer.layers["x regions"].features["class_id"]) <= {0}
+    if "regions · x" in layer_names(viewer):
+        assert set(viewer.layers["regions · x"].features["class_id"]) <= {0}
 
 
 # ---- a model file that can't be one, and shapes drawn by hand ------------------------------------
@@ -790,7 +795,7 @@ def test_shapes_drawn_by_hand_get_their_kind_and_no_class(viewer, qtbot):
     w = dock(viewer)
     w.target.value = "square"  # a run that explained one class
     run(qtbot, w)
-    shapes = viewer.layers["sample regions"]
+    shapes = viewer.layers["regions · sample"]
     before = shapes.features.copy()
     n = len(before)
     assert n and set(before["class"]) == {"square"}
@@ -811,8 +816,81 @@ def test_shapes_drawn_by_hand_get_their_kind_and_no_class(viewer, qtbot):
 
     # a re-run replaces the regions; drawing after it still works, once per shape
     run(qtbot, w)
-    assert raw(viewer.layers["sample regions"]) is raw(shapes)
+    assert raw(viewer.layers["regions · sample"]) is raw(shapes)
     m = len(shapes.features)
     shapes.add_rectangles(np.array([[2, 2], [10, 12]]))
     assert list(shapes.features["kind"][m:]) == ["rectangle"]
     assert shapes.features["class"].iloc[-1] == "" and len(shapes.features) == m + 1
+
+
+# ---- result layer names and the status line of a stack ----------------------------------------
+
+def test_short_names_keep_both_ends():
+    assert widget_mod.short_name("sample") == "sample"
+    assert widget_mod.short_name("synthetic shapes 1") == "synthetic\u2026es 1"
+    assert widget_mod.result_name("gradcam", "synthetic shapes 2") == \
+        "gradcam \u00b7 synthetic\u2026es 2"
+
+
+def test_result_names_lead_with_the_method_and_rerun_in_place(viewer, qtbot):
+    for k in (1, 2):
+        viewer.add_image(make_image(96, seed=k).image, name=f"synthetic shapes {k}")
+    for k in (3, 4):
+        viewer.add_image(make_image(96, seed=k).image, name=f"patient 000{k} scan t1")
+    w = dock(viewer)
+    w.methods.value = ["gradcam", "hirescam"]
+    for layer in viewer.layers[:4]:
+        w.image.value = layer
+        run(qtbot, w)
+    names = layer_names(viewer)
+    assert len(set(names)) == len(names) == 4 + 4 * 3
+    assert "gradcam \u00b7 synthetic\u2026es 1" in names and "regions \u00b7 synthetic\u2026es 2" in names
+    # two images whose short names would be the same: their full names, not napari's " [1]"
+    assert "hirescam \u00b7 patient 0003 scan t1" in names and "regions \u00b7 patient 0004 scan t1" \
+        in names
+    heat = viewer.layers["gradcam \u00b7 synthetic\u2026es 2"]
+    assert heat.metadata["napari_gradcam"]["source"] == "synthetic shapes 2"
+    # a re-run updates the same layers, also one the user renamed
+    heat.name = "my heat"
+    w.image.value = viewer.layers["synthetic shapes 2"]
+    run(qtbot, w)
+    assert len(viewer.layers) == 4 + 4 * 3 and raw(viewer.layers["my heat"]) is raw(heat)
+
+
+def test_status_line_follows_the_frame_shown(viewer, qtbot):
+    stack = np.stack([make_image(96, seed=10 + k, classes=[k]).image for k in range(3)])
+    viewer.add_image(stack, name="three")
+    w = dock(viewer)
+    w.scope.value = "whole stack"
+    viewer.dims.set_current_step(0, 0)
+    run(qtbot, w)
+    rows = w._last.explained.rows
+    said = {tuple(r["index"]): r["class"] for r in rows}
+    assert said[(0,)] != said[(2,)]  # the frames' predictions differ, so the line must too
+    assert f"{said[(0,)]} " in w.status.value and "frame 0 (of 3 explained)" in w.status.value
+    viewer.dims.set_current_step(0, 2)
+    assert f"{said[(2,)]} " in w.status.value and "frame 2 (of 3 explained)" in w.status.value
+    assert f"{said[(0,)]} " not in w.status.value
+    assert "regions" in w.status.value  # the rest of the line stays
+    # a later message is not overwritten by scrolling
+    w.status.value = "something else"
+    viewer.dims.set_current_step(0, 1)
+    assert w.status.value == "something else"
+    # a re-run says the frame shown then
+    run(qtbot, w)
+    assert "frame 1 (of 3 explained)" in w.status.value
+
+
+def test_labels_and_status_show_probabilities_and_the_table_keeps_logits(viewer, qtbot):
+    _item, w, shapes = run_every_class(viewer, qtbot)
+    feats = shapes.features
+    assert {"score", "probability", "label"} <= set(feats.columns)
+    assert len(feats) and (feats["probability"] > 0.5).all()  # found: positive logits
+    np.testing.assert_allclose(feats["probability"], 1 / (1 + np.exp(-feats["score"])),
+                               rtol=1e-5)
+    assert list(feats["label"]) == [f"{c} {p:.2f}" for c, p in zip(feats["class"],
+                                                                   feats["probability"])]
+    rows = [r for r in w._last.explained.rows if r["class_id"] >= 0]
+    assert rows and all(f"{r['class']} {r['probability']:.2f}" in w.status.value for r in rows)
+    # the logit would read differently: the line no longer shows it
+    assert not any(f"{r['class']} {r['score']:.2f}" in w.status.value for r in rows)

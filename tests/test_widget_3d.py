@@ -107,7 +107,7 @@ def test_a_3d_model_explains_the_volume_in_one_run(viewer, qtbot, conv3d, tmp_pa
     run(qtbot, w)
     assert "3D regions" in w.status.value
 
-    heat = viewer.layers["scan gradcam heatmap"]
+    heat = viewer.layers["gradcam · scan"]
     assert heat.data.shape == SHAPE and heat.rendering == "attenuated_mip"
     assert tuple(heat.contrast_limits) == (0.0, 1.0)
     assert tuple(heat.axis_labels) == ("z", "y", "x") and tuple(map(str, heat.units)) == \
@@ -119,7 +119,7 @@ def test_a_3d_model_explains_the_volume_in_one_run(viewer, qtbot, conv3d, tmp_pa
     regions = w._last.explained.regions
     assert regions and all(r.ndim == 3 for r in regions)
     assert [r.label for r in regions] == list(range(1, len(regions) + 1))
-    shapes = viewer.layers["scan regions"]
+    shapes = viewer.layers["regions · scan"]
     assert shapes.ndim == 3
     assert_same_transform(shapes, image)
     for r in regions:  # its rectangle in every plane it crosses, and nowhere else
@@ -134,7 +134,7 @@ def test_a_3d_model_explains_the_volume_in_one_run(viewer, qtbot, conv3d, tmp_pa
     assert set(shapes.features["region_label"][polygons]) == {r.label for r in regions}
 
     # the wireframe: 12 edges per box, only in the 3D view, on the scan
-    wire = viewer.layers["scan boxes 3D"]
+    wire = viewer.layers["boxes 3D · scan"]
     assert isinstance(wire, napari.layers.Vectors) and len(wire.data) == 12 * len(regions)
     assert_same_transform(wire, image)
     assert not wire.visible and shapes.visible
@@ -179,10 +179,10 @@ def test_a_nifti_scan_with_an_oblique_affine_gets_its_heatmap_on_it(viewer, qtbo
     w = dock(viewer, conv3d)
     w.scope.value = "whole stack"
     run(qtbot, w)
-    heat = viewer.layers[f"{image.name} gradcam heatmap"]
+    heat = viewer.layers[f"gradcam · {image.name}"]
     assert heat.data.shape == image.data.shape
     assert_same_transform(heat, image)
-    assert_same_transform(viewer.layers[f"{image.name} regions"], image)
+    assert_same_transform(viewer.layers[f"regions · {image.name}"], image)
     # the file's geometry travels with the heatmap: it can be written back onto the scan
     back = volume_from_metadata(heat.metadata, heat.data)
     np.testing.assert_array_equal(back.affine, image.metadata["affine"])
@@ -196,17 +196,17 @@ def test_a_3d_model_on_a_time_series_of_volumes(viewer, qtbot, conv3d):
     w.scope.value = "whole stack"
     w.threshold.value = 0.4
     run(qtbot, w)
-    heat = viewer.layers["series gradcam heatmap"]
+    heat = viewer.layers["gradcam · series"]
     assert heat.data.shape == stack.shape
     ref = ng.explain(stack, conv3d, device="cpu")
     np.testing.assert_allclose(heat.data, ref.heatmaps, atol=1e-4)
     regions = w._last.explained.regions
     assert {r.index for r in regions} == {(0,), (1,)}
-    shapes = viewer.layers["series regions"]
+    shapes = viewer.layers["regions · series"]
     assert shapes.ndim == 4
     for d, t, z in zip(shapes.data, shapes.features["index0"], shapes.features["index1"]):
         assert (d[:, 0] == t).all() and (d[:, 1] == z).all()
-    wire = viewer.layers["series boxes 3D"]
+    wire = viewer.layers["boxes 3D · series"]
     assert wire.data.shape == (12 * len(regions), 2, 4)
     assert set(wire.data[:, 0, 0]) == {0.0, 1.0} and (wire.data[:, 1, 0] == 0).all()
 
@@ -214,10 +214,10 @@ def test_a_3d_model_on_a_time_series_of_volumes(viewer, qtbot, conv3d):
     viewer.dims.set_point(0, 1)
     w.scope.value = "current slice"
     run(qtbot, w)
-    heat = viewer.layers["series gradcam heatmap"]
+    heat = viewer.layers["gradcam · series"]
     assert heat.data.shape == (1, *SHAPE) and heat.translate[0] == 1
     np.testing.assert_allclose(heat.data[0], ref.heatmaps[1], atol=1e-4)
-    assert set(viewer.layers["series regions"].features["index0"]) == {1.0}
+    assert set(viewer.layers["regions · series"].features["index0"]) == {1.0}
 
 
 def test_a_2d_model_explains_a_volume_slice_by_slice(viewer, qtbot):
@@ -228,13 +228,13 @@ def test_a_2d_model_explains_a_volume_slice_by_slice(viewer, qtbot):
     w.scope.value = "whole stack"
     run(qtbot, w)
     assert "slice by slice" in w.status.value
-    heat = viewer.layers["scan gradcam heatmap"]
+    heat = viewer.layers["gradcam · scan"]
     assert heat.data.shape == SHAPE
     regions = w._last.explained.regions
     assert regions and all(getattr(r, "ndim", 2) == 2 and len(r.index) == 1 for r in regions)
-    shapes = viewer.layers["scan regions"]
+    shapes = viewer.layers["regions · scan"]
     assert "region_label" not in shapes.features  # plane-wise regions, no 3D label
-    assert "scan boxes 3D" not in viewer.layers
+    assert "boxes 3D · scan" not in viewer.layers
 
 
 def test_a_3d_model_on_a_2d_image_notifies_and_changes_nothing(viewer, qtbot, conv3d,
@@ -264,7 +264,7 @@ def test_a_labels_mask_restricts_3d_regions_and_masks_the_heat(viewer, qtbot, co
     settle(qtbot, w)
     assert w.mask_mode.value == "multiply"
     run(qtbot, w)
-    heat = viewer.layers["scan gradcam heatmap"]
+    heat = viewer.layers["gradcam · scan"]
     assert (heat.data[mask == 0] == 0).all() and heat.data[mask > 0].max() > 0
     regions = w._last.explained.regions
     assert regions
@@ -274,7 +274,7 @@ def test_a_labels_mask_restricts_3d_regions_and_masks_the_heat(viewer, qtbot, co
     # restrict: the same regions' rule, the heat shown unmasked, without running the model
     w.mask_mode.value = "restrict"
     settle(qtbot, w)
-    heat = viewer.layers["scan gradcam heatmap"]
+    heat = viewer.layers["gradcam · scan"]
     assert heat.data[mask == 0].max() > 0
     for r in w._last.explained.regions:
         z0, r0, c0, z1, r1, c1 = r.bbox
@@ -291,7 +291,7 @@ def test_a_labels_mask_restricts_3d_regions_and_masks_the_heat(viewer, qtbot, co
     assert w.run() is None
     assert errors and "mask" in errors[-1] and "(16, 32, 32)" in errors[-1]
     assert [layer.name for layer in viewer.layers] == before
-    np.testing.assert_array_equal(viewer.layers["scan gradcam heatmap"].data, shown)
+    np.testing.assert_array_equal(viewer.layers["gradcam · scan"].data, shown)
 
 
 # ---- the pure helpers behind the layers ---------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_demo3d_finds_the_objects_of_its_sample_in_3d(viewer, qtbot):
     assert "volume in one run" in w.explains.value
     w.target.value = "every class found"
     run(qtbot, w)
-    heat = viewer.layers["sample gradcam heatmap"]
+    heat = viewer.layers["gradcam · sample"]
     assert heat.data.shape == item.volume.shape
     regions = w._last.explained.regions
     assert regions and all(r.ndim == 3 for r in regions)
@@ -352,5 +352,5 @@ def test_demo3d_finds_the_objects_of_its_sample_in_3d(viewer, qtbot):
         assert any(r.bbox[0] <= z < r.bbox[3] and r.bbox[1] <= y < r.bbox[4]
                    and r.bbox[2] <= x < r.bbox[5] for r in mine), \
             f"no {obj.class_name} region holds the object's centre"
-    wire = viewer.layers["sample boxes 3D"]
+    wire = viewer.layers["boxes 3D · sample"]
     assert len(wire.data) == 12 * len(regions)

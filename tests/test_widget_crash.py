@@ -108,7 +108,7 @@ def test_picking_a_torchvision_model_file_after_the_viewer_is_up_loads_it(tmp_pa
     assert seen["early"] == []  # nothing imported the libraries before the canvas existed
     assert seen["model"] == "r18 (r18.safetensors)"
     assert seen["targets"][-3:] == ["cat", "dog", "fish"]
-    assert "x gradcam heatmap" in seen["layers"] and "x regions" in seen["layers"]
+    assert "gradcam · x" in seen["layers"] and "regions · x" in seen["layers"]
     if not HAS_TRITON:
         pytest.skip("triton is not installed (CPU-only PyTorch): nothing that could crash; "
                     "the widget's load and run path above passed")

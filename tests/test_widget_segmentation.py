@@ -140,7 +140,7 @@ def test_a_class_inside_a_labels_layer_explains_that_region(viewer, qtbot, error
 
     choose(w, "cell inside layer cells")  # all its labels: both squares
     run(qtbot, w)
-    heat = viewer.layers["img hirescam heatmap"].data
+    heat = viewer.layers["hirescam · img"].data
     assert heat[A].max() > 0.5 and heat[B].max() > 0.5 and not errors
     ref = ExplainJob(spec, ["hirescam"], "cell", target_mask=labels > 0).run(img)
     np.testing.assert_allclose(heat, ref.heatmaps["hirescam"], atol=1e-5)
@@ -148,11 +148,11 @@ def test_a_class_inside_a_labels_layer_explains_that_region(viewer, qtbot, error
     cells.selected_label = 2  # "show selected": only that cell
     cells.show_selected_label = True
     run(qtbot, w)
-    heat = viewer.layers["img hirescam heatmap"].data
+    heat = viewer.layers["hirescam · img"].data
     assert heat[B].max() > 0.5 and heat[A].max() == 0
     ref = ExplainJob(spec, ["hirescam"], "cell", target_mask=labels == 2).run(img)
     np.testing.assert_allclose(heat, ref.heatmaps["hirescam"], atol=1e-5)
-    shapes = viewer.layers["img regions"]
+    shapes = viewer.layers["regions · img"]
     assert set(shapes.features["class"]) == {"cell"} and len(shapes.data) >= 1
     assert not errors
 
@@ -171,7 +171,7 @@ def test_the_selected_shapes_are_rasterised_through_world_coordinates(viewer, qt
 
     roi.selected_data = {0}  # only the square around A
     run(qtbot, w)
-    heat = viewer.layers["img hirescam heatmap"].data
+    heat = viewer.layers["hirescam · img"].data
     assert heat[A].max() > 0.5 and heat[B].max() == 0 and not errors
     mask = np.zeros((32, 32), bool)
     mask[8:16, 8:16] = True
@@ -180,7 +180,7 @@ def test_the_selected_shapes_are_rasterised_through_world_coordinates(viewer, qt
 
     roi.selected_data = set()  # none selected: every shape (the ellipse covers B)
     run(qtbot, w)
-    heat = viewer.layers["img hirescam heatmap"].data
+    heat = viewer.layers["hirescam · img"].data
     assert heat[A].max() > 0.5 and heat[B].max() > 0.5 and not errors
 
 
@@ -214,7 +214,7 @@ def test_bad_target_regions_notify_and_change_nothing(viewer, qtbot, errors, war
     choose(w, "predicted edge")
     run(qtbot, w)
     assert len(errors) == 5, errors[5:]
-    heat = viewer.layers["img gradcam heatmap"].data
+    heat = viewer.layers["gradcam · img"].data
     assert np.isfinite(heat).all() and heat.max() == 0
     assert len(warnings_shown) == 1 and "'edge' has no pixels" in warnings_shown[0]
     assert len(errors) == 5
@@ -235,7 +235,7 @@ def test_add_segmentation_is_a_labels_layer_on_the_image(viewer, qtbot, errors):
     spec = use(w, seg_spec(), "seg")
     viewer.dims.set_point(0, 6.0)  # plane 2
     run(qtbot, w, w.add_segmentation())
-    seg = viewer.layers["stack segmentation"]
+    seg = viewer.layers["segmentation · stack"]
     assert isinstance(seg, napari.layers.Labels) and not errors
     expected = ExplainJob(spec).segment(stack[2])
     assert seg.data.shape == (1, 32, 32) and (seg.data[0] == expected).all()
@@ -250,8 +250,8 @@ def test_add_segmentation_is_a_labels_layer_on_the_image(viewer, qtbot, errors):
 
     w.scope.value = "whole stack"  # the same layer, now the whole stack
     run(qtbot, w, w.add_segmentation())
-    assert layer_names(viewer) == ["stack", "stack segmentation"]
-    seg = viewer.layers["stack segmentation"]
+    assert layer_names(viewer) == ["stack", "segmentation · stack"]
+    seg = viewer.layers["segmentation · stack"]
     assert seg.data.shape == (3, 32, 32) and (seg.data == ExplainJob(spec).segment(stack)).all()
     np.testing.assert_allclose(seg.translate, (0, 2, 4))
     assert not errors
@@ -275,10 +275,10 @@ def test_vit_from_its_weights_explains_an_rgb_image(viewer, qtbot, tmp_path, err
     w.image.value = viewer.layers["photo"]
     run(qtbot, w)
     assert not errors
-    heat = viewer.layers["photo gradcam heatmap"]
+    heat = viewer.layers["gradcam · photo"]
     assert heat.data.shape == (224, 224) and np.isfinite(heat.data).all()
     assert heat.data.max() == pytest.approx(1.0)
-    assert isinstance(viewer.layers["photo regions"], napari.layers.Shapes)
+    assert isinstance(viewer.layers["regions · photo"], napari.layers.Shapes)
     # the token grid (14 x 14 patches) explained at the norm before the last attention
     assert heat.metadata["napari_gradcam"]["target_layer"] == "blocks.11.norm1"
     ref = ng.explain(rgb, spec, device="cpu")
@@ -294,7 +294,7 @@ def test_a_multilabel_segmentation_is_labelled_class_plus_one(viewer, qtbot, err
     spec = use(w, ng.load_model(TinySeg().eval(), class_names=CLASSES, name="ml",
                                 output="multilabel"), "ml")
     run(qtbot, w, w.add_segmentation())
-    seg = viewer.layers["img segmentation"]
+    seg = viewer.layers["segmentation · img"]
     expected = ExplainJob(spec).segment(img)
     assert (seg.data == expected).all() and not errors
     # sigmoid > 0.5: background outside the squares (value 1), cell inside them (value 2)
@@ -320,7 +320,7 @@ def test_a_whole_stack_labels_layer_gives_the_current_slice_its_plane(viewer, qt
     viewer.dims.set_point(0, 2)
     choose(w, "cell inside layer cells")
     run(qtbot, w)
-    heat = viewer.layers["stack hirescam heatmap"].data.reshape(32, 32)
+    heat = viewer.layers["hirescam · stack"].data.reshape(32, 32)
     assert heat[B].max() > 0.5 and heat[A].max() == 0 and not errors
     ref = ExplainJob(spec, ["hirescam"], "cell", target_mask=labels[2] > 0).run(stack[2])
     np.testing.assert_allclose(heat, ref.heatmaps["hirescam"], atol=1e-5)
@@ -335,12 +335,12 @@ def test_the_segmentation_of_a_slice_is_a_target_region_at_its_plane(viewer, qtb
     w.methods.value = ["hirescam"]
     viewer.dims.set_point(0, 6.0)  # plane 2
     run(qtbot, w, w.add_segmentation())
-    seg = viewer.layers["stack segmentation"]
+    seg = viewer.layers["segmentation · stack"]
     assert seg.data.shape == (1, 32, 32)
-    choose(w, "cell inside layer stack segmentation")  # the widget's own output, fed back
+    choose(w, "cell inside layer segmentation · stack")  # the widget's own output, fed back
     run(qtbot, w)
     assert not errors
-    heat = viewer.layers["stack hirescam heatmap"].data.reshape(32, 32)
+    heat = viewer.layers["hirescam · stack"].data.reshape(32, 32)
     ref = ExplainJob(spec, ["hirescam"], "cell", target_mask=seg.data[0] > 0).run(stack[2])
     np.testing.assert_allclose(heat, ref.heatmaps["hirescam"], atol=1e-5)
     # the whole stack: the region lies in plane 2 only

@@ -103,6 +103,42 @@ def explains(dims: int, layer_ndim: int | None) -> str:
     return "each image (2D model)"
 
 
+NAME_WIDTH = 14  # characters of the image's name kept in its result layers' names
+
+
+def short_name(name: str, width: int = NAME_WIDTH) -> str:
+    """An image's name cut to ``width`` characters for its result layers: its start and its
+    last four characters (where numbered images differ), an ellipsis between."""
+    if len(name) <= width:
+        return name
+    tail = min(4, width // 3)
+    return name[:width - tail - 1].rstrip() + "\u2026" + name[len(name) - tail:]
+
+
+def result_name(what: str, image: str, width: int = NAME_WIDTH) -> str:
+    """A result layer's name, what it is first ("gradcam", "regions", ...) and the image's
+    shortened name after it: napari's layer list elides the middle of long names, so both
+    ends must tell the layers apart (the full image name is in the layer's metadata)."""
+    return f"{what} \u00b7 {short_name(image, width)}"
+
+
+def _shown_score(row) -> float:
+    """What a label says the model scored: the probability, or the score itself (a
+    segmentation model's summed logit) where there is none."""
+    p = row.get("probability")
+    return float(row["score"]) if p is None or not np.isfinite(p) else float(p)
+
+
+def _add_probabilities(annotations: list, rows: list) -> None:
+    """Each region's probability (its image's row for its class) as a property, so the
+    features table keeps the logit ("score") beside it; NaN where the model gives none."""
+    found = {(tuple(r["index"]), r["class_id"]): r.get("probability", np.nan) for r in rows}
+    for a in annotations:
+        image = tuple(a.index[:len(rows[0]["index"])]) if rows else ()
+        p = found.get((image, a.properties.get("class_id")), np.nan)
+        a.properties["probability"] = np.nan if p is None else float(p)
+
+
 def heat_colormap():
     """Turbo colours whose opacity rises with the heat: cold pixels leave the image as it is,
     hot ones are painted red-yellow (the classic Grad-CAM overlay, without greying the rest)."""
@@ -510,6 +546,9 @@ class GradCamWidget(Container):
         self._region_generation = 0
         self._pbar = None
         self._last: Result | None = None
+        # the status line of the last run, as (result, text before the summary, after it, the
+        # whole line shown): re-said for the frame shown while that line is still up
+        self._said: tuple | None = None
         self._build_model_controls()
         self._build_explain_controls()
         self._build_region_controls()
@@ -624,6 +663,7 @@ class GradCamWidget(Container):
                   self.mask_mode):
             w.changed.connect(self._on_region_settings)
         self._viewer.dims.events.ndisplay.connect(self._on_ndisplay)
+        self._viewer.dims.events.current_step.connect(self._on_step)
         layers = self._viewer.layers
         layers.events.inserted.connect(self._refresh_layers)
         layers.events.removed.connect(self._refresh_layers)
@@ -1203,9 +1243,11 @@ class GradCamWidget(Container):
         dims = model_spatial_dims(job.explain.spec.module)
         how = "; 3D regions" if dims == 3 else \
             "; 2D model: explained slice by slice" if len(image_shape(job.layer)) > 2 else ""
-        self.status.value = (f"{', '.join(job.methods)}: {self._summary(result)}; "
-                             f"{len(explained.regions)} regions{how}; {result.seconds:.2f} s on "
-                             f"{describe_device(resolve_device(explained.device))}")
+        before = f"{', '.join(job.methods)}: "
+        after = (f"; {len(explained.regions)} regions{how}; {result.seconds:.2f} s on "
+                 f"{describe_device(resolve_device(explained.device))}")
+        self._said = (result, before, after, None)
+        self._on_step()
         for note in explained.notes:  # e.g. a class with no pixels in its region: zero map
             show_warning(f"napari-gradcam: {note}")
 
@@ -1216,23 +1258,45 @@ class GradCamWidget(Container):
         self.status.value = (f"segmentation: {', '.join(map(str, present)) or 'no class'} "
                              f"predicted; {result.seconds:.2f} s")
 
+    def _on_step(self, _event=None):
+        """The last run's status line, saying what the model found in the frame the viewer
+        shows (a stack's frames differ); re-said as the user scrolls, from the stored rows, as
+        long as that line is still the one shown (a later message is not overwritten)."""
+        if self._said is None:
+            return
+        result, before, after, shown = self._said
+        if shown is not None and self.status.value != shown:
+            self._said = None  # another message replaced it: scrolling leaves that alone
+            return
+        lead = len(result.explained.rows[0]["index"]) if result.explained.rows else 0
+        try:
+            frame = self._current_index(result.job.layer, lead) if lead else ()
+        except (AttributeError, ValueError, IndexError):  # the image has gone or changed shape
+            frame = None
+        text = before + self._summary(result, frame) + after
+        if text != self.status.value:
+            self.status.value = text
+        self._said = (result, before, after, text)
+
     @staticmethod
-    def _summary(result: Result) -> str:
-        """What the model said, from the job's rows: the classes found in the first image, or
-        class and logit of the first three images."""
+    def _summary(result: Result, shown: tuple[int, ...] | None = None) -> str:
+        """What the model said, from the job's rows: the classes found in (or the class and
+        probability of) the image ``shown`` (the leading indices of the frame the viewer shows;
+        the first image when it is not one of those explained). A segmentation model's score,
+        a summed logit with no probability, is shown as it is."""
         rows, named = result.explained.rows, bool(result.explained.class_names)
         images = list(dict.fromkeys(tuple(r["index"]) for r in rows))
         n = len(images)
+        here = shown if shown in images else images[0] if images else None
 
         def said(r):
-            return f"{r['class'] if named else ''} {r['score']:.2f}"
+            return f"{r['class'] if named else ''} {_shown_score(r):.2f}"
 
-        if result.job.found:
-            first = [r for r in rows if tuple(r["index"]) == images[0] and r["class_id"] >= 0]
-            text = ", ".join(map(said, first)) or "no class found"
-            return text if n == 1 else f"{text} in the first image (+{n - 1} images)"
-        text = ", ".join(map(said, rows[:3]))
-        return text + (f" (+{n - 3} images)" if n > 3 else "")
+        found = result.job.found
+        mine = [r for r in rows if tuple(r["index"]) == here and (r["class_id"] >= 0 or not found)]
+        text = ", ".join(map(said, mine)) or "no class found"
+        frame = ", ".join(map(str, here or ()))
+        return text if n == 1 else f"{text} in frame {frame} (of {n} explained)"
 
     # ---- regions from the existing heatmap ------------------------------------------------
 
@@ -1275,11 +1339,23 @@ class GradCamWidget(Container):
 
     # ---- layers (main thread only) ----------------------------------------------------------
 
-    def _find(self, name: str, role: str):
+    def _find(self, role: str, image: str, method: str | None = None):
+        """Our ``role`` layer made for the image named ``image`` (and ``method``), found by its
+        metadata, not its name: names are shortened, and the user may rename a result."""
         for layer in self._viewer.layers:
-            if layer.name == name and layer.metadata.get(META_KEY, {}).get("role") == role:
+            meta = layer.metadata.get(META_KEY, {})
+            if meta.get("role") == role and meta.get("source", meta.get("image_name")) == image \
+                    and (method is None or meta.get("method") == method):
                 return layer
         return None
+
+    def _name(self, what: str, image) -> str:
+        """The name of ``image``'s ``what`` layer: the image's name shortened, or in full when
+        another image's shortens the same (each image's results keep names of their own)."""
+        short = short_name(image.name)
+        twins = [layer for layer in self._viewer.layers if layer is not image
+                 and not self._is_ours(layer) and short_name(layer.name) == short]
+        return result_name(what, image.name, len(image.name) if twins else NAME_WIDTH)
 
     @staticmethod
     def _geometry(job: Job) -> dict:
@@ -1295,11 +1371,13 @@ class GradCamWidget(Container):
                 out[key] = tuple(value)
         return out
 
-    def _upsert(self, name: str, role: str, ndim: int, create, update):
-        """Update our layer called ``name`` in place (``update(layer)``), or add
-        ``create()``; a layer whose dimensionality changed is replaced where it was."""
+    def _upsert(self, name: str, role: str, ndim: int, create, update, job: Job,
+                method: str | None = None):
+        """Update our ``role`` layer of the job's image in place (``update(layer)``), or add
+        ``create()`` (called ``name``); a layer whose dimensionality changed is replaced where
+        it was."""
         layers = self._viewer.layers
-        layer = self._find(name, role)
+        layer = self._find(role, job.layer.name, method)
         if layer is not None and layer.ndim == ndim:
             update(layer)
             return layer
@@ -1340,7 +1418,7 @@ class GradCamWidget(Container):
             # has the scan's shape, so it can be written back aligned with it
             meta.update({key: job.layer.metadata[key] for key in VOLUME_METADATA
                          if key in job.layer.metadata})
-        name = f"{job.layer.name} {method} heatmap"
+        name = self._name(method, job.layer)
 
         # a volume (a 3D model's, or a stack of planes): rendered in the 3D view as well
         volume = model_spatial_dims(job.explain.spec.module) == 3 or \
@@ -1356,7 +1434,7 @@ class GradCamWidget(Container):
 
         layer = self._upsert(name, "heatmap", heat.ndim, lambda: Image(
             heat, name=name, colormap=heat_colormap(), blending="translucent", opacity=0.7,
-            contrast_limits=(0.0, 1.0), metadata=meta, **look, **geo), update)
+            contrast_limits=(0.0, 1.0), metadata=meta, **look, **geo), update, job, method)
         if volume:
             layer.attenuation = VOLUME_ATTENUATION
         return layer
@@ -1396,7 +1474,7 @@ class GradCamWidget(Container):
         labels, geo = self._placed(job, labels)
         meta = {META_KEY: {"role": "segmentation", "source": job.layer.name,
                            "class_names": names, "label_classes": dict(zip(values, classes))}}
-        name = f"{job.layer.name} segmentation"
+        name = self._name("segmentation", job.layer)
 
         def update(layer):
             layer.data = labels
@@ -1406,17 +1484,21 @@ class GradCamWidget(Container):
 
         return self._upsert(name, "segmentation", labels.ndim, lambda: Labels(
             labels, name=name, features=features, colormap=colormap, opacity=0.5,
-            metadata=meta, **geo), update)
+            metadata=meta, **geo), update, job)
 
     def _show_regions(self, job: Job, explained: JobResult):
         """The first method's regions as one Shapes layer (the job indexes them in the layer's
         leading axes)."""
         names = list(explained.class_names)
         ndim = job.layer.ndim
-        data, types, features = annotations_to_shapes(
-            regions_to_annotations(explained.regions, names), ndim=ndim)
+        annotations = regions_to_annotations(explained.regions, names)
+        _add_probabilities(annotations, explained.rows)
+        data, types, features = annotations_to_shapes(annotations, ndim=ndim)
+        if "probability" not in features:  # no regions: the column still exists
+            features["probability"] = np.full(len(features["score"]), np.nan)
         features["label"] = np.array(
-            [f"{c} {s:.2f}" if c else "" for c, s in zip(features["class"], features["score"])],
+            [f"{c} {_shown_score({'score': s, 'probability': p}):.2f}" if c else ""
+             for c, s, p in zip(features["class"], features["score"], features["probability"])],
             dtype=object)
         colors = np.array([[*class_color(None if np.isnan(c) else int(c)), 255]
                            for c in features["class_id"]], float).reshape(-1, 4) / 255
@@ -1427,7 +1509,7 @@ class GradCamWidget(Container):
         meta = {META_KEY: {"role": "regions", "class_names": names,
                            "image_shape": list(image_shape(job.layer)),
                            "image_name": job.layer.name, "method": explained.methods[0]}}
-        name = f"{job.layer.name} regions"
+        name = self._name("regions", job.layer)
         geo = self._geometry(job)
 
         def update(layer):
@@ -1446,7 +1528,7 @@ class GradCamWidget(Container):
                 text={"string": "{label}", "anchor": "upper_left", "size": 9,
                       "color": "white"}, **geo)
 
-        layer = self._upsert(name, "regions", ndim, create, update)
+        layer = self._upsert(name, "regions", ndim, create, update, job)
         layer.feature_defaults = defaults
         layer.current_edge_color = new_color
         layer.events.data.connect(self._kind_of_drawn)  # once: a bound method is not re-added
@@ -1477,8 +1559,8 @@ class GradCamWidget(Container):
         No 3D regions and no such layer yet: nothing is added."""
         ndim = job.layer.ndim
         vectors, ids = box_wireframe(explained.regions, ndim=ndim)
-        name = f"{job.layer.name} boxes 3D"
-        if not len(vectors) and self._find(name, "wireframe") is None:
+        name = self._name("boxes 3D", job.layer)
+        if not len(vectors) and self._find("wireframe", job.layer.name) is None:
             return None
         regions = explained.regions
         colors = np.array([[*class_color(regions[i].class_id), 255] for i in ids],
@@ -1498,7 +1580,7 @@ class GradCamWidget(Container):
 
         layer = self._upsert(name, "wireframe", ndim, lambda: Vectors(
             vectors, name=name, features=features, edge_color=colors if len(vectors) else
-            "white", metadata=meta, **style, **geo), update)
+            "white", metadata=meta, **style, **geo), update, job)
         self._on_ndisplay()
         return layer
 
