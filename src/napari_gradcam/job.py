@@ -277,7 +277,7 @@ class ExplainJob:
         targets = _every_class if self.found else runner.class_id
         # a softmax probability needs every class's logits, which one target's result lacks:
         # the first method's target choice sees them (no extra forward)
-        logits = [] if not self.found and self.segmentation is False else None
+        logits = None if self.found else []
         maps, ids, scores = {}, None, None
         for method in self.methods:
             chosen = targets
@@ -294,7 +294,7 @@ class ExplainJob:
         if not self.found:
             probs = np.full(ids.shape, np.nan, np.float32)
             every = _captured(logits or [], ids.shape[0])
-            if every is not None:
+            if every is not None and self.segmentation is False:  # known once explained
                 probs = np.take_along_axis(probabilities(self.spec, every), ids, 1)
             return BatchResult(maps, ids, scores, np.ones(ids.shape, bool), probs)
         # slot k stays class k; an empty slot (-1) holds no score: 0, so no table shows NaN
@@ -577,7 +577,7 @@ def _keep_logits(store: list, targets, logits: torch.Tensor):
     """The engine's target choice for one target (None: the predicted class, or a class
     index), keeping the part's logits of every class on the way."""
     store.append(logits.detach().float().cpu().numpy())
-    return logits.argmax(1) if targets is None else targets
+    return targets  # None: the engine's own default (also a segmentation model's)
 
 
 def _captured(store: list, n: int) -> np.ndarray | None:

@@ -87,7 +87,9 @@ def explain_batch(
     targets : None (each sample's predicted class), one class index for all samples, N indices,
         an (N, K) array of K class indices per sample (-1: no target in that slot), or a
         callable ``targets(logits) -> (N,) or (N, K)`` that picks them from the logits of this
-        same forward pass (e.g. every class with a positive logit). K targets cost one forward:
+        same forward pass (e.g. every class with a positive logit; returning None keeps the
+        default choice, for a caller that only wants to see the logits). K targets cost one
+        forward:
         gradient methods take one ``autograd.grad`` per slot over the same graph, which only
         re-traverses the layers after the target layer.
     amp : None/False (full precision), True, ``"bf16"`` or ``"fp16"``: run the model under
@@ -494,6 +496,8 @@ def _class_ids(targets, logits: torch.Tensor, pooled=None,
         return (logits.detach().argmax(1) if default is None else default())[:, None], False
     if callable(targets):
         targets = targets(logits.detach() if pooled is None else pooled())
+        if targets is None:  # the callable only looked: the default choice, as for None
+            return _class_ids(None, logits, pooled, default)[0], False
     t = torch.as_tensor(targets)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"targets must be integer class indices, not {t.dtype}.")

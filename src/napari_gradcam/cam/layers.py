@@ -19,6 +19,7 @@ from torch import nn
 
 from . import tokens
 from ._state import explaining
+from .segmentation import is_segmentation_output, remember_output
 
 # model -> {input ndim: layer name}; discovery costs one forward of a single sample, so it is done
 # once per model and input rank.
@@ -276,6 +277,8 @@ def find_target_layer(module: nn.Module, batch: torch.Tensor) -> tuple[str, nn.M
             pass
     sample = batch[:1]
     records, final = _probe(module, sample)
+    # the probe saw the model's output: whoever asks whether it segments needs no forward
+    remember_output(module, any(is_segmentation_output(t, sample) for t in final))
     layouts = _layouts(module, records, sample)
     like = _output_like(records, final)
     runs: dict[str, int] = {}

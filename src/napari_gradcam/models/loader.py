@@ -154,6 +154,18 @@ def resolve_trust(trust_code: bool, trust_pickle: bool | None) -> bool:
     return bool(trust_pickle)
 
 
+def _is_json(path: Path, limit: int = 1 << 20) -> bool:
+    """Whether a small file parses as JSON text (a sidecar given as weights); random bytes
+    that happen to start with a brace are not."""
+    if path.stat().st_size > limit:
+        return False
+    try:
+        json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
 def read_weights(path, trust_code: bool = False, *, trust_pickle: bool | None = None):
     """A state dict (dict of tensors), or a module (torch.export programs; pickled modules only
     when ``trust_code``). Corrupt and truncated files raise ValueError."""
@@ -162,7 +174,7 @@ def read_weights(path, trust_code: bool = False, *, trust_pickle: bool | None = 
     _regular_file(path, "weights file")
     with path.open("rb") as f:
         head = f.read(64)
-    if head.lstrip()[:1] in (b"{", b"["):
+    if head.lstrip()[:1] in (b"{", b"[") and _is_json(path):
         raise ValueError(f"{str(path)!r} is JSON text, not weights: if it describes the model "
                          "(a sidecar), open it as the model itself, load_model(path), and let "
                          "its 'weights' field name the weights file.")
