@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import statistics
 import sys
 import threading
@@ -35,6 +34,9 @@ import torchvision
 
 import napari_gradcam as ng
 from napari_gradcam._device import describe_device, resolve_device
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleaved, sync  # noqa: E402
 
 try:
     import pytorch_grad_cam as pgc
@@ -52,37 +54,11 @@ PEERS = {
 }
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def autocast(device, amp):
     if not amp:
         return torch.autocast(device_type=device.type, enabled=False)
     return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16,
                                                           "fp16": torch.float16}[amp])
-
-
-def interleaved(contenders: dict, repeats: int, device, budget: float) -> dict:
-    for fn in contenders.values():  # warm-up: allocator, cudnn, layer discovery
-        fn()
-        sync(device)
-    times = {k: [] for k in contenders}
-    order = list(contenders)
-    shuffle = random.Random(0).shuffle
-    for _ in range(repeats):
-        shuffle(order)  # no contender always runs right after the same one
-        for name in order:
-            if len(times[name]) >= 3 and sum(times[name]) > budget:
-                continue  # a very slow contender: 3 rounds are enough to see it
-            fn = contenders[name]
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def peer_call(method, model, layer, x):

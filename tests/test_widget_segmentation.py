@@ -11,8 +11,9 @@ from napari_gradcam.job import ExplainJob
 
 napari = pytest.importorskip("napari")
 
+from test_widget import dock, use
+
 from napari_gradcam._napari import widget as widget_mod
-from napari_gradcam._napari.widget import GradCamWidget
 
 pytestmark = pytest.mark.usefixtures("our_plugin")
 
@@ -53,18 +54,6 @@ def two_squares(size=32):
     img[A] = 1.0
     img[B] = 1.0
     return img
-
-
-def dock(viewer) -> GradCamWidget:
-    _dock, w = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM")
-    assert w.wait_until_ready(), "the demo model did not load"
-    return w
-
-
-def use(w, model, name):
-    spec = w.set_model(model, name=name)
-    assert w.wait_until_ready(), "the layer probe did not finish"
-    return spec
 
 
 def run(qtbot, w, worker=None):
