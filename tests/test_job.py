@@ -373,3 +373,16 @@ def test_segmentation_rows_have_no_probability():
     res = ExplainJob(_spec(), "gradcam", "found", device="cpu").run(_image())
     assert res.rows and all("probability" not in r for r in res.rows)
     assert np.isnan(res.probabilities).all()
+
+
+def test_regions_of_each_method_follow_that_methods_heatmap():
+    """Every method's regions come from its own maps with the first method's options."""
+    spec = ng.load_model("demo")
+    image = make_image(128, seed=6, classes=[0, 1, 2]).image
+    result = ExplainJob(spec, ["gradcam", "eigencam"], regions={"threshold": 0.6}).run(image)
+    assert result.regions_of("gradcam") is result.regions
+    eigen = result.regions_of("eigencam")
+    again = ExplainJob(spec, ["eigencam"], regions={"threshold": 0.6}).run(image)
+    assert [r.bbox for r in eigen] == [r.bbox for r in again.regions]
+    with pytest.raises(ValueError, match="was not run"):
+        result.regions_of("scorecam")

@@ -205,6 +205,20 @@ class JobResult:
         return replace(self, heatmaps=shown, regions=regions, rows=rows,
                        region_options=options, mask=mask)
 
+    def regions_of(self, method: str) -> list:
+        """``method``'s regions, found as the first method's are (same targets, options and
+        mask): for showing each method's regions beside its own heatmap. The first method's
+        are :attr:`regions` itself."""
+        if method not in self.per_target:
+            raise ValueError(f"{method!r} was not run; this result has {self.methods}.")
+        if method == self.methods[0]:
+            return self.regions
+        lead = self.class_ids.shape[:-1]
+        regions, _rows = find_targets(self.per_target[method], self.class_ids, self.scores,
+                                      self.kept, lead, self.class_names, self.region_options,
+                                      self.mask, self.offset, self.probabilities)
+        return regions
+
 
 class ExplainJob:
     """What to explain and how; the model runs only in :meth:`explain`.

@@ -34,25 +34,27 @@ from magicgui.widgets import (
     Select,
     SpinBox,
 )
-from napari.layers import Image, Labels, Shapes, Vectors
+from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.progress import cancelable_progress
 
 from .._device import describe_device, resolve_device
-from ..annotations import (
-    annotations_to_shapes,
-    box_wireframe,
-    class_color,
-    class_name,
-    regions_to_annotations,
-)
 from ..cam import EmptyTargetWarning, available_methods
 from ..explain_arrays import Progress, check_channels, layout, model_spatial_dims
 from ..job import FOUND, ExplainJob, JobResult, is_segmentation
 from ..models import ModelSpec, load_model
-from ..render import heat_ramp
+from .geometry import (
+    Outlines,
+    image_shape,
+    index_map,
+    labels_region,
+    layer_onto_image,
+    shape_outlines,
+    shapes_region,
+)
 from .io import META_KEY
+from .results import NAME_WIDTH, ResultLayers, _shown_score, heat_colormap, result_name, short_name
 
 if TYPE_CHECKING:
     import napari
@@ -68,12 +70,6 @@ SCOPES = ("current slice", "whole stack")
 MODEL_FILES = "*.safetensors *.pt *.pth *.pt2 *.ckpt *.bin *.json"
 THRESHOLD_MODES = ("absolute", "relative", "otsu")
 MASK_MODES = ("multiply", "restrict")
-# a heatmap volume in the 3D view: the hottest voxel along each ray, dimmed by what lies in
-# front of it (attenuated MIP), so the hot spot stands out where it is, in depth
-VOLUME_RENDERING = "attenuated_mip"
-VOLUME_ATTENUATION = 0.05
-# what the volume reader keeps in an image layer's metadata to write results back into the file
-VOLUME_METADATA = ("affine", "header", "kind", "source", "file_order")
 
 
 TARGET_TIP = (
@@ -101,58 +97,6 @@ def explains(dims: int, layer_ndim: int | None) -> str:
     if layer_ndim is not None and layer_ndim > 2:
         return "slice by slice (2D model: each plane on its own)"
     return "each image (2D model)"
-
-
-NAME_WIDTH = 14  # characters of the image's name kept in its result layers' names
-
-
-def short_name(name: str, width: int = NAME_WIDTH) -> str:
-    """An image's name cut to ``width`` characters for its result layers: its start and its
-    last four characters (where numbered images differ), an ellipsis between."""
-    if len(name) <= width:
-        return name
-    tail = min(4, width // 3)
-    return name[:width - tail - 1].rstrip() + "\u2026" + name[len(name) - tail:]
-
-
-def result_name(what: str, image: str, width: int = NAME_WIDTH) -> str:
-    """A result layer's name, what it is first ("gradcam", "regions", ...) and the image's
-    shortened name after it: napari's layer list elides the middle of long names, so both
-    ends must tell the layers apart (the full image name is in the layer's metadata)."""
-    return f"{what} \u00b7 {short_name(image, width)}"
-
-
-def _shown_score(row) -> float:
-    """What a label says the model scored: the probability, or the score itself (a
-    segmentation model's summed logit) where there is none."""
-    p = row.get("probability")
-    return float(row["score"]) if p is None or not np.isfinite(p) else float(p)
-
-
-def _add_probabilities(annotations: list, rows: list) -> None:
-    """Each region's probability (its image's row for its class) as a property, so the
-    features table keeps the logit ("score") beside it; NaN where the model gives none."""
-    found = {(tuple(r["index"]), r["class_id"]): r.get("probability", np.nan) for r in rows}
-    for a in annotations:
-        image = tuple(a.index[:len(rows[0]["index"])]) if rows else ()
-        p = found.get((image, a.properties.get("class_id")), np.nan)
-        a.properties["probability"] = np.nan if p is None else float(p)
-
-
-def heat_colormap():
-    """Turbo colours whose opacity rises with the heat: cold pixels leave the image as it is,
-    hot ones are painted red-yellow (the classic Grad-CAM overlay, without greying the rest)."""
-    from napari.utils.colormaps import Colormap
-
-    v, rgba = heat_ramp()  # the same ramp as the batch run's overlay PNGs
-    return Colormap(rgba, controls=v, name="gradcam heat", interpolation="linear")
-
-
-def image_shape(layer) -> tuple[int, ...]:
-    """A layer's data shape without the RGB(A) axis (full resolution for multiscale data)."""
-    data = layer.data[0] if layer.multiscale else layer.data
-    shape = tuple(data.shape)
-    return shape[:-1] if layer.rgb else shape
 
 
 def available_devices() -> list[str]:
@@ -294,161 +238,6 @@ class InsideLayer:
         return f"{self.class_name} inside layer {self.layer.name}"
 
 
-def labels_region(layer) -> np.ndarray:
-    """The pixels a Labels layer marks: all its labels (> 0), or only its selected label
-    while the layer shows only that one ("show selected"): what the user sees is what is
-    explained."""
-    data = np.asarray(layer.data[0] if getattr(layer, "multiscale", False) else layer.data)
-    if layer.show_selected_label:
-        return data == layer.selected_label
-    return data > 0
-
-
-def shapes_region(shapes, image, offset: tuple[int, ...] = ()) -> np.ndarray:
-    """The selected shapes of ``shapes`` (every shape when none is selected) rasterised onto
-    the pixels of ``image``: the vertices go through the shapes' data-to-world and the image's
-    world-to-data transforms (layers share world coordinates). The mask has the trailing
-    ``shapes.ndim`` axes of the image's shape (2D shapes: one plane for every plane), less the
-    leading axes fixed by ``offset`` (one slice explained: only the shapes on that plane)."""
-    return shape_outlines(shapes, image, offset).rasterise()
-
-
-@dataclass
-class Outlines:
-    """Shapes as 2D outlines in an image's pixel coordinates, grouped by the plane they lie
-    on: reading them is cheap (the UI thread does it), rasterising costs one (H, W) plane
-    per group, so it runs in the worker."""
-
-    shape: tuple[int, ...]  # the mask's shape: planes (leading) + (H, W)
-    planes: dict  # plane index (tuple) -> ([(n, 2) vertices], [shape types])
-    failure: str  # the error when no pixel lies inside
-
-    def rasterise(self) -> np.ndarray:
-        region = np.zeros(self.shape, bool)
-        for plane, (data, types) in self.planes.items():
-            masks = Shapes(data, shape_type=types, ndim=2).to_masks(mask_shape=self.shape[-2:])
-            np.logical_or(region[plane], np.any(masks, axis=0), out=region[plane])
-        if not region.any():
-            raise ValueError(self.failure)
-        return region
-
-
-def shape_outlines(shapes, image, offset: tuple[int, ...] = ()) -> Outlines:
-    """The outlines of :func:`shapes_region`, checked (no shapes, none near the image: a
-    ValueError saying what to change) but not yet rasterised."""
-    if not len(shapes.data):
-        raise ValueError(f"the Shapes layer {shapes.name!r} has no shapes; draw one around the "
-                         "region to explain, or choose another target.")
-    picked = sorted(shapes.selected_data) or range(len(shapes.data))
-    full = image_shape(image)
-    k = min(shapes.ndim, len(full))
-    first = len(full) - k  # the image axis of the shapes' first axis
-    fixed = max(len(offset) - first, 0)  # leading shape axes fixed by the slice explained
-    out = full[first + fixed:]
-    planes: dict = {}
-    for i in picked:
-        world = [shapes.data_to_world(v) for v in np.asarray(shapes.data[i], float)]
-        pixels = np.array([np.asarray(image.world_to_data(w), float)[-k:] for w in world])
-        # a shape drawn on a plane stays on it (napari's own masks take the first vertex's)
-        plane = tuple(int(np.floor(v + 0.5)) for v in pixels[0, :-2])
-        if plane[:fixed] != tuple(offset[first:]):
-            continue  # on another plane than the slice explained
-        plane = plane[fixed:]
-        if any(not 0 <= p < s for p, s in zip(plane, out[:-2])):
-            continue
-        yx = pixels[:, -2:]
-        if (yx.max(axis=0) < -0.5).any() or (yx.min(axis=0) > np.array(full[-2:]) - 0.5).any():
-            continue  # wholly outside the image
-        data, types = planes.setdefault(plane, ([], []))
-        data.append(yx)
-        types.append(shapes.shape_type[i])
-    what = "selected shapes" if shapes.selected_data else "shapes"
-    failure = (f"the {what} of {shapes.name!r} don't overlap the image {image.name!r}"
-               f"{' in the slice shown' if fixed else ''}; draw them on the image, or give "
-               "both layers the same scale and translate.")
-    if not planes:
-        raise ValueError(failure)
-    return Outlines(tuple(out), planes, failure)
-
-
-def _data_to_world(layer) -> tuple[np.ndarray, np.ndarray]:
-    """A layer's data-to-world transform as a matrix and an offset (probed through its
-    public ``data_to_world``: scale, translate, rotate, shear and affine together)."""
-    n = layer.ndim
-    origin = np.asarray(layer.data_to_world(np.zeros(n)), float)
-    matrix = np.stack([np.asarray(layer.data_to_world(e), float) - origin for e in np.eye(n)],
-                      axis=1)
-    return matrix, origin
-
-
-def index_map(source, image, point=None) -> tuple[np.ndarray, np.ndarray]:
-    """(A, b) with ``source index = A @ image index + b``: the image's pixels seen in the
-    ``source`` layer's data through world coordinates (trailing axes aligned, as napari
-    shows them). A source with more axes than the image is read at the viewer's ``point``
-    (world) on its extra leading axes, as shown."""
-    mi, oi = _data_to_world(image)
-    ms, os_ = _data_to_world(source)
-    ni, ns = len(oi), len(os_)
-    if ns <= ni:
-        rows, offset = mi[-ns:], oi[-ns:]
-    else:
-        lead = np.zeros(ns - ni) if point is None else np.asarray(point, float)[-ns:][:ns - ni]
-        rows = np.vstack([np.zeros((ns - ni, ni)), mi])
-        offset = np.concatenate([lead, oi])
-    inverse = np.linalg.inv(ms)
-    return inverse @ rows, inverse @ (offset - os_)
-
-
-def _geometry_text(layer) -> str:
-    text = f"{layer.name!r} (scale {tuple(float(v) for v in layer.scale)}, translate " \
-           f"{tuple(float(v) for v in layer.translate)}"
-    if not np.allclose(layer.affine.affine_matrix, np.eye(layer.ndim + 1)) or \
-            not np.allclose(layer.rotate, np.eye(layer.ndim)) or \
-            not np.allclose(layer.shear, 0):
-        text += ", with a rotation, shear or affine"
-    return text + ")"
-
-
-def layer_onto_image(data, source, image, offset: tuple[int, ...] = (), point=None):
-    """``data`` (the array of the layer ``source``) looked up at the pixel centres of
-    ``image`` (nearest source pixel; 0 / False outside it): an array over the image's axes
-    after the ``offset`` ones (one slice explained), of the image's size on each axis the
-    source varies along and 1 on the others (it then holds for every plane). Only for
-    axis-aligned transforms between the two (scale, translate; the same rotation is fine):
-    otherwise a ValueError naming both layers' geometry."""
-    a, b = index_map(source, image, point)
-    full = image_shape(image)
-    tol = 1e-6 * max(1.0, float(np.abs(a).max()))
-    used = np.abs(a) > tol
-    columns = [np.flatnonzero(row) for row in used]
-    if any(len(c) > 1 for c in columns) or len({int(c[0]) for c in columns if len(c)}) < \
-            sum(1 for c in columns if len(c)):
-        raise ValueError(
-            f"the layer {_geometry_text(source)} is rotated or sheared against the image "
-            f"{_geometry_text(image)}, so its pixels can't be matched to the image's; give "
-            "both the same rotation (or none), or paint the region on the image's grid.")
-    lead = len(offset)
-    out = [1] * (len(full) - lead)
-    index, valid = [], np.ones((1,) * len(out), bool)
-    for j, (cols, size) in enumerate(zip(columns, data.shape)):
-        if len(cols) and cols[0] >= lead:  # varies along an image axis explained
-            c = int(cols[0])
-            q = np.floor(a[j, c] * np.arange(full[c]) + b[j] + 0.5).astype(np.int64)
-            out[c - lead] = full[c]
-            shape = [1] * len(out)
-            shape[c - lead] = full[c]
-            q = q.reshape(shape)
-        else:  # constant over the pixels explained
-            p = offset[cols[0]] if len(cols) else 0
-            q = np.full((1,) * len(out), np.floor(a[j, cols[0]] * p + b[j] + 0.5)
-                        if len(cols) else np.floor(b[j] + 0.5), np.int64)
-        inside = (q >= 0) & (q < size)
-        valid = valid & inside
-        index.append(np.where(inside, q, 0))
-    values = np.asarray(data)[tuple(index)] if data.size else np.zeros(valid.shape, data.dtype)
-    return np.where(valid, values, np.zeros((), data.dtype))
-
-
 def _shown_mask_changed(old: JobResult, new: JobResult) -> bool:
     """Whether the heatmap shown differs: it is masked only when the mask multiplies."""
     def used(result):
@@ -519,7 +308,7 @@ def model_file_problem(path: Path) -> str:
             "readable or pick a copy you can read")
 
 
-class GradCamWidget(Container):
+class GradCamWidget(ResultLayers, Container):
     """CAM / Grad-CAM on the chosen image layer; heatmaps as Image layers, boxes and polygons
     as one editable Shapes layer (saved with File > Save Selected Layers: QuPath GeoJSON,
     COCO JSON or CSV). A segmentation model's targets are a class over a region (its
@@ -1337,281 +1126,10 @@ class GradCamWidget(Container):
         self._region_worker = worker
         worker.start()
 
-    # ---- layers (main thread only) ----------------------------------------------------------
-
-    def _find(self, role: str, image: str, method: str | None = None):
-        """Our ``role`` layer made for the image named ``image`` (and ``method``), found by its
-        metadata, not its name: names are shortened, and the user may rename a result."""
-        for layer in self._viewer.layers:
-            meta = layer.metadata.get(META_KEY, {})
-            if meta.get("role") == role and meta.get("source", meta.get("image_name")) == image \
-                    and (method is None or meta.get("method") == method):
-                return layer
-        return None
-
-    def _name(self, what: str, image) -> str:
-        """The name of ``image``'s ``what`` layer: the image's name shortened, or in full when
-        another image's shortens the same (each image's results keep names of their own)."""
-        short = short_name(image.name)
-        twins = [layer for layer in self._viewer.layers if layer is not image
-                 and not self._is_ours(layer) and short_name(layer.name) == short]
-        return result_name(what, image.name, len(image.name) if twins else NAME_WIDTH)
-
-    @staticmethod
-    def _geometry(job: Job) -> dict:
-        """Scale, translate, affine, units and axis labels of the source layer, for result
-        layers: they lie on the image also when its affine is oblique (a scan's voxel-to-world
-        matrix)."""
-        src = job.layer
-        out = {"scale": tuple(src.scale), "translate": tuple(src.translate),
-               "affine": np.array(src.affine.affine_matrix)}
-        for key in ("units", "axis_labels"):
-            value = getattr(src, key, None)
-            if value is not None:
-                out[key] = tuple(value)
-        return out
-
-    def _upsert(self, name: str, role: str, ndim: int, create, update, job: Job,
-                method: str | None = None):
-        """Update our ``role`` layer of the job's image in place (``update(layer)``), or add
-        ``create()`` (called ``name``); a layer whose dimensionality changed is replaced where
-        it was."""
-        layers = self._viewer.layers
-        layer = self._find(role, job.layer.name, method)
-        if layer is not None and layer.ndim == ndim:
-            update(layer)
-            return layer
-        new = create()
-        if layer is not None:
-            index = layers.index(layer)
-            layers.remove(layer)
-            layers.insert(index, new)
-        else:
-            layers.append(new)
-        return new
-
-    @staticmethod
-    def _place(layer, geometry: dict, metadata: dict):
-        for key, value in geometry.items():
-            setattr(layer, key, value)
-        layer.metadata = {**layer.metadata, **metadata}
-
-    def _placed(self, job: Job, data: np.ndarray):
-        """A result array and the layer geometry that puts it on the image: for one slice, a
-        layer one frame deep placed at that frame."""
-        geo = self._geometry(job)
-        if job.offset:
-            k = len(job.offset)
-            data = data.reshape((1,) * k + data.shape)
-            geo["translate"] = tuple(
-                t + i * s for t, i, s in zip(geo["translate"][:k], job.offset, geo["scale"][:k])
-            ) + geo["translate"][k:]
-        return data, geo
-
-    def _show_heatmap(self, job: Job, explained: JobResult, method: str):
-        heat = explained.heatmaps[method]  # "every class found": the classes' maps combined
-        heat, geo = self._placed(job, heat)
-        meta = {META_KEY: {"role": "heatmap", "source": job.layer.name, "method": method,
-                           "target_layer": explained.target_layer,
-                           "class_names": list(explained.class_names)}}
-        if not job.offset:  # the scan's file geometry (NIfTI / DICOM reader): the heatmap
-            # has the scan's shape, so it can be written back aligned with it
-            meta.update({key: job.layer.metadata[key] for key in VOLUME_METADATA
-                         if key in job.layer.metadata})
-        name = self._name(method, job.layer)
-
-        # a volume (a 3D model's, or a stack of planes): rendered in the 3D view as well
-        volume = model_spatial_dims(job.explain.spec.module) == 3 or \
-            len(image_shape(job.layer)) - len(job.offset) >= 3
-        look = {"rendering": VOLUME_RENDERING} if volume else {}
-
-        def update(layer):
-            layer.data = heat
-            self._place(layer, geo, meta)
-            layer.contrast_limits = (0.0, 1.0)
-            for key, value in look.items():
-                setattr(layer, key, value)
-
-        layer = self._upsert(name, "heatmap", heat.ndim, lambda: Image(
-            heat, name=name, colormap=heat_colormap(), blending="translucent", opacity=0.7,
-            contrast_limits=(0.0, 1.0), metadata=meta, **look, **geo), update, job, method)
-        if volume:
-            layer.attenuation = VOLUME_ATTENUATION
-        return layer
-
-    @staticmethod
-    def label_classes(spec: ModelSpec, labels: np.ndarray) -> tuple[list, list]:
-        """The label values of a segmentation and the class each means: value v is class v
-        (softmax heads: 0 = background), or class v - 1 for multi-label heads, where 0 means
-        no class (one output channel without ``output`` = multi-label, as the engine rules).
-        Without class names, the values present, named by class index."""
-        names = list(spec.class_names or ())
-        multilabel = spec.output == "multilabel" or (spec.output is None and len(names) == 1)
-        shift = 1 if multilabel else 0
-        top = len(names) + shift if names else int(labels.max(initial=0)) + 1
-        values = list(range(top))
-        classes = [v - shift for v in values]
-        return values, classes
-
-    def _show_segmentation(self, job: Job, labels: np.ndarray):
-        """The predicted labels as a Labels layer on the image (updated in place on a re-run),
-        each class in its regions' colour, background transparent; hovering shows the class
-        (the layer's features: one row per label value)."""
-        from napari.utils.colormaps import DirectLabelColormap
-
-        spec = job.explain.spec
-        names = list(spec.class_names or ())
-        values, classes = self.label_classes(spec, labels)
-        features = {"index": np.array(values),
-                    "class": np.array(["" if c < 0 else class_name(names, c, str(c))
-                                       for c in classes], dtype=object),
-                    "class_id": np.array(classes)}
-        clear = (0.0, 0.0, 0.0, 0.0)
-        colors = {None: clear, 0: clear, **{
-            v: (*(np.array(class_color(c)) / 255), 1.0) for v, c in zip(values, classes)
-            if v and c >= 0}}
-        colormap = DirectLabelColormap(color_dict=colors)
-        labels, geo = self._placed(job, labels)
-        meta = {META_KEY: {"role": "segmentation", "source": job.layer.name,
-                           "class_names": names, "label_classes": dict(zip(values, classes))}}
-        name = self._name("segmentation", job.layer)
-
-        def update(layer):
-            layer.data = labels
-            layer.features = features
-            layer.colormap = colormap
-            self._place(layer, geo, meta)
-
-        return self._upsert(name, "segmentation", labels.ndim, lambda: Labels(
-            labels, name=name, features=features, colormap=colormap, opacity=0.5,
-            metadata=meta, **geo), update, job)
-
-    def _show_regions(self, job: Job, explained: JobResult):
-        """The first method's regions as one Shapes layer (the job indexes them in the layer's
-        leading axes)."""
-        names = list(explained.class_names)
-        ndim = job.layer.ndim
-        annotations = regions_to_annotations(explained.regions, names)
-        _add_probabilities(annotations, explained.rows)
-        data, types, features = annotations_to_shapes(annotations, ndim=ndim)
-        if "probability" not in features:  # no regions: the column still exists
-            features["probability"] = np.full(len(features["score"]), np.nan)
-        features["label"] = np.array(
-            [f"{c} {_shown_score({'score': s, 'probability': p}):.2f}" if c else ""
-             for c, s, p in zip(features["class"], features["score"], features["probability"])],
-            dtype=object)
-        colors = np.array([[*class_color(None if np.isnan(c) else int(c)), 255]
-                           for c in features["class_id"]], float).reshape(-1, 4) / 255
-        # rows for shapes the user draws: blank (no class: what a hand-drawn shape shows is the
-        # user's, not the model's), their kind filled in from the shape once drawn
-        defaults = {key: ("" if col.dtype == object else np.nan) for key, col in features.items()}
-        new_color = np.array([1.0, 1.0, 1.0, 1.0])
-        meta = {META_KEY: {"role": "regions", "class_names": names,
-                           "image_shape": list(image_shape(job.layer)),
-                           "image_name": job.layer.name, "method": explained.methods[0]}}
-        name = self._name("regions", job.layer)
-        geo = self._geometry(job)
-
-        def update(layer):
-            layer.data = []
-            if data:
-                layer.add(list(zip(data, types)), edge_color=colors, edge_width=2,
-                          face_color="transparent")
-            layer.features = features
-            self._place(layer, geo, meta)
-
-        def create():
-            return Shapes(
-                data or None, ndim=ndim, shape_type=types or "polygon", name=name,
-                features=features, edge_color=colors if data else "white", edge_width=2,
-                face_color="transparent", metadata=meta,
-                text={"string": "{label}", "anchor": "upper_left", "size": 9,
-                      "color": "white"}, **geo)
-
-        layer = self._upsert(name, "regions", ndim, create, update, job)
-        layer.feature_defaults = defaults
-        layer.current_edge_color = new_color
-        layer.events.data.connect(self._kind_of_drawn)  # once: a bound method is not re-added
-        self._show_wireframe(job, explained)
-        return layer
-
-    @staticmethod
-    def _kind_of_drawn(event):
-        """Shapes added to the regions layer by hand (or from Python) come with the default
-        row, whose kind is blank: give them their shape type once they are added (a drawn
-        polygon is a path until its last click, so only the end of the drawing is final)."""
-        if str(getattr(event, "action", "")) != "added":
-            return
-        layer = event.source
-        kinds = layer.features.get("kind")
-        if kinds is None:
-            return
-        types = layer.shape_type
-        blank = [i for i, k in enumerate(kinds) if i < len(types) and (not isinstance(k, str)
-                                                                       or not k)]
-        if blank:
-            layer.features.loc[layer.features.index[blank], "kind"] = [types[i] for i in blank]
-            layer.events.features()
-
-    def _show_wireframe(self, job: Job, explained: JobResult):
-        """The boxes of the 3D regions as edges in the 3D view (a Vectors layer, shown only
-        while the viewer is in 3D: in a 2D slice the Shapes layer's rectangles are the boxes).
-        No 3D regions and no such layer yet: nothing is added."""
-        ndim = job.layer.ndim
-        vectors, ids = box_wireframe(explained.regions, ndim=ndim)
-        name = self._name("boxes 3D", job.layer)
-        if not len(vectors) and self._find("wireframe", job.layer.name) is None:
-            return None
-        regions = explained.regions
-        colors = np.array([[*class_color(regions[i].class_id), 255] for i in ids],
-                          float).reshape(-1, 4) / 255
-        features = {"region": ids, "region_label": np.array(
-            [np.nan if getattr(regions[i], "label", None) is None else regions[i].label
-             for i in ids], float)}
-        meta = {META_KEY: {"role": "wireframe", "source": job.layer.name}}
-        geo = self._geometry(job)
-        style = {"edge_width": 1.0, "vector_style": "line", "length": 1.0}
-
-        def update(layer):
-            layer.data = vectors
-            layer.features = features
-            layer.edge_color = colors if len(vectors) else "white"
-            self._place(layer, geo, meta)
-
-        layer = self._upsert(name, "wireframe", ndim, lambda: Vectors(
-            vectors, name=name, features=features, edge_color=colors if len(vectors) else
-            "white", metadata=meta, **style, **geo), update, job)
-        self._on_ndisplay()
-        return layer
-
-    def _on_ndisplay(self, _event=None):
-        """In the 3D view an image with 3D regions shows their box wireframes and not its
-        per-plane outlines (every plane's rectangle and polygon stacked hide the heat); in a
-        2D slice the outlines, and not the wireframes (they would repeat the rectangles of the
-        planes where the boxes begin and end)."""
-        three = self._viewer.dims.ndisplay == 3
-        ours = [(layer, layer.metadata.get(META_KEY, {})) for layer in self._viewer.layers]
-        framed = {meta.get("source") for layer, meta in ours
-                  if meta.get("role") == "wireframe" and len(layer.data)}
-        for layer, meta in ours:
-            if meta.get("role") == "wireframe":
-                layer.visible = three
-            elif meta.get("role") == "regions" and meta.get("image_name") in framed:
-                layer.visible = not three
-
-    def toggle_grid(self, _event=None):
-        """Heatmaps side by side (napari grid mode), or back to one overlaid view."""
-        canvas = getattr(self._viewer, "canvas", None)  # napari >= 0.9; before: viewer.grid
-        grid = canvas.grid if canvas is not None and hasattr(canvas, "grid") else \
-            self._viewer.grid
-        grid.enabled = not grid.enabled
-        self.grid_button.text = "Overlay" if grid.enabled else "Side by side"
-        # alone in its cell a heatmap reads best opaque (cold = blue); over the image, it is
-        # transparent where cold
-        for layer in self._viewer.layers:
-            if layer.metadata.get(META_KEY, {}).get("role") == "heatmap":
-                layer.colormap = "turbo" if grid.enabled else heat_colormap()
-                layer.opacity = 1.0 if grid.enabled else 0.7
 
 
-__all__ = ["GradCamWidget", "available_devices", "compute"]
+
+# the geometry and naming helpers are used from here by scripts written against this module
+__all__ = ["NAME_WIDTH", "GradCamWidget", "available_devices", "compute", "heat_colormap",
+           "image_shape", "index_map", "labels_region", "layer_onto_image", "result_name",
+           "shape_outlines", "shapes_region", "short_name"]
