@@ -11,6 +11,7 @@ from .. import export
 from ..annotations import annotations_to_shapes, class_color, shapes_to_annotations
 
 META_KEY = "napari_gradcam"  # layer.metadata[META_KEY]: class_names, image_shape, image_name
+PLUGIN = "napari-gradcam"  # the name in napari.yaml
 
 
 def _layer(data, attributes):
@@ -20,7 +21,7 @@ def _layer(data, attributes):
     return annotations, meta
 
 
-def write_geojson_layer(path: str, data, attributes: dict) -> list[str]:
+def _write_geojson(path: str, data, attributes: dict) -> None:
     annotations, meta = _layer(data, attributes)
     labels = attributes.get("axis_labels") or ()
     lead = max((len(a.index) for a in annotations), default=0)
@@ -31,21 +32,95 @@ def write_geojson_layer(path: str, data, attributes: dict) -> list[str]:
             axes = [n if n in ("z", "t") else None for n in names]
     export.write_geojson(annotations, path, class_names=meta.get("class_names"),
                          scale=attributes.get("scale"), plane_axes=axes)
-    return [path]
 
 
-def write_coco_layer(path: str, data, attributes: dict) -> list[str]:
+def _write_coco(path: str, data, attributes: dict) -> None:
     annotations, meta = _layer(data, attributes)
     export.write_coco(annotations, path, class_names=meta.get("class_names"),
                       image_shape=meta.get("image_shape"),
                       image_name=meta.get("image_name") or attributes.get("name") or "image")
+
+
+def _write_csv(path: str, data, attributes: dict) -> None:
+    """Our CSV (a row per shape with its features) for a layer of ours; any other Shapes layer
+    is written by napari's own Shapes writer, in napari's vertex CSV, exactly as if this plugin
+    were not installed: our writers come first once the plugin is used (see :func:`activate`),
+    and a user's own layer must still reopen in napari."""
+    if META_KEY not in (attributes.get("metadata") or {}):
+        from napari_builtins.io import napari_write_shapes
+
+        if napari_write_shapes(path, data, attributes) is None:
+            raise ValueError(f"napari's Shapes writer wrote nothing to {path!r}; save the layer "
+                             "as .geojson or .json instead.")
+        return
+    annotations, meta = _layer(data, attributes)
+    export.write_csv(annotations, path, class_names=meta.get("class_names"))
+
+
+# file ending -> what gets written; the first ending of each format is the one a bare name gets
+FORMATS = {".geojson": _write_geojson, ".json": _write_coco, ".csv": _write_csv}
+
+
+def _write(path: str, data, attributes: dict, own: str) -> list[str]:
+    """Write the format the file name asks for. napari's save dialog calls the writer of the
+    file type selected in the dialog with whatever name was typed, so a name ending in another
+    of our formats gets that format (``regions.csv`` typed under "QuPath GeoJSON" is CSV, not
+    GeoJSON in a .csv file), and a bare name gets this writer's own ending, as napari's own
+    writers do."""
+    path = str(path)
+    name = Path(path).name
+    ext = Path(path).suffix.lower()
+    if not ext:
+        path, ext = path + own, own
+    if ext not in FORMATS:
+        raise ValueError(
+            f"napari-gradcam cannot write {name!r}: a Shapes layer is saved as .geojson "
+            f"(QuPath), .json (COCO) or .csv, so end the file name with one of these, or pick "
+            f"another plugin's file type in the save dialog.")
+    FORMATS[ext](path, data, attributes)
     return [path]
+
+
+def write_geojson_layer(path: str, data, attributes: dict) -> list[str]:
+    return _write(path, data, attributes, ".geojson")
+
+
+def write_coco_layer(path: str, data, attributes: dict) -> list[str]:
+    return _write(path, data, attributes, ".json")
 
 
 def write_csv_layer(path: str, data, attributes: dict) -> list[str]:
-    annotations, meta = _layer(data, attributes)
-    export.write_csv(annotations, path, class_names=meta.get("class_names"))
-    return [path]
+    return _write(path, data, attributes, ".csv")
+
+
+def activate(context=None) -> None:
+    """Put our Shapes writers ahead of the other plugins' (run by npe2 when napari first uses
+    any part of this plugin: the widget, a reader, a sample, a writer).
+
+    napari offers writers in npe2's registration order: the save dialog preselects the first
+    compatible writer's file type and calls that writer whatever name is typed, and
+    ``save_layers("x.csv", ...)`` takes the first writer claiming ``.csv``. The order is the
+    order the environment's packages happened to be found in, usually napari's own first, so
+    a regions layer went out as napari's vertex CSV (features dropped) and ``regions.geojson``
+    typed in the dialog went to napari's CSV writer, which wrote nothing. npe2 has no writer
+    priority and napari reads no ``extension2writer`` setting, so we move our entries to the
+    front of npe2's writer index: no setting of the user's is changed, it lasts for the
+    session, and napari's CSV stays in the dialog's list and behind
+    ``plugin="napari.write_shapes"``. If npe2's index looks different from what this expects,
+    the order is left alone.
+    """
+    from npe2 import PluginManager
+
+    index = getattr(PluginManager.instance(), "_contrib", None)
+    entries = getattr(index, "_writers", None)
+    if not isinstance(entries, list):
+        return
+    try:
+        ours = [e for e in entries if e[3].plugin_name == PLUGIN]
+        rest = [e for e in entries if e[3].plugin_name != PLUGIN]
+    except (AttributeError, IndexError, TypeError):
+        return
+    index._writers = ours + rest
 
 
 def get_reader(path):
