@@ -297,11 +297,16 @@ def _batch_parser(sub) -> None:
                         "models 0 = no class and class c = c + 1)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--batch-size", default=None, help="images per pass (auto)")
-    b.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
+    b.add_argument("--overlay", action="store_true",
+                   help="also write overlay PNGs: the image in grey with the heat, each "
+                        "region's box and polygon outline in its class colour, and one label "
+                        "per region ('<class> <probability>', the score where the model "
+                        "gives no probability; overlapping labels keep the larger region's)")
     b.add_argument("--volume-overlay", default="mip", choices=("mip", "mid"),
                    help="how --overlay draws a volume explained by a 3D model: mip (default: "
-                        "maximum-intensity projection of image and heat, every region's box) "
-                        "or mid (the middle plane, the boxes crossing it)")
+                        "maximum-intensity projection of image and heat, every region "
+                        "projected: its box's footprint and outline) or mid (the middle "
+                        "plane, the regions crossing it)")
     b.add_argument("--overwrite", action="store_true", help="redo finished inputs")
     b.add_argument("--workers", default="2",
                    help="reader and writer threads each (default 2)")

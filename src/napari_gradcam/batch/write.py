@@ -11,9 +11,11 @@ named ``<name>[_<t>]_z<k>`` after its plane. Each volume also gets ``regions/<na
 to its label): ``regions/<name>_regions.nii.gz`` beside ``heatmaps/<name>_heatmap.nii.gz``
 with the source's affine for NIfTI and DICOM inputs, whose outputs then overlay the scan in
 3D Slicer or ITK-SNAP; ``regions/<key>_regions.tif`` for TIFF and zarr volumes, whose world
-columns are voxel coordinates. ``--overlay`` draws a volume as one PNG: the maximum-intensity
-projection of image and heat with every box's footprint (``mip``), or its middle plane with
-the boxes crossing it (``mid``).
+columns are voxel coordinates. ``--overlay`` draws each image as a PNG: the image in grey
+with its heat, each region's box and polygon outline in its class colour and one label per
+region (see :mod:`napari_gradcam.render`); a volume as one PNG: the maximum-intensity
+projection of image and heat with every region projected (``mip``), or its middle plane with
+the regions crossing it (``mid``).
 
 A segmentation model's predicted labels (``--write-segmentation``) go to
 ``segmentation/<name>_labels.nii.gz`` with the source's affine for NIfTI and DICOM inputs, to
@@ -32,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..annotations import class_color, regions_to_annotations
+from ..annotations import regions_to_annotations
 from ..explain_arrays import layout
 from ..export import read_geojson, write_coco_dataset, write_geojson
 from ..files import atomic_output, atomic_write
 from ..job import BatchResult, ExplainJob, shift_index
-from ..render import overlay_rgb
+from ..render import draw_regions, overlay_rgb, region_labels, volume_regions
 from .discover import Unit
 from .read import IMAGE_SUFFIXES, _zarr, open_lazy, tiff_series_note
 from .records import STATE_DIR, Record, _failed, _write_record
@@ -90,11 +92,12 @@ def finish_unit(unit: Unit, out: Path, pixels: np.ndarray | None, result: BatchR
     if dims == 3 or volume is not None:
         _write_volume_regions(unit, out, heat.shape, offset, regions, volume, class_names)
     if opts.overlay and pixels is not None:
+        drawn = (regions, summary.rows, class_names)
         if dims == 3:
-            _write_volume_overlays(unit, out, pixels, heat, lead, offset, regions,
+            _write_volume_overlays(unit, out, pixels, heat, lead, offset, *drawn,
                                    getattr(opts, "volume_overlay", "mip"))
         else:
-            _write_overlays(unit, out, pixels, heat, lead, offset)
+            _write_overlays(unit, out, pixels, heat, lead, offset, *drawn)
     shape = [*(lead if not offset else (unit.stop,) + tuple(lead[1:])), *heat.shape[len(lead):]]
     note = tiff_series_note(unit.path) if unit.kind not in ("array", "volume") else ""
     # a segmentation class with no pixels in its region: its map is zero; say so in the summary
@@ -179,17 +182,34 @@ def _write_labels(unit: Unit, out: Path, labels: np.ndarray, volume=None,
         tifffile.imwrite(str(tmp), labels, photometric="minisblack")
 
 
+def _by_image(regions, axes: int) -> dict:
+    """Regions grouped by their image's index (its first ``axes`` entries; a plane-wise
+    region of a volume carries its plane after them), in order."""
+    out: dict = {}
+    for r in regions:
+        out.setdefault(tuple(int(i) for i in r.index[:axes]), []).append(r)
+    return out
+
+
 def _write_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
-                    lead: tuple, offset: tuple) -> None:
+                    lead: tuple, offset: tuple, regions: list = (), rows: list = (),
+                    class_names=None) -> None:
+    """A PNG per image: the image in grey with its heat, and over it each of its regions'
+    polygon and box in the class colour with one "<class> <probability>" label
+    (:func:`~napari_gradcam.render.draw_regions`)."""
     import imageio.v3 as iio
 
+    by_image = _by_image(regions, max(len(lead), len(offset)))
     for idx in np.ndindex(*lead) if lead else [()]:
         image = pixels[idx] if idx else pixels
-        suffix = "".join(f"_{i}" for i in shift_index(idx, offset))
+        full = shift_index(idx, offset)
+        mine = by_image.get(full, [])
+        rgb = draw_regions(overlay_rgb(image, heat[idx] if idx else heat), mine,
+                           region_labels(mine, rows, class_names))
+        suffix = "".join(f"_{i}" for i in full)
         path = out / "overlays" / f"{unit.name}{suffix}.png"
         with atomic_output(path) as tmp:
-            iio.imwrite(str(tmp), overlay_rgb(image, heat[idx] if idx else heat),
-                        extension=".png")
+            iio.imwrite(str(tmp), rgb, extension=".png")
 
 
 # boxes.csv's columns (volumes.box_rows' keys), for a volume without regions
@@ -236,37 +256,30 @@ def _write_volume_regions(unit: Unit, out: Path, shape: tuple, offset: tuple, re
         tifffile.imwrite(str(tmp), labels, photometric="minisblack")
 
 
-def _draw_boxes(rgb: np.ndarray, boxes) -> None:
-    """Outline each (row0, col0, row1, col1, colour) box (max exclusive) one pixel wide."""
-    h, w = rgb.shape[:2]
-    for r0, c0, r1, c1, colour in boxes:
-        r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, h) - 1, min(c1, w) - 1
-        if r1 < r0 or c1 < c0:
-            continue
-        rgb[[r0, r1], c0:c1 + 1] = colour
-        rgb[r0:r1 + 1, [c0, c1]] = colour
-
-
 def _write_volume_overlays(unit: Unit, out: Path, pixels: np.ndarray, heat: np.ndarray,
-                           lead: tuple, offset: tuple, regions: list, mode: str) -> None:
+                           lead: tuple, offset: tuple, regions: list, rows: list,
+                           class_names, mode: str) -> None:
     """One PNG per volume: ``mip`` paints the maximum-intensity projections of image and heat
-    along the first spatial axis with every 3D box's footprint (each region shows, wherever
-    it lies); ``mid`` the middle plane with the boxes that cross it."""
+    along the first spatial axis with every region projected (its box's footprint and the
+    union of its outlines: each region shows, wherever it lies); ``mid`` the middle plane
+    with the regions that cross it (their box's rows and columns, their outline in that
+    plane). Each drawn region gets its class colour and one label
+    (:func:`~napari_gradcam.render.volume_regions`, :func:`~napari_gradcam.render.draw_regions`)."""
     import imageio.v3 as iio
 
+    by_image = _by_image(regions, max(len(lead), len(offset)))
     for idx in np.ndindex(*lead) if lead else [()]:
         image = pixels[idx] if idx else pixels  # (D, H, W) or (D, H, W, C)
         h = heat[idx] if idx else heat
         full = shift_index(idx, offset)
-        boxes = [r for r in regions if tuple(r.index) == full and len(r.bbox) == 6]
+        mine = by_image.get(full, [])
+        z = h.shape[0] // 2
         if mode == "mid":
-            z = h.shape[0] // 2
             rgb = overlay_rgb(image[z], h[z])
-            boxes = [r for r in boxes if r.bbox[0] <= z < r.bbox[3]]
         else:
             rgb = overlay_rgb(image.max(axis=0), h.max(axis=0))
-        _draw_boxes(rgb, [(*r.bbox[1:3], *r.bbox[4:6], class_color(r.class_id))
-                          for r in boxes])
+        shown = volume_regions(mine, mode, z)
+        rgb = draw_regions(rgb, shown, region_labels(shown, rows, class_names))
         suffix = "".join(f"_{i}" for i in full)
         with atomic_output(out / "overlays" / f"{unit.name}{suffix}.png") as tmp:
             iio.imwrite(str(tmp), rgb, extension=".png")
