@@ -106,7 +106,6 @@ def _batch(args) -> int:
 
 
 def _batch_run(args, state: dict) -> int:
-    from .models import load_model
     from .batch import (
         Options, check_output, check_segmentation_options, claim_output, collect_units,
         iter_progress, make_job, process_units, run_settings, write_summary,
@@ -121,10 +120,7 @@ def _batch_run(args, state: dict) -> int:
     _check_batch_options(args)  # every option, before the model loads or anything is written
     # an --out that is a file, can't be written or holds an input: before anything is loaded
     out = check_output(args.out, args.inputs)
-    model = {"source": args.model, "trust_code": args.trust_code}
-    if args.weights:
-        model["weights"] = args.weights
-    spec = load_model(**model)
+    spec, model = _load_model(args)
     opts = Options(method=args.method, target=args.target, threshold=args.threshold,
                    threshold_mode=args.threshold_mode, min_area=args.min_area,
                    simplify=args.simplify, device=args.device, batch_size=args.batch_size,
@@ -190,7 +186,6 @@ def _check_batch_options(args) -> None:
     """Check and convert every option of ``batch`` before any model is loaded or any file
     written, so that a typo costs one line (exit status 2) instead of a run over every input.
     Numbers are parsed here rather than by argparse, whose errors add a usage block."""
-    from ._device import resolve_device
     from .batch import mask_pattern_problem
 
     args.threshold = _threshold(args.threshold)
@@ -217,10 +212,7 @@ def _check_batch_options(args) -> None:
         problem = None if pattern is None else mask_pattern_problem(pattern)
         if problem:
             raise ValueError(f"{flag} {pattern!r}: {problem}.")
-    try:
-        resolve_device(args.device)
-    except ValueError as err:
-        raise ValueError(f"--device {args.device!r}: {err}") from None
+    _check_device(args)
 
 
 def _method_and_device(parser, default: str) -> None:
@@ -229,6 +221,143 @@ def _method_and_device(parser, default: str) -> None:
     parser.add_argument("--method", action="append", choices=available_methods(),
                         help=f"method to run (repeatable; {default})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _shared_arguments(p, target_help: str) -> None:
+    """What ``batch`` and ``evaluate`` both take: the inputs, --out, the model (file, weights,
+    trust), the target, the device and the batch size."""
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files (PNG, JPEG, TIFF incl. multi-page and 16-bit), NIfTI "
+                        "volumes (.nii, .nii.gz), DICOM series (a folder of slices is one "
+                        "input), folders (searched recursively) or zarr arrays (each leading "
+                        "index one image)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--model", default="demo",
+                   help="demo, a weights file with its sidecar JSON, a sidecar JSON, a .pt2, or "
+                        "an architecture name with --weights (default: demo)")
+    p.add_argument("--weights", help="weights file for an architecture name")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a model file to run code: pickled objects, or an architecture "
+                        "named in its sidecar outside the known families (only files you "
+                        "trust)")
+    p.add_argument("--trust-pickle", action="store_true", dest="trust_code",
+                   help=argparse.SUPPRESS)  # the old name of --trust-code
+    p.add_argument("--target", default=None, help=target_help)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", default=None, help="images per pass (auto)")
+
+
+def _load_model(args):
+    """The model the shared arguments name, and ``load_model``'s arguments (for the
+    settings' fingerprint)."""
+    from .models import load_model
+
+    model = {"source": args.model, "trust_code": args.trust_code}
+    if args.weights:
+        model["weights"] = args.weights
+    return load_model(**model), model
+
+
+def _check_device(args) -> None:
+    from ._device import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"--device {args.device!r}: {err}") from None
+
+
+def _evaluate(args) -> int:
+    """The evaluate command: options checked first (one line, exit status 2), then the
+    model, then every input; the summary table on stdout."""
+    from .batch import check_output
+    from .evaluate import check_metrics, evaluate
+
+    steps = _whole(args.steps, "--steps", 1, "a whole number of deletion / insertion steps "
+                                             ">= 1 (e.g. 50)")
+    seed = _whole(args.seed, "--seed", 0, "a whole number >= 0")
+    try:
+        threshold = float(str(args.threshold).strip())
+    except ValueError:
+        threshold = math.nan
+    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"--threshold {str(args.threshold)!r}: give a heat value in [0, 1] "
+                         "(e.g. 0.5).")
+    batch_size = None if args.batch_size is None else _whole(
+        args.batch_size, "--batch-size", 1, "a whole number of images per pass >= 1, or leave "
+                                            "it out (automatic)")
+    try:
+        metrics = None if args.metrics is None else check_metrics(args.metrics)
+    except ValueError as err:
+        raise ValueError(f"--metrics {args.metrics!r}: {err}") from None
+    _check_device(args)
+    out = check_output(args.out, args.inputs)
+    spec, model = _load_model(args)
+    quiet = args.quiet
+
+    def progress(done: int, total: int, name: str) -> None:
+        if not quiet:
+            print(f"napari-gradcam: evaluated {done}/{total}: {name}", file=sys.stderr)
+
+    try:
+        result = evaluate(args.inputs, spec, args.method or ["gradcam"], args.annotations,
+                          out, metrics=metrics, steps=steps, threshold=threshold,
+                          baseline=args.baseline, seed=seed, target=args.target,
+                          device=args.device, batch_size=batch_size, overwrite=args.overwrite,
+                          model=model, progress=progress)
+    except KeyboardInterrupt:
+        print("napari-gradcam: interrupted: nothing was written; run the same command again.",
+              file=sys.stderr)
+        return 130
+    print(result.table())
+    images = len({(r["image"], tuple(r["index"])) for r in result.rows})
+    print(f"napari-gradcam: {images} image{'s' * (images != 1)} evaluated, written to {out} "
+          f"(metrics.csv, summary.csv{', curves/' if result.curves else ''})")
+    return 0
+
+
+def _evaluate_parser(sub) -> None:
+    from .cam import available_methods
+    from .evaluate import BASELINES, DEFAULT_METRICS, METRICS
+
+    e = sub.add_parser(
+        "evaluate",
+        help="can the heatmaps be trusted? deletion / insertion, ROAD, average drop, "
+             "agreement with annotations and the sanity check per image, as CSV, a summary "
+             "table and curve plots",
+        description="Explain every image of the inputs (every image of a stack is a row) and "
+                    "measure its heatmaps for the class they explain. Writes into OUT: "
+                    "metrics.csv (a row per image and method), summary.csv (means per "
+                    "method), curves/<image>_<method>.png (deletion and insertion curves, "
+                    "their AUC in the legend) and curves/mean_<method>.png; prints the "
+                    "summary table. Classifiers only.",
+    )
+    _shared_arguments(e, target_help="class name or index to explain and score (default: each "
+                                     "image's prediction)")
+    e.add_argument("--method", action="append", choices=available_methods(),
+                   help="method to evaluate (repeatable; default gradcam)")
+    e.add_argument("--annotations", metavar="PATTERN",
+                   help="each input's annotation, with {dir}, {name}, {stem} as for batch's "
+                        "--mask: a mask image (> 0 = annotated), a GeoJSON (QuPath's or ours) "
+                        "or a COCO JSON (a file of many images is matched by file name). An "
+                        "input without one gets 'no annotation' in the annotated column")
+    e.add_argument("--metrics", metavar="LIST",
+                   help=f"comma-separated, from {', '.join(METRICS)} (default: "
+                        f"{','.join(DEFAULT_METRICS)}; agreement only with --annotations). "
+                        "sanity (cascading weight randomisation) is slow: it explains every "
+                        "image again once per layer of the model")
+    e.add_argument("--steps", default="50", help="deletion / insertion steps (default 50)")
+    e.add_argument("--threshold", default="0.5",
+                   help="heat threshold in [0, 1] for IoU / Dice and the regions (default 0.5)")
+    e.add_argument("--baseline", default="black", choices=BASELINES,
+                   help="what a deleted pixel becomes (deletion, average drop): black (zero "
+                        "intensity, default), blur (a blurred copy) or mean (the training mean)")
+    e.add_argument("--seed", default="0", help="ROAD's imputation noise and the sanity "
+                                               "check's random weights (default 0)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="write into an OUT that holds results made with other settings")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
+    e.set_defaults(func=_evaluate)
 
 
 def _batch_parser(sub) -> None:
@@ -250,30 +379,14 @@ def _batch_parser(sub) -> None:
                     "class inside its predicted region, or inside --target-mask. A "
                     "second run skips finished inputs. Exit status 1 when an input failed.",
     )
-    b.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files (PNG, JPEG, TIFF incl. multi-page and 16-bit), NIfTI "
-                        "volumes (.nii, .nii.gz), DICOM series (a folder of slices is one "
-                        "input), folders (searched recursively) or zarr arrays (each leading "
-                        "index one image)")
-    b.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    b.add_argument("--model", default="demo",
-                   help="demo, a weights file with its sidecar JSON, a sidecar JSON, a .pt2, or "
-                        "an architecture name with --weights (default: demo)")
-    b.add_argument("--weights", help="weights file for an architecture name")
-    b.add_argument("--trust-code", action="store_true",
-                   help="allow a model file to run code: pickled objects, or an architecture "
-                        "named in its sidecar outside the known families (only files you "
-                        "trust)")
-    b.add_argument("--trust-pickle", action="store_true", dest="trust_code",
-                   help=argparse.SUPPRESS)  # the old name of --trust-code
+    _shared_arguments(
+        b, target_help="class name or index to explain, or 'found': every class with a "
+                       "positive logit (multi-label models; a summary row per class found). "
+                       "Default: each image's prediction. For a segmentation model: the "
+                       "class's predicted region (or its --target-mask region); default the "
+                       "class with the largest predicted region; 'found' every class "
+                       "predicted somewhere")
     b.add_argument("--method", default="gradcam", choices=available_methods())
-    b.add_argument("--target", default=None,
-                   help="class name or index to explain, or 'found': every class with a "
-                        "positive logit (multi-label models; a summary row per class found). "
-                        "Default: each image's prediction. For a segmentation model: the "
-                        "class's predicted region (or its --target-mask region); default the "
-                        "class with the largest predicted region; 'found' every class "
-                        "predicted somewhere")
     b.add_argument("--threshold", default="0.5", help="heat value in [0, 1], or otsu")
     b.add_argument("--threshold-mode", default="absolute", choices=("absolute", "relative"))
     # numbers are checked by _check_batch_options: one line per mistake, no usage block
@@ -295,8 +408,6 @@ def _batch_parser(sub) -> None:
                         "for zarr inputs and TIFF stacks read in parts; NIfTI with the scan's "
                         "affine for NIfTI / DICOM inputs; 0 = background, or for multi-label "
                         "models 0 = no class and class c = c + 1)")
-    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    b.add_argument("--batch-size", default=None, help="images per pass (auto)")
     b.add_argument("--overlay", action="store_true",
                    help="also write overlay PNGs: the image in grey with the heat, each "
                         "region's box and polygon outline in its class colour, and one label "
@@ -359,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "of the demo run to DIR")
     demo.set_defaults(func=_demo)
     _batch_parser(sub)
+    _evaluate_parser(sub)
     return parser
 
 

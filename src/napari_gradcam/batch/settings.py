@@ -43,6 +43,9 @@ _SETTING_NAMES = {
     "channel_axis": "channel axis", "overlay": "--overlay",
     "volume_overlay": "--volume-overlay",
     "model_input": "the model's input (channels, size, normalisation, classes, layer)",
+    # the evaluate command's (its folder is held and checked as a batch run's)
+    "command": "the command (batch or evaluate)", "metrics": "--metrics", "steps": "--steps",
+    "baseline": "--baseline", "seed": "--seed", "annotations": "--annotations",
 }
 
 
