@@ -221,7 +221,7 @@ def test_sanity_columns_and_an_empty_annotation(folder, tmp_path, spec):
     assert "sanity_spearman" in res.table().splitlines()[0]
 
 
-# ---- bad input: exit status 2, one line, nothing half-written --------------------------------
+# ---- bad options: exit status 2, one line, nothing half-written; a bad input: named, exit 1 --------------------------------
 
 def refused(capsys, argv) -> str:
     code = main(argv)
@@ -230,6 +230,18 @@ def refused(capsys, argv) -> str:
     assert err.startswith("napari-gradcam: error: ") and "\n" not in err, err
     assert "Traceback" not in err
     return err
+
+
+def input_failed(capsys, argv, source) -> str:
+    """An input that can't be evaluated: recorded and named, the others go on, exit status 1
+    (as batch); with no other input nothing is written."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.strip().startswith("failed:"))
+    assert line.strip().startswith(f"failed: {source}: "), err
+    return line
 
 
 def test_no_input_found(capsys, tmp_path):
@@ -242,8 +254,9 @@ def test_no_input_found(capsys, tmp_path):
 def test_annotation_of_the_wrong_size_names_both_shapes(capsys, folder, tmp_path):
     d, _ = folder
     iio.imwrite(tmp_path / "a.png", np.zeros((50, 60), np.uint8))
-    err = refused(capsys, ["evaluate", str(d / "a.png"), "--annotations",
-                           f"{tmp_path}/{{name}}", "--out", str(tmp_path / "o"), *FAST])
+    err = input_failed(capsys, ["evaluate", str(d / "a.png"), "--annotations",
+                                f"{tmp_path}/{{name}}", "--out", str(tmp_path / "o"), *FAST],
+                       d / "a.png")
     assert "(50, 60)" in err and f"({SIZE}, {SIZE})" in err and "give a mask" in err
     assert not (tmp_path / "o" / "metrics.csv").exists()
 
@@ -254,9 +267,9 @@ def test_annotation_on_a_plane_the_stack_lacks(capsys, folder, tmp_path):
         {"type": "Feature", "properties": {},
          "geometry": {"type": "Polygon", "plane": {"c": -1, "z": 5},
                       "coordinates": [[[1, 1], [9, 1], [9, 9], [1, 9], [1, 1]]]}}]}))
-    err = refused(capsys, ["evaluate", str(d / "s.tif"), "--annotations",
-                           f"{tmp_path}/{{stem}}.geojson", "--out", str(tmp_path / "o"),
-                           *FAST])
+    err = input_failed(capsys, ["evaluate", str(d / "s.tif"), "--annotations",
+                                f"{tmp_path}/{{stem}}.geojson", "--out", str(tmp_path / "o"),
+                                *FAST], d / "s.tif")
     assert "plane (5,)" in err and "(2,)" in err
 
 
@@ -267,8 +280,9 @@ def test_annotation_on_a_plane_the_stack_lacks(capsys, folder, tmp_path):
 def test_unreadable_or_malformed_annotation(capsys, folder, tmp_path, name, content, words):
     d, _ = folder
     (tmp_path / name).write_bytes(content)
-    err = refused(capsys, ["evaluate", str(d / "a.png"), "--annotations",
-                           str(tmp_path / name), "--out", str(tmp_path / "o"), *FAST])
+    err = input_failed(capsys, ["evaluate", str(d / "a.png"), "--annotations",
+                                str(tmp_path / name), "--out", str(tmp_path / "o"), *FAST],
+                       d / "a.png")
     assert words in err and name in err
 
 
@@ -277,8 +291,9 @@ def test_coco_file_without_the_image(capsys, folder, tmp_path):
     (tmp_path / "coco.json").write_text(json.dumps({
         "images": [{"id": 1, "file_name": "other.png", "height": SIZE, "width": SIZE}],
         "annotations": [], "categories": []}))
-    err = refused(capsys, ["evaluate", str(d / "a.png"), "--annotations",
-                           str(tmp_path / "coco.json"), "--out", str(tmp_path / "o"), *FAST])
+    err = input_failed(capsys, ["evaluate", str(d / "a.png"), "--annotations",
+                                str(tmp_path / "coco.json"), "--out", str(tmp_path / "o"),
+                                *FAST], d / "a.png")
     assert "holds no image named a.png" in err and "other.png" in err
 
 
@@ -326,3 +341,44 @@ def test_output_folder_of_another_run_kind_is_refused(capsys, folder, tmp_path):
     assert main(["evaluate", str(d / "a.png"), "--out", str(out), *FAST, "--metrics", "drop",
                  "--overwrite"]) == 0
     assert [r["image"] for r in read_csv(out / "metrics.csv")] == ["a"]
+
+
+def test_a_bad_input_is_named_and_the_others_are_written(capsys, folder, tmp_path):
+    """One unreadable input among good ones: its name and reason on stderr, exit status 1,
+    metrics.csv and summary.csv of the inputs that worked."""
+    d, _ = folder
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "o"
+    line = input_failed(capsys, ["evaluate", str(d / "a.png"), str(tmp_path / "broken.png"),
+                                 "--out", str(out), *FAST, "--metrics", "drop"],
+                        tmp_path / "broken.png")
+    assert "replace the file or leave it out" in line
+    assert [r["image"] for r in read_csv(out / "metrics.csv")] == ["a"]
+    assert read_csv(out / "summary.csv")[0]["images"] == "1"
+
+
+def test_annotation_files_beside_the_images_are_not_inputs(folder, tmp_path, spec):
+    """A folder holding a.png and a_mask.png, with --annotations '{dir}/{stem}_mask.png': the
+    mask is a's annotation, not an image of its own."""
+    d, _ = folder
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "a_mask.png"):
+        (tmp_path / "in" / name).write_bytes((d / name).read_bytes())
+    result = evaluate([tmp_path / "in"], spec, annotations="{dir}/{stem}_mask.png",
+                      metrics="agreement", device="cpu")
+    assert [(r["image"], r["annotated"]) for r in result.rows] == [("a", "yes")]
+    assert not result.failed
+
+
+def test_batch_into_an_evaluation_folder_is_refused_in_one_sentence(capsys, folder, tmp_path):
+    """The two commands share the folder's settings check: either into the other's folder is
+    one sentence naming the other command, not a list of every setting that differs."""
+    d, _ = folder
+    out = tmp_path / "o"
+    assert main(["evaluate", str(d / "a.png"), "--out", str(out), *FAST,
+                 "--metrics", "drop"]) == 0
+    capsys.readouterr()
+    err = refused(capsys, ["batch", str(d / "a.png"), "--out", str(out), "--device", "cpu",
+                           "--quiet"])
+    assert "results of an evaluate run" in err and "--overwrite" in err
+    assert "->" not in err  # no settings diff

@@ -415,3 +415,18 @@ def test_a_small_last_axis_equal_to_the_models_channels_is_channels_not_width(tm
     assert [r.status for r in records] == ["ok"], records[0].message
     heat = zarr.open(str(tmp_path / "out2" / "heatmaps" / "s.zarr"), mode="r")[:]
     np.testing.assert_allclose(heat, ng.explain(stack, spec, device="cpu").heatmaps, atol=1e-5)
+
+
+def test_mask_files_beside_the_images_are_not_inputs(tmp_path):
+    """--mask '{dir}/{stem}_mask.png' over a folder holding a.png and a_mask.png: the mask is
+    a's, not an image of its own (the same for --target-mask); named on the command line it
+    is still an input."""
+    png(tmp_path / "a.png", seed=1)
+    png(tmp_path / "a_mask.png", seed=2)
+    pattern = "{dir}/{stem}_mask.png"
+    assert [u.name for u in collect_units([tmp_path])] == ["a", "a_mask"]
+    for kw in ({"mask": pattern}, {"target_mask": pattern}):
+        units = collect_units([tmp_path], **kw)
+        assert [u.name for u in units] == ["a"]
+    named = collect_units([tmp_path / "a.png", tmp_path / "a_mask.png"], mask=pattern)
+    assert [u.name for u in named] == ["a", "a_mask"]

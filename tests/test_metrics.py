@@ -13,6 +13,7 @@ from torch import nn
 
 import napari_gradcam as ng
 import napari_gradcam.metrics as M
+from napari_gradcam.annotations import regions_to_annotations
 from napari_gradcam.explain_arrays import Progress
 from napari_gradcam.models.demo.synthetic import make_image
 
@@ -370,3 +371,106 @@ def test_bad_inputs_say_what_to_change(tmp_path):
     empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
     with pytest.raises(ValueError, match="holds no shape"):
         M.agreement(heat, empty)
+
+
+# ---- found in review: outlines, flat maps, hostile pixels and files ------------------------
+
+def _disc(size=40, centre=(20, 18), radius=9):
+    yy, xx = np.mgrid[:size, :size]
+    return ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2).astype(np.float32)
+
+
+def test_our_geojson_annotates_each_regions_outline_not_its_box(tmp_path):
+    """Our GeoJSON holds a rectangle and a polygon per region: the region's pixels are its
+    outline's, so its own export agrees with it exactly, as its COCO export does."""
+    disc = _disc()
+    regions = ng.find_regions(disc, threshold=0.5, min_area=0, simplify=0)
+    gj = ng.write_geojson(regions, tmp_path / "r.geojson")
+    coco = ng.write_coco(regions, tmp_path / "r.json", image_shape=disc.shape)
+    kinds = [f["properties"]["napari_gradcam"]["kind"]
+             for f in json.loads(gj.read_text())["features"]]
+    assert sorted(kinds) == ["polygon", "rectangle"]
+    for given in (gj, json.loads(gj.read_text()), str(coco), regions_to_annotations(regions)):
+        got = M.agreement(disc, given, threshold=0.5)
+        assert float(got.iou) == 1.0 and float(got.dice) == 1.0
+    # a rectangle without an outline beside it is still a box
+    box = M.annotation_masks(regions_to_annotations(regions, kinds=("rectangle",)), (),
+                             disc.shape)[0]
+    assert box.sum() > disc.sum()
+
+
+def test_a_flat_heatmap_points_nowhere():
+    """Its argmax would be pixel (0, 0): an annotation there must not make it a hit."""
+    ann = np.zeros((20, 20), bool)
+    ann[:3, :3] = True
+    got = M.agreement(np.stack([np.zeros((20, 20)), np.full((20, 20), 0.7)]), ann)
+    assert not got.pointing.any() and got.flat.all()
+    assert [r["flat"] for r in got.rows()] == [True, True]
+    assert got.summary()["pointing_game"] == 0.0 and got.summary()["flat_maps"] == 2
+    hot = np.zeros((20, 20))
+    hot[1, 1] = 1
+    assert bool(M.agreement(hot, ann).pointing) and not bool(M.agreement(hot, ann).flat)
+
+
+def test_images_with_nan_or_inf_are_refused_by_every_metric():
+    spec = region_spec()
+    for bad in (np.nan, np.inf):
+        images = np.stack([IMAGE, IMAGE])
+        images[1, 3, 3] = bad
+        heat = np.stack([HEAT, HEAT])
+        for run in (lambda: M.deletion_insertion(images, spec, heat, steps=2, device="cpu"),
+                    lambda: M.road(images, spec, heat, device="cpu"),
+                    lambda: M.average_drop_increase(images, spec, heat, device="cpu"),
+                    lambda: M.sanity_check(images, spec, device="cpu")):
+            with pytest.raises(ValueError, match="image 1 holds NaN or infinite values; give "
+                                                 "finite pixels"):
+                run()
+
+
+def test_an_image_smaller_than_the_model_says_its_smallest_size(demo):
+    spec, _items, images, ex = demo
+    tiny = images[0, :1, :1]
+    for run in (lambda: M.deletion_insertion(tiny, spec, ex.heatmaps[0, :1, :1], steps=2,
+                                             device="cpu"),
+                lambda: M.road(tiny, spec, ex.heatmaps[0, :1, :1], device="cpu"),
+                lambda: M.average_drop_increase(tiny, spec, ex.heatmaps[0, :1, :1],
+                                                device="cpu")):
+        with pytest.raises(ValueError, match="smaller than this model can take: it needs at "
+                                             "least"):
+            run()
+
+
+def test_road_noise_of_an_image_is_its_own(demo):
+    """An image's ROAD scores are the same alone and anywhere in a stack."""
+    spec, _items, images, ex = demo
+    both = M.road(images, spec, ex.heatmaps, percentiles=(30, 70), device="cpu")
+    swapped = M.road(images[::-1].copy(), spec, ex.heatmaps[::-1].copy(),
+                     percentiles=(30, 70), device="cpu")
+    alone = M.road(images[1], spec, ex.heatmaps[1], percentiles=(30, 70), device="cpu")
+    np.testing.assert_array_equal(both.morf_logits[1], alone.morf_logits)
+    np.testing.assert_array_equal(both.morf_logits[1], swapped.morf_logits[0])
+    with pytest.raises(ValueError, match="noise='a': give the imputation noise"):
+        M.road(images[1], spec, ex.heatmaps[1], noise="a", device="cpu")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"bbox": [1, float("nan"), 3, 3]}, "has no readable segmentation or bbox (its bbox holds "
+                                        "NaN"),
+    ({"segmentation": [[1, 1, float("inf"), 1, 4, 4]]}, "has no readable segmentation or bbox"),
+    ({"categories": 5}, "'categories' is int; write it as a list"),
+    ({"image_id": [1]}, "image_id is [1]; write ids as numbers"),
+    ({"images": [{"id": [1], "height": 10, "width": 10}]}, "id is [1]; write ids as numbers"),
+    ({"images": [{"id": 1, "height": "10", "width": "10"}]},
+     "height and width are '10' and '10'; write them as whole numbers"),
+])
+def test_malformed_coco_says_what_to_change(change, words):
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3]}
+    doc = {"images": [{"id": 1, "height": 10, "width": 10}], "annotations": [ann],
+           "categories": [{"id": 1, "name": "x"}]}
+    for key, value in change.items():
+        (doc if key in doc else ann)[key] = value
+        if key == "segmentation":
+            del ann["bbox"]
+    with pytest.raises(ValueError) as info:
+        M.agreement(np.zeros((10, 10)), doc)
+    assert words in str(info.value)

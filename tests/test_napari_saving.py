@@ -224,3 +224,28 @@ def test_open_from_python(napari_first, make_napari_viewer, tmp_path):
         assert layer._type_string == "shapes" and len(layer.data) == 2
         assert list(layer.features["class"]) == CLASSES
         np.testing.assert_array_equal(layer.features["score"], [2.5, 1.5])
+
+
+def test_a_folder_or_a_trailing_dot_as_the_file_name(tmp_path):
+    """A name that is an existing folder is refused in one sentence (never a raw
+    IsADirectoryError); an unwritable place says why; "regions." gets one dot."""
+    layer = napari.layers.Shapes(
+        [np.array([[2.0, 2.0], [2.0, 12.0], [10.0, 12.0], [10.0, 2.0]])],
+        shape_type=["rectangle"],
+        features={"kind": ["box"], "class": ["disc"], "class_id": [0], "score": [2.5]},
+        metadata={io.META_KEY: {"role": "regions", "class_names": CLASSES,
+                                "image_shape": [40, 40]}})
+    data, attrs, _ = layer.as_layer_data_tuple()
+    (tmp_path / "dir.csv").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    for name in ("dir.csv", "dir.csv/"):
+        with pytest.raises(ValueError, match="can't write dir.csv: a folder of that name is "
+                                             "there; choose another folder or name"):
+            io.write_csv_layer(str(tmp_path / "dir.csv") + name[7:], data, attrs)
+    with pytest.raises(ValueError, match=r"can't write x.geojson: .*; choose another folder "
+                                         "or name"):
+        io.write_geojson_layer(str(tmp_path / "a-file" / "x.geojson"), data, attrs)
+    assert io.write_geojson_layer(str(tmp_path / "regions."), data, attrs) == \
+        [str(tmp_path / "regions.geojson")]
+    assert json.loads((tmp_path / "regions.geojson").read_text())["type"] == \
+        "FeatureCollection"

@@ -388,3 +388,32 @@ def test_overlay_help_says_what_is_drawn(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "box and polygon outline in its class colour" in text
     assert "one label per region" in text
+
+
+def test_an_island_in_a_hole_is_drawn_whatever_the_order_of_the_parts():
+    """The overlay rasterises as agreement and the exports do: a part lying in another
+    part's hole is drawn, first or last."""
+    import shapely
+
+    ring = shapely.Polygon([(0, 0), (30, 0), (30, 30), (0, 30)],
+                           [[(8, 8), (22, 8), (22, 22), (8, 22)]])
+    island = shapely.box(12, 12, 18, 18)
+    base = regions_of(blocks((40, 40), (0, 0, 30, 30)))[0]
+    drawn = []
+    for parts in ([island, ring], [ring, island]):
+        region = replace(base, polygon=shapely.MultiPolygon(parts), bbox=(0, 0, 0, 0))
+        out = draw_regions(grey(40, 40), [region], [None], line_width=1)
+        drawn.append(lit(out, class_color(0)))
+    np.testing.assert_array_equal(drawn[0], drawn[1])
+    assert drawn[0][12, 12:18].all() and not drawn[0][14:16, 14:16].any()  # its outline
+
+
+def test_a_label_shows_no_number_that_is_not_finite():
+    found = regions_of(blocks((30, 30), (2, 2, 8, 8)))
+    nan_row = [{"index": [], "class_id": 0, "probability": float("nan"), "score": 3.0}]
+    assert region_labels(found, nan_row, ["disc"]) == ["disc 3.00"]
+    neither = [{"index": [], "class_id": 0, "probability": float("nan"),
+                "score": float("nan")}]
+    assert region_labels([replace(found[0], score=float("nan"))], neither,
+                         ["disc"]) == ["disc"]
+    assert render.shown_score({"probability": None, "score": float("inf")}) is None

@@ -271,18 +271,12 @@ def _evaluate(args) -> int:
     """The evaluate command: options checked first (one line, exit status 2), then the
     model, then every input; the summary table on stdout."""
     from .batch import check_output
-    from .evaluate import check_metrics, evaluate
+    from .evaluate import check_metrics, check_threshold, evaluate
 
     steps = _whole(args.steps, "--steps", 1, "a whole number of deletion / insertion steps "
                                              ">= 1 (e.g. 50)")
     seed = _whole(args.seed, "--seed", 0, "a whole number >= 0")
-    try:
-        threshold = float(str(args.threshold).strip())
-    except ValueError:
-        threshold = math.nan
-    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-        raise ValueError(f"--threshold {str(args.threshold)!r}: give a heat value in [0, 1] "
-                         "(e.g. 0.5).")
+    threshold = check_threshold(args.threshold, f"--threshold {str(args.threshold)!r}")
     batch_size = None if args.batch_size is None else _whole(
         args.batch_size, "--batch-size", 1, "a whole number of images per pass >= 1, or leave "
                                             "it out (automatic)")
@@ -309,11 +303,19 @@ def _evaluate(args) -> int:
         print("napari-gradcam: interrupted: nothing was written; run the same command again.",
               file=sys.stderr)
         return 130
-    print(result.table())
     images = len({(r["image"], tuple(r["index"])) for r in result.rows})
-    print(f"napari-gradcam: {images} image{'s' * (images != 1)} evaluated, written to {out} "
-          f"(metrics.csv, summary.csv{', curves/' if result.curves else ''})")
-    return 0
+    failed = result.failed
+    if result.rows:
+        print(result.table())
+        print(f"napari-gradcam: {images} image{'s' * (images != 1)} evaluated, written to "
+              f"{out} (metrics.csv, summary.csv{', curves/' if result.curves else ''})"
+              + (f"; {len(failed)} input{'s' * (len(failed) != 1)} failed" if failed else ""))
+    else:
+        print(f"napari-gradcam: no input could be evaluated, nothing written to {out}; fix "
+              "the inputs below and run the same command again.", file=sys.stderr)
+    for source, message in failed:  # as batch lists them: one line per input
+        print(f"  failed: {source}: {message}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _evaluate_parser(sub) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,14 +59,16 @@ class Evaluation:
     """What :func:`evaluate` found: ``rows`` (a dict per image and method, the columns of
     ``metrics.csv``; None where a metric was not computed), ``summary`` (a dict per method,
     the columns of ``summary.csv``), ``curves`` ({(image, index, method): (fractions,
-    deletion, insertion)}), ``metrics`` (the metrics computed) and ``files`` (what was
-    written)."""
+    deletion, insertion)}), ``metrics`` (the metrics computed), ``files`` (what was
+    written) and ``failed`` ((input, message) per input that could not be evaluated: as the
+    batch command, one bad input is recorded and the others go on)."""
 
     rows: list
     summary: list
     curves: dict = field(default_factory=dict)
     metrics: tuple = DEFAULT_METRICS
     files: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
 
     def table(self) -> str:
         """The summary as aligned text: methods as rows, the computed metrics as columns."""
@@ -89,16 +90,24 @@ def check_metrics(metrics) -> tuple:
     return tuple(m for m in METRICS if m in names)
 
 
-def _check_settings(steps, threshold, baseline, seed) -> tuple:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps={steps!r}: give a whole number of deletion / insertion steps "
-                         ">= 1 (e.g. 50).")
+def check_threshold(value, label: str | None = None) -> float:
+    """``value`` (a number or its text) as a heat threshold in [0, 1]; else one sentence that
+    starts with ``label`` (default ``threshold=<value>``; the command line names its flag)."""
     try:
-        threshold = float(threshold)
+        threshold = float(str(value).strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
         threshold = math.nan
-    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-        raise ValueError(f"threshold={threshold!r}: give a heat value in [0, 1] (e.g. 0.5).")
+    if isinstance(value, bool) or not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"{label or f'threshold={value!r}'}: give a heat value in [0, 1] "
+                         "(e.g. 0.5).")
+    return threshold
+
+
+def _check_settings(steps, threshold, baseline, seed) -> tuple:
+    from .metrics._perturbation import _check_steps
+
+    steps = _check_steps(steps)
+    threshold = check_threshold(threshold)
     if baseline not in BASELINES:
         raise ValueError(f"baseline={baseline!r}: give one of {', '.join(BASELINES)}.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -178,43 +187,47 @@ def evaluate(inputs: Iterable, spec, methods: Sequence[str] = ("gradcam",),
         raise ValueError("ROAD imputes pixels from their neighbours in a plane, so it takes 2D "
                          "models; leave road out of --metrics for a 3D model.")
     units = collect_units(inputs, part_size=part_size, exclude=out,
-                          in_channels=spec.in_channels, spatial_dims=dims)
+                          in_channels=spec.in_channels, spatial_dims=dims,
+                          companions=[str(annotations)] if annotations is not None else [])
     settings = _settings(spec, model, methods, metrics, steps, threshold, baseline, seed,
                          target, annotations)
-    if out is not None and not overwrite:
-        _refuse_batch_folder(out)
     claim = claim_output(out, settings, overwrite=overwrite) if out is not None else \
         contextlib.nullcontext()
     with claim:
-        rows, curves = [], {}
+        rows, curves, failed = [], {}, []
         options = {"steps": steps, "threshold": threshold, "baseline": baseline,
                    "seed": seed, "device": device, "batch_size": batch_size}
         for k, unit in enumerate(units):
-            unit_rows, unit_curves = _evaluate_unit(unit, job, spec, methods, metrics,
-                                                    annotations, dims, options)
-            rows += unit_rows
-            curves.update(unit_curves)
+            try:
+                unit_rows, unit_curves = _evaluate_unit(unit, job, spec, methods, metrics,
+                                                        annotations, dims, options)
+            except Exception as err:  # noqa: BLE001 - this input fails, the others go on
+                failed.append((_input_name(unit), _reason(err)))
+            else:
+                rows += unit_rows
+                curves.update(unit_curves)
             if progress is not None:
                 progress(k + 1, len(units), unit.key)
         summary = summarise(rows, methods, metrics)
-        result = Evaluation(rows, summary, curves, metrics)
-        if out is not None:
+        result = Evaluation(rows, summary, curves, metrics, failed=failed)
+        if out is not None and rows:  # nothing evaluated: nothing written, not empty tables
             result.files = write_outputs(result, out)
     return result
 
 
-def _refuse_batch_folder(out: Path) -> None:
-    """A batch run's folder is refused in one sentence that says so (its summary.csv would be
-    replaced by the evaluation's), before the settings' list of differences would."""
-    from .batch import STATE_DIR
-    from .batch.output import RUN_FILE, _read_json
+def _input_name(unit) -> str:
+    """The input as a user named it; a part of a stack with its images."""
+    if unit.kind == "parts":
+        return f"{unit.path} (images {unit.start} to {unit.stop - 1})"
+    return str(unit.path)
 
-    old = _read_json(Path(out) / STATE_DIR / RUN_FILE)
-    settings = old.get("settings") if isinstance(old, dict) else None
-    if isinstance(settings, dict) and settings.get("command", "batch") != "evaluate":
-        raise ValueError(f"--out {str(out)!r} holds the results of a batch run (its "
-                         "summary.csv would be replaced); evaluate into a folder of its own, "
-                         "or pass --overwrite to write beside them.")
+
+def _reason(err: Exception) -> str:
+    """One line: a user's error as it is, anything else with its type."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, (ValueError, TypeError, OSError)) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _settings(spec, model, methods, metrics, steps, threshold, baseline, seed, target,
@@ -241,12 +254,12 @@ def _evaluate_unit(unit, job, spec, methods, metrics, annotations, dims, options
     from . import metrics as M
     from .batch.read import open_lazy, read_unit
     from .explain_arrays import layout
+    from .metrics._common import class_label
 
     try:
         pixels = read_unit(unit, None, None, spec.in_channels, dims)
     except ValueError as err:
-        raise ValueError(f"input {unit.path!r}: {err}; replace the file or leave it out.") \
-            from None
+        raise ValueError(f"{err}; replace the file or leave it out.") from None
     lay = layout(pixels.shape, None, dims, in_channels=spec.in_channels)
     lead, spatial = tuple(lay.lead), tuple(lay.spatial)
     n = int(np.prod(lead, dtype=np.int64)) if lead else 1
@@ -292,7 +305,7 @@ def _evaluate_unit(unit, job, spec, methods, metrics, annotations, dims, options
             row = dict.fromkeys(COLUMNS)
             p = None if chances is None else float(chances[k])
             row.update(image=unit.name, file=unit.path, index=index, method=method,
-                       **{"class": _class_name(spec, cid)},
+                       **{"class": class_label(spec.class_names, cid)},
                        probability=p if p is not None and math.isfinite(p) else None)
             if di is not None:
                 dele = di.deletion.reshape(n, -1)[k]
@@ -323,11 +336,6 @@ def _evaluate_unit(unit, job, spec, methods, metrics, annotations, dims, options
     return rows, curves
 
 
-def _class_name(spec, cid: int) -> str:
-    names = list(spec.class_names or [])
-    return names[cid] if 0 <= cid < len(names) else str(cid)
-
-
 def _state_of(state: str, masks, k: int) -> str:
     if masks is None:
         return state
@@ -341,6 +349,7 @@ def _annotation_masks(unit, pattern, lead, spatial, dims):
     file read as a mask image, GeoJSON or COCO JSON; (MISSING, None) when it has none."""
     from .batch import format_mask
     from .metrics import annotation_masks
+    from .metrics._agreement import read_json
 
     path = Path(format_mask(str(pattern), Path(unit.path), "annotations"))
     if not path.exists():
@@ -350,7 +359,7 @@ def _annotation_masks(unit, pattern, lead, spatial, dims):
         raise ValueError(f"{where} is a folder; give a mask image, GeoJSON or COCO JSON file "
                          "(check the --annotations pattern).")
     if path.suffix.lower() in (".json", ".geojson"):
-        doc = _read_json(path, where)
+        doc = read_json(path, where)
         try:
             if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
                 return ANNOTATED, _coco_masks(doc, unit, lead, spatial, path)
@@ -377,24 +386,6 @@ def _annotation_masks(unit, pattern, lead, spatial, dims):
 def _lower_first(err) -> str:
     text = str(err)
     return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
-
-
-def _read_json(path: Path, where: str):
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as err:
-        raise ValueError(f"{where} can't be read ({err.strerror or err}); check its "
-                         "permissions.") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{where} is not UTF-8 text; give a GeoJSON or COCO JSON file.") \
-            from None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as err:
-        line = getattr(err, "lineno", None)
-        at = f" (line {line})" if line else ""
-        raise ValueError(f"{where} is not valid JSON{at}; fix the file or export it again as "
-                         "GeoJSON or COCO JSON.") from None
 
 
 def _coco_masks(doc: dict, unit, lead, spatial, path: Path) -> np.ndarray:

@@ -482,6 +482,15 @@ def read_geojson(path) -> tuple[list[Annotation], dict]:
                    ".geojson file") from None
     except ValueError as err:  # JSONDecodeError, or an integer of too many digits
         raise fail("", f"it is not valid JSON ({err}); check that it is a .geojson file") from None
+    return geojson_annotations(doc, path)
+
+
+def geojson_annotations(doc, source) -> tuple[list[Annotation], dict]:
+    """:func:`read_geojson` of a parsed document (``source`` names it in errors): for a file
+    read once by a caller that looked inside it first."""
+    def fail(where: str, what: str) -> ValueError:
+        return ValueError(f"can't read {source} as GeoJSON: {where}{what}.")
+
     if isinstance(doc, list):
         feats, meta = doc, {}
     elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":

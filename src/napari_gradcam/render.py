@@ -87,13 +87,19 @@ def drawing_sizes(shape) -> tuple[int, int]:
 
 def shown_score(row) -> float | None:
     """What a label says the model scored: the row's probability, or its score (a
-    segmentation model's summed logit) where it has none."""
+    segmentation model's summed logit) where it has none; None (no number on the label)
+    where neither is a finite number."""
     if not row:
         return None
-    p = row.get("probability")
-    if p is None or not np.isfinite(p):
-        p = row.get("score")
-    return None if p is None else float(p)
+    for key in ("probability", "score"):  # only a finite number is worth printing
+        value = row.get(key)
+        try:
+            value = None if value is None else float(value)
+        except (TypeError, ValueError):
+            value = None
+        if value is not None and math.isfinite(value):
+            return value
+    return None
 
 
 def region_labels(regions, rows=(), class_names=None) -> list[str | None]:
@@ -203,25 +209,21 @@ def label_places(shape, regions, labels, font_size: int | None = None) -> list:
 
 def _polygon_pixels(polygon, shape):
     """``(mask, row0, col0)``: the pixels whose centres ``polygon`` (pixel-corner
-    coordinates, holes left out) holds, over its bounds clipped to the image."""
-    from skimage.draw import polygon as fill
+    coordinates, holes left out) holds, over its bounds clipped to the image. The library's
+    one rasteriser (:func:`~napari_gradcam.regions.rasterize`) decides, so an overlay outlines
+    exactly the pixels that agreement and the exports count, whatever the order of a
+    multipolygon's parts (an island inside another part's hole included)."""
+    from .regions import rasterize
 
+    if polygon.geom_type not in ("Polygon", "MultiPolygon"):
+        return None, 0, 0
     h, w = shape[:2]
     minx, miny, maxx, maxy = polygon.bounds
     row0, col0 = max(math.floor(miny), 0), max(math.floor(minx), 0)
     row1, col1 = min(math.ceil(maxy), h), min(math.ceil(maxx), w)
     if row1 <= row0 or col1 <= col0:
         return None, row0, col0
-    mask = np.zeros((row1 - row0, col1 - col0), bool)
-    parts = getattr(polygon, "geoms", [polygon])
-    for part in parts:
-        if part.geom_type != "Polygon" or part.is_empty:
-            continue
-        for ring, inside in [(part.exterior, True), *((r, False) for r in part.interiors)]:
-            xy = np.asarray(ring.coords, dtype=np.float64)
-            rr, cc = fill(xy[:, 1] - 0.5 - row0, xy[:, 0] - 0.5 - col0, mask.shape)
-            mask[rr, cc] = inside
-    return mask, row0, col0
+    return rasterize(polygon, (row1 - row0, col1 - col0), (row0, col0)), row0, col0
 
 
 def draw_regions(rgb: np.ndarray, regions, labels=None, *, line_width: int | None = None,

@@ -71,13 +71,23 @@ def _write(path: str, data, attributes: dict, own: str) -> list[str]:
     name = Path(path).name
     ext = Path(path).suffix.lower()
     if not ext:
-        path, ext = path + own, own
+        # a bare name gets the ending; a typed trailing dot ("regions.") is not doubled
+        stem = name.rstrip(".") or name
+        path = str(Path(path).with_name(stem)) + own if name else path + own
+        name, ext = Path(path).name, own
     if ext not in FORMATS:
         raise ValueError(
             f"napari-gradcam cannot write {name!r}: a Shapes layer is saved as .geojson "
             f"(QuPath), .json (COCO) or .csv, so end the file name with one of these, or pick "
             f"another plugin's file type in the save dialog.")
-    FORMATS[ext](path, data, attributes)
+    if Path(path).is_dir():
+        raise ValueError(f"can't write {name}: a folder of that name is there; choose another "
+                         "folder or name.")
+    try:
+        FORMATS[ext](path, data, attributes)
+    except OSError as err:
+        raise ValueError(f"can't write {name}: {err.strerror or err}; choose another folder "
+                         "or name.") from None
     return [path]
 
 

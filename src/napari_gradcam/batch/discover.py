@@ -172,7 +172,8 @@ def format_mask(pattern: str, path: Path, flag: str = "mask") -> str:
 def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 256,
                   channel_axis=None, exclude=None, claims: dict | None = None,
                   in_channels: int | None = None, spatial_dims: int = 2,
-                  target_mask: str | None = None) -> list[Unit]:
+                  target_mask: str | None = None, companions: Iterable[str] = ()
+                  ) -> list[Unit]:
     """Units for files, folders (searched recursively for images and zarr arrays) and zarr
     arrays. ``mask`` is a pattern for each image's mask file with ``{dir}`` (the image's
     folder), ``{name}`` (file name) and ``{stem}`` (name without suffix), e.g.
@@ -184,7 +185,13 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
     that only leading axes are cut into parts. A folder of DICOM slices, given or found, is
     one volume. ``target_mask``: a pattern of the same form for each input's segmentation
     target region (a segmentation model explains why it gave the pixels inside it their
-    class); found, read, checked and fingerprinted exactly as masks are."""
+    class); found, read, checked and fingerprinted exactly as masks are. ``companions``: more
+    patterns of the same form naming each input's side files (evaluate's annotations).
+
+    A file found in a folder that is another input's mask, target mask or companion (an
+    ``img0_mask.png`` beside ``img0.png`` with ``--mask '{dir}/{stem}_mask.png'``) is that
+    input's side file, not an image of its own, and is left out; a file named on the command
+    line is always an input."""
     inputs = list(inputs)
     exclude = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path | None]] = []
@@ -198,6 +205,9 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
             found += [(p, path) for p in sorted(_walk(path, exclude))]
         else:
             found.append((path, None))
+    found = _without_side_files(found, [(p, flag) for p, flag in (
+        (mask, "mask"), (target_mask, "target mask"),
+        *((c, "annotations") for c in companions)) if p])
     units, seen = [], set()
     for path, root in found:
         name = _stem(path, root)
@@ -222,6 +232,20 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
                          f"({', '.join(VOLUME_SUFFIXES)}), DICOM series folders, folders or "
                          "zarr arrays.")
     return name_units(units, claims)[0]
+
+
+def _without_side_files(found: list, patterns: list) -> list:
+    """``found`` less the files found in folders that a pattern ((pattern, flag) pairs) names
+    for another input."""
+    if not patterns:
+        return found
+    side: dict[str, set] = {}
+    for path, _root in found:
+        mine = _resolved(path)
+        for pattern, flag in patterns:
+            side.setdefault(_resolved(format_mask(pattern, path, flag)), set()).add(mine)
+    return [(path, root) for path, root in found
+            if root is None or not (side.get(_resolved(path), set()) - {_resolved(path)})]
 
 
 def _unit(path: Path, name: str, kind: str, masks: tuple, start: int = 0,

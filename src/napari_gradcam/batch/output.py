@@ -22,7 +22,7 @@ from pathlib import Path
 from ..files import atomic_write
 from .discover import Unit, _resolved, name_units
 from .records import STATE_DIR
-from .settings import _digest, settings_changes
+from .settings import _digest, other_command, settings_changes
 
 
 RUN_FILE = "run.json"
@@ -117,6 +117,9 @@ def _refuse_changed(out: Path, settings: dict, overwrite: bool) -> bool:
     if _digest(old_settings) == _digest(settings):
         return False
     if not overwrite:
+        other = other_command(out, old_settings, settings)
+        if other:
+            raise SettingsChanged(other)
         changes = settings_changes(old_settings, settings) or ["the settings' format"]
         raise SettingsChanged(
             f"{str(out)!r} holds results made with other settings ({'; '.join(changes)}); "

@@ -142,6 +142,7 @@ def run_settings(opts: Options, model, spec=None, mask: str | None = None,
     target mask file's size and mtime are in its unit's fingerprint, as a mask's are: a
     changed file redoes its input.)"""
     settings = {
+        "command": "batch",
         "model": model_fingerprint(model if model is not None else spec),
         "method": opts.method, "target": opts.target,
         "threshold": opts.threshold, "threshold_mode": opts.threshold_mode,
@@ -163,7 +164,10 @@ def run_settings(opts: Options, model, spec=None, mask: str | None = None,
 
 
 def _digest(settings: dict) -> str:
-    plain = {k: (v["sha256"] if k == "model" else v) for k, v in settings.items()}
+    # a batch run's "command" is left out, so folders of runs made before it was recorded
+    # keep their digest (a folder without one holds a batch run's results)
+    plain = {k: (v["sha256"] if k == "model" else v) for k, v in settings.items()
+             if not (k == "command" and v == "batch")}
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -177,11 +181,33 @@ def _show(key: str, value) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+def command_of(settings) -> str:
+    """The command whose results a folder's settings describe (batch when not recorded)."""
+    command = settings.get("command") if isinstance(settings, dict) else None
+    return command if isinstance(command, str) else "batch"
+
+
+def other_command(out, old: dict, new: dict) -> str | None:
+    """One sentence when ``out`` holds another command's results (a batch run's folder given
+    to evaluate, or an evaluation's given to batch): their files share names (summary.csv),
+    so a list of every setting that differs would hide what is wrong."""
+    had, wants = command_of(old), command_of(new)
+    if had == wants:
+        return None
+    article = "an" if had[:1] in "aeiou" else "a"
+    return (f"--out {str(out)!r} holds the results of {article} {had} run (its summary.csv "
+            f"would be replaced); write the {wants} results into a folder of their own, or "
+            "pass --overwrite to write beside them.")
+
+
 def settings_changes(old: dict, new: dict) -> list[str]:
-    """``"--method gradcam -> scorecam"`` for each setting that differs."""
+    """``"--method gradcam -> scorecam"`` for each setting that differs (a different command
+    is :func:`other_command`'s one sentence instead)."""
     changes = []
     for key in dict.fromkeys([*old, *new]):
         a, b = old.get(key), new.get(key)
+        if key == "command":
+            continue
         if key == "model":
             a, b = (a or {"sha256": "", "label": "none"}), (b or {"sha256": "", "label": "none"})
             if a["sha256"] == b["sha256"]:

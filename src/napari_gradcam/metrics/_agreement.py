@@ -31,9 +31,11 @@ from ._common import index_of, tolist
 class Agreement:
     """Per image (*lead): ``annotated`` (the image has an annotation; all numbers below are 0
     where it has none), ``pointing`` (the heatmap's maximum lies inside the annotation or within
-    ``tolerance`` pixels of it), ``distance`` (from the maximum's pixel centre to the nearest
-    annotated pixel centre, 0 inside), ``peak`` (*lead, dims: the maximum's pixel, the first in
-    row-major order on ties), ``energy`` (the share of the heat inside the annotation's boxes or
+    ``tolerance`` pixels of it; a flat map, which has no maximum to point with, is a miss),
+    ``distance`` (from the maximum's pixel centre to the nearest annotated pixel centre, 0
+    inside), ``peak`` (*lead, dims: the maximum's pixel, the first in row-major order on ties),
+    ``flat`` (the heatmap is one value everywhere: it points nowhere, so its pointing is a miss
+    whatever its first pixel touches), ``energy`` (the share of the heat inside the annotation's boxes or
     mask, see ``settings["energy"]``), ``iou`` / ``dice`` (heat >= threshold vs the annotation),
     ``region_iou`` / ``region_dice`` (the regions' pixels vs the annotation; None without
     regions)."""
@@ -48,11 +50,12 @@ class Agreement:
     region_iou: np.ndarray | None = None
     region_dice: np.ndarray | None = None
     settings: dict = field(default_factory=dict)
+    flat: np.ndarray | None = None
 
     _METRICS = ("pointing", "energy", "iou", "dice", "region_iou", "region_dice")
 
     def rows(self) -> list[dict]:
-        """One row per image: index, annotated, pointing, distance, energy, iou, dice and
+        """One row per image: index, annotated, flat, pointing, distance, energy, iou, dice and
         (with regions) region_iou, region_dice; the numbers are None for an image without
         annotation."""
         lead = self.annotated.shape
@@ -60,7 +63,8 @@ class Agreement:
         for k in range(int(np.prod(lead, dtype=np.int64))):
             idx = np.unravel_index(k, lead) if lead else ()
             ok = bool(self.annotated[idx])
-            row = {"index": index_of(k, lead), "annotated": ok}
+            row = {"index": index_of(k, lead), "annotated": ok,
+                   "flat": bool(self.flat[idx]) if self.flat is not None else False}
             for name in ("pointing", "distance", "energy", "iou", "dice", "region_iou",
                          "region_dice"):
                 values = getattr(self, name)
@@ -72,9 +76,11 @@ class Agreement:
         return out
 
     def summary(self) -> dict:
-        """Means over the annotated images (``pointing_game``: the share of hits)."""
+        """Means over the annotated images (``pointing_game``: the share of hits; a flat map
+        is a miss) and ``flat_maps``, the number of flat heatmaps."""
         ok = self.annotated.reshape(-1)
-        out = {"images": int(ok.size), "annotated": int(ok.sum())}
+        out = {"images": int(ok.size), "annotated": int(ok.sum()),
+               "flat_maps": int(self.flat.sum()) if self.flat is not None else 0}
         for name in self._METRICS:
             values = getattr(self, name)
             if values is None:
@@ -145,7 +151,9 @@ def agreement(heatmaps, annotations, threshold: float = 0.5, regions=None,
     for i in np.flatnonzero(annotated):
         inside = np.argwhere(masks[i])
         distance[i] = float(np.sqrt(((inside - peaks[i]) ** 2).sum(1).min()))
-    pointing = annotated & (distance <= tolerance)
+    rows = flat.reshape(n, -1)
+    flat_map = rows.max(1) == rows.min(1)  # no maximum to point with: a miss, flagged
+    pointing = annotated & (distance <= tolerance) & ~flat_map
 
     area = masks if energy == "mask" else _boxes(masks)
     total = flat.reshape(n, -1).astype(np.float64).sum(1)
@@ -165,7 +173,7 @@ def agreement(heatmaps, annotations, threshold: float = 0.5, regions=None,
         annotated=annotated.reshape(lead), pointing=pointing.reshape(lead),
         distance=shaped(distance), peak=peaks.reshape(*lead, len(spatial)),
         energy=shaped(share), iou=shaped(iou), dice=shaped(dice), region_iou=shaped(r_iou),
-        region_dice=shaped(r_dice),
+        region_dice=shaped(r_dice), flat=flat_map.reshape(lead),
         settings={"threshold": threshold, "tolerance": tolerance, "energy": energy,
                   "annotation_class": annotation_class})
 
@@ -340,7 +348,7 @@ def _from_shapes(items, lead, spatial, wanted, what: str = "an annotation") -> n
     n = int(np.prod(lead, dtype=np.int64))
     out = np.zeros((n, *spatial), bool)
     h, w = spatial
-    for a in items:
+    for a in _outlines(items):
         if not _class_matches(a.class_name, a.class_id, wanted):
             continue
         geom = a.geometry
@@ -356,6 +364,19 @@ def _from_shapes(items, lead, spatial, wanted, what: str = "an annotation") -> n
     return out
 
 
+def _outlines(items) -> list:
+    """The shapes that annotate pixels: a region exported by us is a rectangle (its box) and a
+    polygon (its outline) sharing a plane and a ``region`` id, and its pixels are the
+    outline's, so the rectangle of such a pair is left out (filling both would turn every
+    region into its box). A rectangle without an outline beside it (a reader's box, or a
+    region exported as boxes only) is kept."""
+    outlined = {(tuple(a.index), a.properties.get("region")) for a in items
+                if a.kind in ("polygon", "ellipse") and a.properties.get("region") is not None}
+    return [a for a in items
+            if not (a.kind == "rectangle" and a.properties.get("region") is not None
+                    and (tuple(a.index), a.properties.get("region")) in outlined)]
+
+
 def _fill(mask: np.ndarray, geom) -> None:
     """Set the pixels whose centre lies in ``geom`` (only its bounds are tested)."""
     h, w = mask.shape
@@ -366,25 +387,29 @@ def _fill(mask: np.ndarray, geom) -> None:
         mask[r0:r1, c0:c1] |= rasterize(geom, (r1 - r0, c1 - c0), (r0, c0))
 
 
-def _from_file(path: Path, lead, spatial, wanted) -> np.ndarray:
+def read_json(path: Path, where: str | None = None):
+    """A GeoJSON or COCO JSON file's document, read and parsed once; anything unreadable is
+    one sentence that starts with ``where`` (default: the path)."""
+    where = where or str(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as err:
-        raise ValueError(f"can't read {path}: {err.strerror or err}; check the path.") from None
+        raise ValueError(f"{where} can't be read ({err.strerror or err}); check the path and "
+                         "its permissions.") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text; give a GeoJSON or COCO JSON file.") \
+        raise ValueError(f"{where} is not UTF-8 text; give a GeoJSON or COCO JSON file.") \
             from None
     try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError):
-        raise ValueError(f"{path} is not valid JSON; give a GeoJSON or COCO JSON file.") \
-            from None
-    if _is_geojson(doc):
-        from ..export import read_geojson
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        line = getattr(err, "lineno", None)
+        at = f" (line {line})" if line else ""
+        raise ValueError(f"{where} is not valid JSON{at}; fix the file or export it again as "
+                         "GeoJSON or COCO JSON.") from None
 
-        items, _meta = read_geojson(path)
-        return _shapes_or_empty(items, lead, spatial, wanted, str(path))
-    return _from_document(doc, lead, spatial, wanted, str(path))
+
+def _from_file(path: Path, lead, spatial, wanted) -> np.ndarray:
+    return _from_document(read_json(path), lead, spatial, wanted, str(path))
 
 
 def _is_geojson(doc) -> bool:
@@ -400,20 +425,10 @@ def _shapes_or_empty(items, lead, spatial, wanted, source) -> np.ndarray:
 
 
 def _from_document(doc, lead, spatial, wanted, source) -> np.ndarray:
-    if _is_geojson(doc):
-        from ..export import _Malformed, _read_feature
+    if _is_geojson(doc):  # read as the GeoJSON reader reads a file (scale included)
+        from ..export import geojson_annotations
 
-        feats = [doc] if doc.get("type") == "Feature" else doc.get("features", [])
-        if not isinstance(feats, list):
-            raise ValueError(f"{source}: 'features' must be a list of GeoJSON features.")
-        items = []
-        for i, f in enumerate(feats):
-            try:
-                a = _read_feature(f)
-            except _Malformed as err:
-                raise ValueError(f"{source}: feature {i}: {err}.") from None
-            if a is not None:
-                items.append(a)
+        items, _meta = geojson_annotations(doc, source)
         return _shapes_or_empty(items, lead, spatial, wanted, source)
     if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
         return _from_coco(doc, lead, spatial, wanted, source)
@@ -427,34 +442,65 @@ def _from_coco(doc, lead, spatial, wanted, source) -> np.ndarray:
     n = int(np.prod(lead, dtype=np.int64))
     images, anns = doc.get("images"), doc.get("annotations")
     if not isinstance(images, list) or not isinstance(anns, list):
-        raise ValueError(f"{source}: COCO 'images' and 'annotations' must be lists.")
+        raise ValueError(f"{source}: COCO 'images' and 'annotations' must be lists; fix "
+                         "the file or export it again.")
     if len(images) != n:
         raise ValueError(f"{source} describes {len(images)} image(s) but there are {n} "
                          "heatmaps; give one COCO image per heatmap, in the same order.")
     where, h, w = {}, *spatial
     for k, im in enumerate(images):
         if not isinstance(im, dict):
-            raise ValueError(f"{source}: image {k} is not an object.")
+            raise ValueError(f"{source}: COCO image {k} is {type(im).__name__}, not an object; "
+                             "give each image as {\"id\": ..., \"height\": ..., \"width\": "
+                             "...}.")
         size = (im.get("height"), im.get("width"))
+        if not all(_whole_number(v) for v in size):
+            raise ValueError(f"{source}: COCO image {k}'s height and width are "
+                             f"{size[0]!r} and {size[1]!r}; write them as whole numbers of "
+                             "pixels (e.g. 512, not \"512\").")
         if size != (h, w):
             raise ValueError(f"{source}: image {k} ({im.get('file_name', '?')}) is "
                              f"{size[0]} x {size[1]} but the heatmaps are {h} x {w}; give "
                              "annotations of images of the heatmaps' size.")
-        where[im.get("id")] = k
-    names = {c.get("id"): c.get("name") for c in doc.get("categories", []) or []
-             if isinstance(c, dict)}
+        where[_coco_id(im.get("id"), f"{source}: COCO image {k}'s id")] = k
+    cats = doc.get("categories", [])
+    if cats is None:
+        cats = []
+    if not isinstance(cats, list):
+        raise ValueError(f"{source}: COCO 'categories' is {type(cats).__name__}; write it as a "
+                         "list of {\"id\": ..., \"name\": ...} objects (or leave it out).")
+    names = {_coco_id(c.get("id"), f"{source}: COCO category {i}'s id"): c.get("name")
+             for i, c in enumerate(cats) if isinstance(c, dict)}
     out = np.zeros((n, h, w), bool)
     for j, ann in enumerate(anns):
-        if not isinstance(ann, dict) or ann.get("image_id") not in where:
+        if not isinstance(ann, dict):
+            raise ValueError(f"{source}: COCO annotation {j} is {type(ann).__name__}, not an "
+                             "object; give each annotation as {\"image_id\": ..., "
+                             "\"segmentation\" or \"bbox\": ...}.")
+        if _coco_id(ann.get("image_id"), f"{source}: annotation {j}'s image_id") not in where:
             raise ValueError(f"{source}: annotation {j} names no image of the file; check "
                              "its image_id.")
         cat = ann.get("category_id")
-        cid = int(cat) - 1 if isinstance(cat, (int, float)) else None
+        if not isinstance(cat, (int, float, str, type(None))) or isinstance(cat, bool):
+            raise ValueError(f"{source}: annotation {j}'s category_id is {cat!r}; write it as "
+                             "a category's id (a number), or leave it out.")
+        cid = int(cat) - 1 if isinstance(cat, (int, float)) and np.isfinite(cat) else None
         if not _class_matches(names.get(cat), cid, wanted):
             continue
         k = where[ann["image_id"]]
         out[k] |= _coco_mask(ann, h, w, f"{source}: annotation {j}")
     return out
+
+
+def _whole_number(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _coco_id(v, what: str):
+    """A COCO id (a number or a string, as files write them), else one sentence."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str, type(None))):
+        raise ValueError(f"{what} is {v!r}; write ids as numbers (or strings), as COCO does.")
+    return v
 
 
 def _coco_mask(ann: dict, h: int, w: int, what: str) -> np.ndarray:
@@ -471,13 +517,19 @@ def _coco_mask(ann: dict, h: int, w: int, what: str) -> np.ndarray:
                                  f"[{h}, {w}]; give annotations of images of this size.")
             values = np.repeat(np.arange(len(counts)) % 2, np.asarray(counts, np.int64))
             if values.size != h * w:
-                raise ValueError(f"{what}'s RLE covers {values.size} pixels, not {h * w}.")
+                raise ValueError(f"{what}'s RLE covers {values.size} pixels, not {h * w}; "
+                                 "fix its counts or export it again.")
             return values.reshape(w, h).T.astype(bool)  # column-major
         if isinstance(seg, list) and seg:
-            parts = [shapely.Polygon(np.asarray(p, np.float64).reshape(-1, 2)) for p in seg]
+            points = [np.asarray(p, np.float64).reshape(-1, 2) for p in seg]
+            if not all(np.isfinite(p).all() for p in points):
+                raise ValueError("its polygon holds NaN or infinite coordinates")
+            parts = [shapely.Polygon(p) for p in points]
             geom = shapely.union_all([shapely.make_valid(p) for p in parts])
         else:
             x, y, bw, bh = (float(v) for v in ann["bbox"])
+            if not np.isfinite([x, y, bw, bh]).all():
+                raise ValueError("its bbox holds NaN or infinite numbers")
             geom = shapely.box(x, y, x + bw, y + bh)
     except (KeyError, TypeError, ValueError, shapely.errors.GEOSException) as err:
         if isinstance(err, ValueError) and str(err).startswith(what):

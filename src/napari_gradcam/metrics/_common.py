@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cam._state import explaining
-from ..cam.engine import _model_output
+from ..cam.engine import _model_output, size_errors
 from ..explain_arrays import (
     Layout,
     Progress,
@@ -59,6 +59,7 @@ class Model:
         runner's ``prepare``, which also resolves the CAM target layer (for explaining)."""
         with contextlib.closing(read_ahead(images, lay, self.runner)) as parts:
             for start, stop, raw in parts:
+                check_finite(raw, start)
                 x = self.runner.prepare(raw) if prepare else preprocess(raw, self.spec,
                                                                         self.device)
                 yield start, stop, x
@@ -79,7 +80,10 @@ class Model:
             n = min(size, total - pos)
             try:
                 with torch.inference_mode(), explaining(module):
-                    logits = _model_output(module(build(pos, pos + n)))
+                    x = build(pos, pos + n)
+                    # an image smaller than the model can take: its smallest size, as explain
+                    with size_errors(module, x[:1]):
+                        logits = _model_output(module(x))
             except Exception as err:
                 if not _is_oom(err) or n == 1:
                     raise
@@ -121,6 +125,18 @@ class Model:
         pick = targets[..., None].astype(np.int64)
         return (np.take_along_axis(probs, pick, -1)[..., 0].astype(np.float64),
                 np.take_along_axis(x, pick, -1)[..., 0])
+
+
+def check_finite(raw: np.ndarray, start: int = 0) -> None:
+    """Refuse images with NaN or infinite pixels before they reach the model: a NaN pixel
+    makes every score NaN, and a deleted or imputed NaN would read as a real change of
+    confidence (images ``start``, ``start + 1``, ... of the batch ``raw``)."""
+    raw = np.asarray(raw)
+    if raw.dtype.kind not in "fc" or np.isfinite(raw).all():
+        return
+    bad = start + int(np.argmax(~np.isfinite(raw).reshape(raw.shape[0], -1).all(1)))
+    raise ValueError(f"image {bad} holds NaN or infinite values; give finite pixels (replace "
+                     "NaN with 0, e.g. numpy.nan_to_num, or leave that image out).")
 
 
 def check_targets(targets, spec: ModelSpec, lead: tuple, n: int):
@@ -280,8 +296,10 @@ def index_of(k: int, lead: tuple) -> list[int]:
 
 
 def class_label(spec_names, cid: int) -> str:
-    names = list(spec_names or [])
-    return names[cid] if 0 <= cid < len(names) else str(cid)
+    """A class's name for a row, its id where the model names no such class."""
+    from ..annotations import class_name
+
+    return class_name(list(spec_names or []), cid, str(cid))
 
 
 def progress(done: int, total: int, what: str, model: Model | None) -> Progress:

@@ -34,6 +34,7 @@ plus the noise, where the peer's solver fails on a singular system.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -80,6 +81,8 @@ def impute(x: np.ndarray, removed: np.ndarray, noise: float = 0.01,
     """Noisy linear imputation of the ``removed`` pixels of every image at once.
 
     ``x`` (B, C, H, W) values, ``removed`` (B, H, W) bool; returns float32 (B, C, H, W).
+    ``rng``: one generator for all the noise, or a sequence of B, one per image (each image's
+    noise then depends on its own generator only, not on the images before it).
     """
     x = np.asarray(x)
     b, c, h, w = x.shape
@@ -100,9 +103,24 @@ def impute(x: np.ndarray, removed: np.ndarray, noise: float = 0.01,
         for lo, hi in cuts:
             out[pixels[lo:hi]] = _solve(out, miss, pixels[lo:hi], h, w, c)
     if noise and lost.size:
-        rng = rng if rng is not None else np.random.default_rng()
-        out[lost] += float(noise) * rng.standard_normal((lost.size, c))
+        if isinstance(rng, (list, tuple)):
+            if len(rng) != b:
+                raise ValueError(f"impute got {len(rng)} generators for {b} images; give one "
+                                 "generator, or one per image.")
+            cuts = np.searchsorted(lost // (h * w), np.arange(b + 1))
+            for i, gen in enumerate(rng):
+                mine = lost[cuts[i]:cuts[i + 1]]
+                out[mine] += float(noise) * gen.standard_normal((mine.size, c))
+        else:
+            rng = rng if rng is not None else np.random.default_rng()
+            out[lost] += float(noise) * rng.standard_normal((lost.size, c))
     return out.reshape(b, h, w, c).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def _fingerprint(x: np.ndarray) -> int:
+    """A 64-bit number of an image's pixels, to seed its noise by what it is, not where."""
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(x).tobytes(),
+                                          digest_size=8).digest(), "little")
 
 
 def _solve_groups(blocks: np.ndarray, count: int) -> list[tuple[int, int]]:
@@ -241,7 +259,11 @@ def iter_road(images, spec: ModelSpec, heatmaps, targets=None, percentiles=PERCE
     """:func:`road` as a generator of :class:`Progress` (one per batch of images)."""
     orders = _orders(most_relevant_first)
     pct = _check_percentiles(percentiles)
-    if not np.isfinite(float(noise)) or float(noise) < 0:
+    try:
+        bad_noise = isinstance(noise, bool) or not np.isfinite(float(noise)) or float(noise) < 0
+    except (TypeError, ValueError):
+        bad_noise = True
+    if bad_noise:
         raise ValueError(f"noise={noise!r}: give the imputation noise's standard deviation, "
                          ">= 0 (0.01 as ROAD's authors).")
     model = Model(spec, device, batch_size)
@@ -253,7 +275,13 @@ def iter_road(images, spec: ModelSpec, heatmaps, targets=None, percentiles=PERCE
     fixed = check_targets(targets, spec, lay.lead, n)
     size = model.input_size(lay)
     model.batch_size(lay, n * (1 + len(orders) * pct.size))
-    rng = np.random.default_rng(seed)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or seed < 0):
+        raise ValueError(f"seed={seed!r}: give a whole number >= 0, or None for fresh noise.")
+    # one generator per image and perturbed copy, seeded by the seed, the image's own pixels and
+    # the copy: an image's noise (and so its scores) is the same alone, anywhere in a stack and
+    # in any batch size
+    root = np.random.SeedSequence().entropy if seed is None else int(seed)
     P, O = pct.size, len(orders)
     changes = np.zeros((n, O, P))
     logit_changes = np.zeros((n, O, P))
@@ -266,8 +294,10 @@ def iter_road(images, spec: ModelSpec, heatmaps, targets=None, percentiles=PERCE
         xs = x.detach().float().cpu().numpy()
         removed = np.stack([removed_masks(maps, pct, o) for o in orders], 1)  # (m, O, P, H, W)
         removed_share += removed.reshape(m, O, P, -1).mean(-1).sum(0)
+        gens = [np.random.default_rng([root, _fingerprint(xs[k]), copy]) for k in range(m)
+                for copy in range(O * P)]
         filled = impute(np.repeat(xs, O * P, axis=0), removed.reshape(m * O * P, *size), noise,
-                        rng)
+                        gens)
         perturbed = torch.from_numpy(filled).to(x.device)
 
         def build(a: int, b: int, x=x, perturbed=perturbed, m=m):
@@ -313,7 +343,9 @@ def road(images, spec: ModelSpec, heatmaps, targets=None, percentiles=PERCENTILE
     See the module's docstring for exactly which pixels go and how they are imputed
     (pytorch-grad-cam's ``ROADMostRelevantFirst`` / ``ROADLeastRelevantFirst`` recipe, in the
     model's input space, heatmaps resized to the input size). ``noise`` is the imputation
-    noise's standard deviation, ``seed`` seeds it (None: fresh noise each call). Other
+    noise's standard deviation, ``seed`` seeds it (None: fresh noise each call); each image
+    draws its noise from a generator of its own (the seed and its pixels), so an image scores
+    the same alone, anywhere in a stack and in any batch size. Other
     parameters as for :func:`deletion_insertion`; ``batch_size`` counts inputs per forward.
     """
     return run_generator(iter_road(
