@@ -99,7 +99,8 @@ def test_run_on_the_synthetic_sample(viewer, qtbot):
     assert raw(w.image.value) is raw(image) and w.model.value == "demo"
     assert w.device_label.value == describe_device(resolve_device("auto"))
     run(qtbot, w)
-    assert layer_names(viewer) == ["sample", "gradcam · sample", "regions · sample"]
+    assert layer_names(viewer) == ["sample", "gradcam · sample", "regions · sample",
+                                   "labels · sample"]
 
     heat = viewer.layers["gradcam · sample"]
     assert heat.data.shape == (256, 256) and heat.data.dtype == np.float32
@@ -152,7 +153,8 @@ def test_rerun_updates_layers_in_place_and_a_target_by_name(viewer, qtbot):
     shapes.visible = False  # a user setting that must survive the re-run
     w.target.value = "square"
     run(qtbot, w)
-    assert layer_names(viewer) == ["sample", "gradcam · sample", "regions · sample"]
+    assert layer_names(viewer) == ["sample", "gradcam · sample", "regions · sample",
+                                   "labels · sample"]
     assert raw(viewer.layers["gradcam · sample"]) is raw(heat)
     assert raw(viewer.layers["regions · sample"]) is raw(shapes) and not shapes.visible
     assert set(shapes.features["class"]) == {"square"}
@@ -325,13 +327,14 @@ def test_compare_methods_side_by_side(viewer, qtbot):
     w.methods.value = ["cam", "gradcam", "layercam"]
     run(qtbot, w)
     assert layer_names(viewer) == ["img", "cam · img", "gradcam · img",
-                                   "layercam · img", "regions · img"]
+                                   "layercam · img", "regions · img", "labels · img"]
     assert viewer.layers["regions · img"].metadata["napari_gradcam"]["method"] == "cam"
     grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
     w.grid_button.clicked()
     assert grid.enabled and w.grid_button.text == "Overlay"
     heat = viewer.layers["cam · img"]
-    assert heat.colormap.name == "turbo" and heat.opacity == 1.0  # opaque in its own cell
+    # over the image in its cell: transparent where cold, as in the overlay
+    assert heat.colormap.name == "gradcam heat" and heat.opacity == 0.7
     w.grid_button.clicked()
     assert not grid.enabled and heat.colormap.name == "gradcam heat" and heat.opacity == 0.7
 
@@ -452,10 +455,14 @@ def test_screenshot_shows_heat_on_the_object_and_the_box(make_napari_viewer_prox
     item = make_image(256, seed=SEED, classes=[0, 1, 2])
     viewer.add_image(item.image, name="sample", colormap="gray")
     w = dock(viewer)
+    # wide enough that the dock leaves the canvas room for the image (the dock is wide)
+    viewer.window.resize(1600, 900)
+    qtbot.wait(50)
     run(qtbot, w)
     viewer.reset_view()
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert shot.ndim == 3 and shot[..., :3].std() > 10  # not blank
+    assert min(shot.shape[:2]) >= 400, f"the canvas is {shot.shape[1]} x {shot.shape[0]} px"
 
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     zoom = camera.zoom
@@ -497,7 +504,7 @@ def test_demo_command_opens_sample_widget_and_run(viewer, qtbot):
     assert worker is not None
     finish(qtbot, w)
     assert layer_names(viewer) == ["synthetic shapes", "gradcam · synthetic…apes",
-                                   "regions · synthetic…apes"]
+                                   "regions · synthetic…apes", "labels · synthetic…apes"]
     shapes = viewer.layers["regions · synthetic…apes"]
     assert set(shapes.features["class"]) == {"disc", "square", "triangle"}
 
@@ -843,7 +850,7 @@ def test_result_names_lead_with_the_method_and_rerun_in_place(viewer, qtbot):
         w.image.value = layer
         run(qtbot, w)
     names = layer_names(viewer)
-    assert len(set(names)) == len(names) == 4 + 4 * 3
+    assert len(set(names)) == len(names) == 4 + 4 * 4  # 2 heatmaps, regions, labels
     assert "gradcam \u00b7 synthetic\u2026es 1" in names and "regions \u00b7 synthetic\u2026es 2" in names
     # two images whose short names would be the same: their full names, not napari's " [1]"
     assert "hirescam \u00b7 patient 0003 scan t1" in names and "regions \u00b7 patient 0004 scan t1" \
@@ -854,7 +861,7 @@ def test_result_names_lead_with_the_method_and_rerun_in_place(viewer, qtbot):
     heat.name = "my heat"
     w.image.value = viewer.layers["synthetic shapes 2"]
     run(qtbot, w)
-    assert len(viewer.layers) == 4 + 4 * 3 and raw(viewer.layers["my heat"]) is raw(heat)
+    assert len(viewer.layers) == 4 + 4 * 4 and raw(viewer.layers["my heat"]) is raw(heat)
 
 
 def test_status_line_follows_the_frame_shown(viewer, qtbot):
@@ -894,3 +901,33 @@ def test_labels_and_status_show_probabilities_and_the_table_keeps_logits(viewer,
     assert rows and all(f"{r['class']} {r['probability']:.2f}" in w.status.value for r in rows)
     # the logit would read differently: the line no longer shows it
     assert not any(f"{r['class']} {r['score']:.2f}" in w.status.value for r in rows)
+
+
+def test_an_image_removed_mid_run_gets_no_layers(viewer, qtbot):
+    viewer.add_image(make_image(96, seed=6, classes=[0]).image, name="img")
+    w = dock(viewer)
+    use(w, Slow(0.5), "slow")
+    worker = w.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: w.running, timeout=10_000)
+    viewer.layers.remove("img")
+    finish(qtbot, w)
+    assert layer_names(viewer) == [] and w._last is None
+    assert w.status.value == "the image 'img' was removed during the run; nothing to show"
+
+
+def test_target_shapes_on_another_frame_name_that_frame(viewer):
+    """A Shapes target drawn on frame 2 of a stack while frame 0 is explained."""
+    from napari_gradcam._napari.geometry import shape_outlines
+
+    image = viewer.add_image(np.zeros((3, 96, 96), np.float32), name="stack")
+    box = np.array([[2, 10, 10], [2, 10, 40], [2, 40, 40], [2, 40, 10]], float)
+    shapes = viewer.add_shapes([box, box + [-1, 0, 0]], shape_type="rectangle", name="ann")
+    with pytest.raises(ValueError, match="the shapes of 'ann' lie on frames 1, 2; the run "
+                                         "explains frame 0: go to frame 1 and run, or draw "
+                                         "on frame 0"):
+        shape_outlines(shapes, image, (0,))
+    assert shape_outlines(shapes, image, (2,)).planes  # the frame they are on: found
+    far = viewer.add_shapes([box + [0, 500, 500]], shape_type="rectangle", name="far")
+    with pytest.raises(ValueError, match="don't overlap the image 'stack'"):
+        shape_outlines(far, image, (2,))

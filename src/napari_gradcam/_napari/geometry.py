@@ -57,9 +57,11 @@ class Outlines:
         return region
 
 
-def shape_outlines(shapes, image, offset: tuple[int, ...] = ()) -> Outlines:
+def shape_outlines(shapes, image, offset: tuple[int, ...] = (),
+                   looks: str = "the run explains") -> Outlines:
     """The outlines of :func:`shapes_region`, checked (no shapes, none near the image: a
-    ValueError saying what to change) but not yet rasterised."""
+    ValueError saying what to change) but not yet rasterised. ``looks`` names who looks at
+    the frame ``offset`` in the message for shapes drawn on other frames only."""
     if not len(shapes.data):
         raise ValueError(f"the Shapes layer {shapes.name!r} has no shapes; draw one around the "
                          "region to explain, or choose another target.")
@@ -70,13 +72,16 @@ def shape_outlines(shapes, image, offset: tuple[int, ...] = ()) -> Outlines:
     fixed = max(len(offset) - first, 0)  # leading shape axes fixed by the slice explained
     out = full[first + fixed:]
     planes: dict = {}
+    elsewhere: set = set()  # frames of the image that hold shapes, other than the one looked at
     for i in picked:
         world = [shapes.data_to_world(v) for v in np.asarray(shapes.data[i], float)]
         pixels = np.array([np.asarray(image.world_to_data(w), float)[-k:] for w in world])
         # a shape drawn on a plane stays on it (napari's own masks take the first vertex's)
         plane = tuple(int(np.floor(v + 0.5)) for v in pixels[0, :-2])
-        if plane[:fixed] != tuple(offset[first:]):
-            continue  # on another plane than the slice explained
+        if plane[:fixed] != tuple(offset[first:]):  # on another plane than the slice
+            if all(0 <= p < n for p, n in zip(plane[:fixed], full[first:])):
+                elsewhere.add(plane[:fixed])
+            continue
         plane = plane[fixed:]
         if any(not 0 <= p < s for p, s in zip(plane, out[:-2])):
             continue
@@ -90,6 +95,17 @@ def shape_outlines(shapes, image, offset: tuple[int, ...] = ()) -> Outlines:
     failure = (f"the {what} of {shapes.name!r} don't overlap the image {image.name!r}"
                f"{' in the slice shown' if fixed else ''}; draw them on the image, or give "
                "both layers the same scale and translate.")
+    if not planes and elsewhere:  # on the image, only not on the frame looked at
+        def frame(p):  # a stack's frame as its index, a hyperstack's as its indices
+            index = tuple(offset[:first]) + p
+            return str(index[0]) if len(index) == 1 else f"({', '.join(map(str, index))})"
+
+        frames = sorted(elsewhere)
+        here = frame(tuple(offset[first:]))
+        raise ValueError(
+            f"the {what} of {shapes.name!r} lie on frame{'s' * (len(frames) > 1)} "
+            f"{', '.join(map(frame, frames))}; {looks} frame {here}: go to frame "
+            f"{frame(frames[0])} and run, or draw on frame {here}.")
     if not planes:
         raise ValueError(failure)
     return Outlines(tuple(out), planes, failure)

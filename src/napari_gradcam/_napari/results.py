@@ -4,10 +4,17 @@ place on a re-run, found by their metadata, named by what they are first."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from napari.layers import Image, Labels, Shapes, Vectors
+from napari.layers import Image, Labels, Points, Shapes, Vectors
+from napari.layers.utils.string_encoding import ConstantStringEncoding
+from napari.utils.colormaps.standardize_color import transform_color
+from napari.utils.notifications import show_info
 
 from ..annotations import (
     annotations_to_shapes,
@@ -19,7 +26,7 @@ from ..annotations import (
 from ..explain_arrays import model_spatial_dims
 from ..job import JobResult
 from ..models import ModelSpec
-from ..render import heat_ramp
+from ..render import heat_ramp, region_labels
 from .geometry import image_shape
 from .io import META_KEY
 
@@ -33,6 +40,7 @@ VOLUME_ATTENUATION = 0.05
 # what the volume reader keeps in an image layer's metadata to write results back into the file
 VOLUME_METADATA = ("affine", "header", "kind", "source", "file_order")
 
+GRID_STRIDE = 4  # layers per side-by-side cell: the image, a heatmap, regions, labels
 NAME_WIDTH = 14  # characters of the image's name kept in its result layers' names
 
 
@@ -52,13 +60,6 @@ def result_name(what: str, image: str, width: int = NAME_WIDTH) -> str:
     return f"{what} \u00b7 {short_name(image, width)}"
 
 
-def _shown_score(row) -> float:
-    """What a label says the model scored: the probability, or the score itself (a
-    segmentation model's summed logit) where there is none."""
-    p = row.get("probability")
-    return float(row["score"]) if p is None or not np.isfinite(p) else float(p)
-
-
 def _add_probabilities(annotations: list, rows: list) -> None:
     """Each region's probability (its image's row for its class) as a property, so the
     features table keeps the logit ("score") beside it; NaN where the model gives none."""
@@ -67,6 +68,395 @@ def _add_probabilities(annotations: list, rows: list) -> None:
         image = tuple(a.index[:len(rows[0]["index"])]) if rows else ()
         p = found.get((image, a.properties.get("class_id")), np.nan)
         a.properties["probability"] = np.nan if p is None else float(p)
+
+
+def region_rows(explained: JobResult, regions: list, ndim: int):
+    """Shapes-layer rows for ``regions`` (any method's, found with the job's targets): vertex
+    arrays, shape types, the features table (each row labelled with its class and
+    probability) and the edge colours of the classes."""
+    annotations = regions_to_annotations(regions, list(explained.class_names))
+    _add_probabilities(annotations, explained.rows)
+    data, types, features = annotations_to_shapes(annotations, ndim=ndim)
+    if "probability" not in features:  # no regions: the column still exists
+        features["probability"] = np.full(len(features["score"]), np.nan)
+    # each region's label as the batch run's overlays write it
+    per_region = region_labels(regions, explained.rows, list(explained.class_names))
+    features["label"] = np.array(
+        [per_region[int(i)] or "" if np.isfinite(i) else "" for i in
+         np.asarray(features["region"], float)], dtype=object)
+    colors = np.array([[*class_color(None if np.isnan(c) else int(c)), 255]
+                       for c in features["class_id"]], float).reshape(-1, 4) / 255
+    return data, types, features, colors
+
+
+# region labels: one per region, inside the image, drawn by a Points layer's text beside the
+# regions layer (whose own text stays empty)
+LABEL_SIZE = 9  # points, at any zoom: a label is read on the screen, not measured on the image
+LABEL_GAP = 2.0  # screen pixels kept free between two drawn labels
+# "upper_left" anchors a point's text at the point and draws it above, the tops of its letters
+# LABEL_LIFT ems above the point (measured on napari's canvas): the point is put that far below
+# the label's top-left corner. Its letters then fill LABEL_HEIGHT ems below the corner.
+LABEL_LIFT = 0.88
+LABEL_HEIGHT = 0.8
+LABEL_TEXT = {"string": {"constant": ""}, "anchor": "upper_left", "size": LABEL_SIZE,
+              "color": "white"}  # the regions layer's: no text
+# the labels layer's text: "upper_left" draws a point's text above it (see region_label_places)
+LABEL_POINTS_TEXT = {"string": {"array": [], "default": ""}, "anchor": "upper_left",
+                     "size": LABEL_SIZE, "color": "white"}
+_METRICS: dict = {}
+
+
+def _dpi() -> float:
+    """The dots per inch vispy draws text at (its canvases' default: the screen's)."""
+    if "dpi" not in _METRICS:
+        from vispy.util import config
+        from vispy.util.dpi import get_dpi
+
+        _METRICS["dpi"] = float(config["dpi"] or get_dpi(raise_error=False) or 96.0)
+    return _METRICS["dpi"]
+
+
+def text_extent(texts, size: float) -> tuple[np.ndarray, float]:
+    """Widths of ``texts`` and the em, in screen pixels, as napari draws its layers' text at
+    ``size`` points: vispy's Open Sans, ``size`` points at its dpi times sqrt(2) (vispy's
+    text shader scales by the length of a unit diagonal), measured with Qt's metrics of the
+    same font file, or estimated where there is no Qt application."""
+    from qtpy.QtGui import QFont, QFontDatabase, QFontMetricsF, QGuiApplication
+
+    em = size / 72 * _dpi() * np.sqrt(2)
+    if QGuiApplication.instance() is None:
+        return np.array([0.62 * em * len(t) for t in texts], float), em
+    if "family" not in _METRICS:
+        import vispy.util.fonts
+
+        path = Path(vispy.util.fonts.__file__).parent / "data" / "OpenSans-Regular.ttf"
+        font_id = QFontDatabase.addApplicationFont(str(path))
+        families = QFontDatabase.applicationFontFamilies(font_id) if font_id >= 0 else []
+        _METRICS["family"] = families[0] if families else QGuiApplication.font().family()
+    metrics = _METRICS.get(em)
+    if metrics is None:
+        font = QFont(_METRICS["family"])
+        font.setPixelSize(max(1, round(em)))
+        metrics = _METRICS[em] = QFontMetricsF(font)
+    scale = em / max(1, round(em))
+    widths = _METRICS.setdefault(("widths", em), {})  # the same labels at every zoom step
+    for t in texts:
+        if t not in widths:
+            widths[t] = metrics.horizontalAdvance(t) * scale
+    return np.array([widths[t] for t in texts], float), em
+
+
+def thin_labels(rects, priority, bounds=None, gap=(0.0, 0.0)) -> np.ndarray:
+    """Which labels to draw. ``rects`` (N, 4): each label's (top, left, bottom, right) in one
+    plane, already moved inside ``bounds`` (top, left, bottom, right) where it fits: one still
+    outside (a label larger than the image) is not drawn, nor one within ``gap`` (rows,
+    columns) of a label of higher ``priority`` drawn before it (the larger region's label wins
+    a crowded spot). Returns a boolean mask."""
+    rects = np.asarray(rects, float).reshape(-1, 4)
+    priority = np.nan_to_num(np.asarray(priority, float), nan=-np.inf)
+    inside = np.ones(len(rects), bool)
+    if bounds is not None:
+        eps = 1e-6
+        inside = ((rects[:, 0] >= bounds[0] - eps) & (rects[:, 1] >= bounds[1] - eps)
+                  & (rects[:, 2] <= bounds[2] + eps) & (rects[:, 3] <= bounds[3] + eps))
+    keep = np.zeros(len(rects), bool)
+    kept, n = np.empty((len(rects), 4)), 0
+    for i in np.argsort(-priority, kind="stable"):
+        r, k = rects[i], kept[:n]
+        if not inside[i] or ((k[:, 0] < r[2] + gap[0]) & (r[0] < k[:, 2] + gap[0])
+                             & (k[:, 1] < r[3] + gap[1]) & (r[1] < k[:, 3] + gap[1])).any():
+            continue
+        keep[i] = True
+        kept[n], n = r, n + 1
+    return keep
+
+
+def fit_labels(rects, bounds) -> np.ndarray:
+    """``rects`` (N, 4) moved up and left where they would run past the bottom or right of
+    ``bounds`` (a label at the image's edge is drawn at the edge, not dropped), and down and
+    right where they start before its top or left; a label larger than the bounds stays
+    outside them (see :func:`thin_labels`)."""
+    rects = np.array(rects, float).reshape(-1, 4)
+    if bounds is None or not len(rects):
+        return rects
+    for lo, hi in ((0, 2), (1, 3)):
+        shift = np.minimum(0.0, bounds[hi] - rects[:, hi])  # past the far edge: back
+        shift = np.where(rects[:, lo] + shift < bounds[lo], bounds[lo] - rects[:, lo], shift)
+        fits = rects[:, hi] - rects[:, lo] <= bounds[hi] - bounds[lo]
+        shift = np.where(fits, shift, 0.0)
+        rects[:, lo] += shift
+        rects[:, hi] += shift
+    return rects
+
+
+# a label covering more than LABEL_COVER times its region's box would hide the region it names
+# (a small region seen from far away, where the label's letters keep their size): it waits
+# for a closer zoom
+LABEL_COVER = 4.0
+LABELS_ROLE = "region labels"
+# the Points layer that draws each regions layer's labels: napari redraws a Shapes layer's
+# text at every zoom step at a cost of (shapes in view) x (all shapes), 0.3 s for 400 regions;
+# a Points layer's text, one point per label, costs a few milliseconds
+_LABELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def labels_of(layer):
+    """The Points layer drawing the labels of the regions layer ``layer`` (None if none)."""
+    return _LABELS.get(layer)
+
+
+def region_label_places(layer) -> tuple[np.ndarray, np.ndarray]:
+    """Where each region's label is drawn at the layer's zoom, and what it says: points
+    (one per region: its plane, then the top-left of the label's letters, moved inside the
+    image) and their strings ("" for a label not drawn at this zoom: it would cover a larger
+    region's label, or hide its own small region; zooming in brings it back). A region's
+    label is its first row's ``label`` (its rectangle; a region is its ``region`` id in one
+    plane); rows without a label (hand-drawn shapes) get none."""
+    data, feats = layer.data, layer.features
+    size = LABEL_SIZE
+    per_px = float(layer.scale_factor) / np.abs(np.asarray(layer.scale, float)[-2:])
+    labels = feats["label"].to_numpy() if "label" in feats else np.array([], object)
+    regions = feats["region"].to_numpy(float) if "region" in feats else np.full(len(feats), np.nan)
+    areas = feats["area"].to_numpy(float) if "area" in feats else np.full(len(feats), np.nan)
+    m = min(len(data), len(labels))
+    shown = [i for i in range(m) if isinstance(labels[i], str) and labels[i]]
+    if not shown:
+        return np.empty((0, layer.ndim)), np.array([], dtype=str)
+    # every shape's first vertex (its plane) and the bounds of its last two coordinates, from
+    # all vertices at once
+    arrays = [np.asarray(data[i], float) for i in shown]
+    starts = np.cumsum([0] + [len(a) for a in arrays[:-1]])
+    vertices = np.concatenate(arrays)
+    leads = np.round(vertices[starts, :-2], 6)
+    lows = np.minimum.reduceat(vertices[:, -2:], starts, axis=0)
+    highs = np.maximum.reduceat(vertices[:, -2:], starts, axis=0)
+    first, planes = {}, {}
+    for j, i in enumerate(shown):
+        plane = tuple(leads[j].tolist())
+        key = (plane, regions[i]) if np.isfinite(regions[i]) else (plane, "row", i)
+        if key not in first:  # the region's first row: its rectangle
+            first[key] = j
+            planes.setdefault(plane, []).append(j)
+    picked_all = [j for picked in planes.values() for j in picked]
+    points = np.zeros((len(picked_all), layer.ndim))
+    strings = np.full(len(picked_all), "", dtype=object)
+    shape = layer.metadata.get(META_KEY, {}).get("image_shape")
+    bounds = (-0.5, -0.5, shape[-2] - 0.5, shape[-1] - 0.5) if shape else None
+    gap = LABEL_GAP * per_px
+    at = 0
+    for picked in planes.values():
+        rows = [shown[j] for j in picked]
+        widths, em = text_extent([labels[i] for i in rows], size)
+        corners = lows[picked] + gap  # the text keeps clear of its box's edge line
+        height = LABEL_HEIGHT * em * per_px[0]
+        rects = fit_labels(np.column_stack([corners, corners[:, 0] + height,
+                                            corners[:, 1] + widths * per_px[1]]), bounds)
+        extent = highs[picked] - lows[picked]
+        priority = np.where(np.isfinite(areas[rows]), areas[rows], extent.prod(axis=1))
+        keep = thin_labels(rects, priority, bounds, gap)
+        covered = (rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1])
+        keep &= covered <= LABEL_COVER * np.maximum(extent, 0.0).prod(axis=1)
+        end = at + len(picked)
+        points[at:end, :-2] = leads[picked]
+        # napari's "upper_left" anchor draws a point's text above it, the tops of its letters
+        # LABEL_LIFT ems up: the point lies that far below where the letters begin
+        points[at:end, -2] = rects[:, 0] + LABEL_LIFT * em * per_px[0]
+        points[at:end, -1] = rects[:, 1]
+        strings[at:end] = np.where(keep, np.array([labels[i] for i in rows], object), "")
+        at = end
+    return points, strings.astype(str)
+
+
+def place_labels(layer) -> None:
+    """Draw one label per region of a regions layer (see :func:`region_label_places`) at
+    LABEL_SIZE points whatever the zoom, from its labels layer (see :func:`label_regions`):
+    its points and strings set together, the layer redrawn once. The features table keeps
+    every row's label: only the drawn text changes."""
+    points_layer = _LABELS.get(layer)
+    if points_layer is None:
+        return
+    points, strings = region_label_places(layer)
+    old = np.asarray(points_layer.text.values, dtype=object).reshape(-1)
+    if (points_layer.data.shape == points.shape and np.allclose(points_layer.data, points)
+            and old.tolist() == strings.tolist()):
+        return  # as drawn already: nothing to redraw
+    with points_layer.events.blocker_all(), points_layer.text.events.blocker_all():
+        points_layer.data = points  # (re-slices the layer, unannounced)
+        points_layer.text.string = {"array": strings, "default": ""}
+    points_layer.refresh(thumbnail=False, highlight=False, extent=False)  # drawn once
+
+
+AGAIN = "again"  # what a step returns that wants another turn of the event loop
+# a result's steps: one per frame (50 Hz), each followed at once by those that took no time
+STEP_FRAME_MS = 20
+STEP_QUICK_S = 0.002
+_HELD: set[int] = set()  # ids of the layers whose labels wait for the end of an update
+
+
+@contextlib.contextmanager
+def labels_held(layer):
+    """``with labels_held(layer):`` changes a regions layer's shapes and features without
+    placing its labels after each change (an update emits data, then features: each would
+    place every label again, against a half-written table); :func:`label_regions` after it
+    places them once."""
+    _HELD.add(id(layer))
+    try:
+        yield layer
+    finally:
+        _HELD.discard(id(layer))
+
+
+# the characters vispy draws for any text besides the text's own: it measures these for the
+# line's ascender and descender, and the space for the whitespace width
+_ALWAYS_DRAWN = "\u00c5\u00c9\u00d1\u0150jgpqy "
+GLYPH_BUDGET_S = 0.02  # glyphs rendered per event-loop turn: until this much time has passed
+
+
+def canvas_fonts(widget) -> list:
+    """The glyph caches napari draws layer text with in the window of ``widget`` (a Qt
+    widget docked in a viewer): each canvas has one, shared by all its text visuals and
+    there before any of them. Empty where ``widget`` is in no viewer's window."""
+    try:
+        from napari.qt import QtViewer
+
+        viewers = widget.window().findChildren(QtViewer)
+    except (AttributeError, RuntimeError, ImportError):  # no Qt widget, or it was deleted
+        return []
+    fonts = []
+    for qt_viewer in viewers:
+        try:
+            info = qt_viewer.canvas.font_info()
+            fonts.append(info.font_manager.get_font(info.face, False, False))
+        except AttributeError:  # a napari without Qt fonts: glyphs are drawn as needed
+            continue
+    return fonts
+
+
+def missing_glyphs(fonts, texts) -> list:
+    """(font, character) pairs that drawing ``texts`` would render first: vispy renders a
+    glyph (a distance field, about 10 ms each on a small CPU) the first time a canvas draws
+    its character, all of them inside one paint."""
+    chars = sorted(set(_ALWAYS_DRAWN).union(*map(set, texts)))
+    return [(font, c) for font in fonts for c in chars
+            if c not in getattr(font, "_glyphs", {c: None})]
+
+
+def render_glyphs(pairs: list, budget: float = GLYPH_BUDGET_S) -> list:
+    """Render glyphs of ``pairs`` (from :func:`missing_glyphs`) until ``budget`` seconds have
+    passed; returns the pairs left."""
+    import time
+
+    end = time.perf_counter() + budget
+    pairs = list(pairs)
+    while pairs:
+        font, char = pairs.pop(0)
+        if char not in font._glyphs:
+            font[char]
+        if time.perf_counter() > end:
+            break
+    return pairs
+
+
+def same_shapes(layer, data: list, types: list, colors: np.ndarray) -> bool:
+    """Whether a Shapes layer already holds exactly ``data`` (vertex arrays, at least one),
+    ``types`` and edge ``colors``: re-writing them would only redraw the same picture (no
+    region: the layer is emptied again, which the viewer is told)."""
+    if not len(data) or len(layer.data) != len(data) or list(layer.shape_type) != list(types):
+        return False
+    if len(data) and not np.allclose(np.asarray(layer.edge_color, float), colors):
+        return False
+    return all(a.shape == np.shape(b) and np.array_equal(a, b)
+               for a, b in zip(layer.data, data))
+
+
+def same_features(table, features: dict) -> bool:
+    """Whether a layer's features ``table`` (a DataFrame) holds ``features`` (columns of equal
+    length), NaN equal to NaN."""
+    if list(table.columns) != list(features) or len(table) != len(next(iter(
+            features.values()), [])):
+        return False
+    for key, column in features.items():
+        old, new = table[key].to_numpy(), np.asarray(column)
+        if old.dtype == object or new.dtype == object:
+            if old.tolist() != new.tolist():
+                return False
+        elif not np.array_equal(old.astype(float), new.astype(float), equal_nan=True):
+            return False
+    return True
+
+
+def _relabel(event) -> None:
+    """Shapes added, removed or moved, new features or a new zoom: the labels placed again."""
+    if id(event.source) in _HELD:
+        return
+    if event.type == "data" and str(getattr(event, "action", "")) not in (
+            "added", "removed", "changed"):
+        return
+    place_labels(event.source)
+
+
+def label_regions(layer, layers=None) -> None:
+    """Label a regions layer (see :func:`place_labels`) and keep it labelled as it changes:
+    the labels are drawn by a locked Points layer of their own (``layers``, the viewer's
+    layer list, gets it above ``layer`` the first time), shown while ``layer`` is shown and
+    removed with it; ``layer`` itself draws no text."""
+    if not (isinstance(layer.text.string, ConstantStringEncoding)
+            and layer.text.string.constant == ""):
+        layer.text.string = {"constant": ""}  # a layer labelled by napari's Shapes text before
+    points = _LABELS.get(layer)
+    if points is not None and layers is not None and points not in layers:
+        points = None  # its labels layer was removed by hand: labelled anew
+    if points is None:
+        if layers is None:
+            raise ValueError("label_regions needs the viewer's layer list for the labels layer "
+                             "of a new regions layer; pass viewer.layers.")
+        name = layer.name.replace("regions", "labels", 1) if "regions" in layer.name else \
+            f"labels of {layer.name}"
+        meta = dict(layer.metadata.get(META_KEY, {}))
+        meta.update(role=LABELS_ROLE, view=True, labels_of=layer.name)
+        points = Points(np.empty((0, layer.ndim)), ndim=layer.ndim, name=name, size=0,
+                        border_width=0, face_color="transparent", text=LABEL_POINTS_TEXT,
+                        metadata={META_KEY: meta}, visible=layer.visible,
+                        scale=layer.scale, translate=layer.translate,
+                        affine=np.array(layer.affine.affine_matrix))
+        points.locked = True  # drawn from the regions: edited there, not here
+        _LABELS[layer] = points
+        if layer in layers:
+            layers.insert(layers.index(layer) + 1, points)
+        else:
+            layers.append(points)
+        layers.events.removed.connect(_drop_labels)  # functions: connected once
+        layer.events.visible.connect(_follow_visible)
+    for key in ("scale", "translate", "affine"):
+        value = getattr(layer, key)
+        value = getattr(value, "affine_matrix", value)
+        if not _same(getattr(points, key), value):
+            setattr(points, key, value)
+    for emitter in (layer.events.data, layer.events.features, layer.events.scale_factor):
+        emitter.connect(_relabel)  # a function: connecting it again does not add it twice
+    place_labels(layer)
+
+
+def _drop_labels(event) -> None:
+    """A regions layer left the viewer: its labels layer goes with it."""
+    points = _LABELS.pop(event.value, None)
+    if points is not None and points in event.source:
+        event.source.remove(points)
+
+
+def _follow_visible(event) -> None:
+    points = _LABELS.get(event.source)
+    if points is not None and points.visible != event.source.visible:
+        points.visible = event.source.visible
+
+
+def _same(current, value) -> bool:
+    """Whether a layer's geometry attribute (an affine: its matrix) already equals ``value``."""
+    current = getattr(current, "affine_matrix", current)
+    try:
+        return bool(np.array_equal(np.asarray(current), np.asarray(value)))
+    except (TypeError, ValueError):  # values numpy can't compare: set it again
+        return False
 
 
 def heat_colormap():
@@ -137,7 +527,10 @@ class ResultLayers:
     @staticmethod
     def _place(layer, geometry: dict, metadata: dict):
         for key, value in geometry.items():
-            setattr(layer, key, value)
+            # set again, an unchanged scale, translate or affine still makes napari redo the
+            # layer's transforms, its slice and the viewer's dims (a re-run's largest cost)
+            if not _same(getattr(layer, key, None), value):
+                setattr(layer, key, value)
         layer.metadata = {**layer.metadata, **metadata}
 
     def _placed(self, job: Job, data: np.ndarray):
@@ -172,9 +565,11 @@ class ResultLayers:
         def update(layer):
             layer.data = heat
             self._place(layer, geo, meta)
-            layer.contrast_limits = (0.0, 1.0)
+            if not _same(layer.contrast_limits, (0.0, 1.0)):  # each set redraws the layer
+                layer.contrast_limits = (0.0, 1.0)
             for key, value in look.items():
-                setattr(layer, key, value)
+                if getattr(layer, key) != value:
+                    setattr(layer, key, value)
 
         layer = self._upsert(name, "heatmap", heat.ndim, lambda: Image(
             heat, name=name, colormap=heat_colormap(), blending="translucent", opacity=0.7,
@@ -233,19 +628,24 @@ class ResultLayers:
     def _show_regions(self, job: Job, explained: JobResult):
         """The first method's regions as one Shapes layer (the job indexes them in the layer's
         leading axes)."""
+        layer = None
+        for step in self._regions_steps(job, explained):
+            out = step()
+            while out is AGAIN:
+                out = step()
+            layer = out if layer is None else layer  # the shapes step's
+        return layer
+
+    def _regions_steps(self, job: Job, explained: JobResult) -> list:
+        """:meth:`_show_regions` as steps, each for a turn of the event loop of its own: the
+        glyphs the labels draw for the first time (a few per turn, returning AGAIN while some
+        are left: napari renders each new character of a canvas inside its next paint, and
+        any text, even none, draws ten of them); the layer (a new one made empty and hidden;
+        the step that returns it); a new layer shown; its shapes; their features table; the
+        labels; the 3D wireframes and the side-by-side cells."""
         names = list(explained.class_names)
         ndim = job.layer.ndim
-        annotations = regions_to_annotations(explained.regions, names)
-        _add_probabilities(annotations, explained.rows)
-        data, types, features = annotations_to_shapes(annotations, ndim=ndim)
-        if "probability" not in features:  # no regions: the column still exists
-            features["probability"] = np.full(len(features["score"]), np.nan)
-        features["label"] = np.array(
-            [f"{c} {_shown_score({'score': s, 'probability': p}):.2f}" if c else ""
-             for c, s, p in zip(features["class"], features["score"], features["probability"])],
-            dtype=object)
-        colors = np.array([[*class_color(None if np.isnan(c) else int(c)), 255]
-                           for c in features["class_id"]], float).reshape(-1, 4) / 255
+        data, types, features, colors = region_rows(explained, explained.regions, ndim)
         # rows for shapes the user draws: blank (no class: what a hand-drawn shape shows is the
         # user's, not the model's), their kind filled in from the shape once drawn
         defaults = {key: ("" if col.dtype == object else np.nan) for key, col in features.items()}
@@ -256,36 +656,81 @@ class ResultLayers:
         name = self._name("regions", job.layer)
         geo = self._geometry(job)
 
-        def update(layer):
-            layer.data = []
-            if data:
-                layer.add(list(zip(data, types)), edge_color=colors, edge_width=2,
-                          face_color="transparent")
-            layer.features = features
-            self._place(layer, geo, meta)
+        made: dict = {}
 
         def create():
-            return Shapes(
-                data or None, ndim=ndim, shape_type=types or "polygon", name=name,
-                features=features, edge_color=colors if data else "white", edge_width=2,
-                face_color="transparent", metadata=meta,
-                text={"string": "{label}", "anchor": "upper_left", "size": 9,
-                      "color": "white"}, **geo)
+            # empty and hidden: shown in the next turn and its shapes added in the one after,
+            # so the viewer's work for a new layer (its visual and controls; its first paint,
+            # which compiles its shaders; the shapes' triangulation and paint) blocks it in
+            # three parts, not at once
+            made["hidden"] = True
+            return Shapes(None, ndim=ndim, shape_type="polygon", name=name,
+                          features={k: v[:0] for k, v in features.items()},
+                          edge_color="white", edge_width=2, face_color="transparent",
+                          metadata=meta, text=LABEL_TEXT, visible=False, **geo)
 
-        layer = self._upsert(name, "regions", ndim, create, update, job)
-        layer.feature_defaults = defaults
-        layer.current_edge_color = new_color
-        layer.events.data.connect(self._kind_of_drawn)  # once: a bound method is not re-added
-        self._show_wireframe(job, explained)
-        return layer
+        def layer():
+            made["layer"] = self._upsert(name, "regions", ndim, create, lambda _l: None, job)
+            return made["layer"]
+
+        def show():
+            if made.pop("hidden", False):
+                made["layer"].visible = True
+
+        def shapes():
+            layer = made["layer"]
+            if same_shapes(layer, data, types, colors):
+                return  # the same regions again (a re-run): nothing to redraw
+            with labels_held(layer):  # placed once, by the labels step
+                if data:
+                    # the layer emptied between two results is never shown: unannounced,
+                    # the viewer redraws the layer once (for the new shapes), not twice
+                    with layer.events.blocker_all():
+                        layer.data = []
+                    layer.add(list(zip(data, types)), edge_color=colors, edge_width=2,
+                              face_color="transparent")
+                else:
+                    layer.data = []
+
+        def table():
+            layer = made["layer"]
+            with labels_held(layer):
+                if not same_features(layer.features, features):
+                    layer.features = features  # redraws every text: only when it changed
+                self._place(layer, geo, meta)
+            # each set is announced to the layer's controls (a repaint): only when changed
+            if not same_features(layer.feature_defaults, {k: [v] for k, v in defaults.items()}):
+                layer.feature_defaults = defaults
+            if transform_color(layer.current_edge_color)[0].tolist() != new_color.tolist():
+                layer.current_edge_color = new_color
+            layer.events.data.connect(self._kind_of_drawn)  # once: a bound method isn't re-added
+
+        def glyphs():
+            if "glyphs" not in made:
+                made["glyphs"] = missing_glyphs(canvas_fonts(self.native),
+                                                [t for t in features["label"] if t])
+            made["glyphs"] = render_glyphs(made["glyphs"])
+            if made["glyphs"]:
+                return AGAIN
+            if "metrics" not in made:  # the labels' first measure loads Qt's copy of the font
+                made["metrics"] = text_extent(["0"], LABEL_SIZE)
+                return AGAIN
+            return None
+
+        def labels():
+            label_regions(made["layer"], self._viewer.layers)
+
+        return [glyphs, layer, show, shapes, table, labels,
+                functools.partial(self._show_wireframe, job, explained),
+                functools.partial(self._grid_follow, job, explained)]
 
     @staticmethod
     def _kind_of_drawn(event):
         """Shapes added to the regions layer by hand (or from Python) come with the default
         row, whose kind is blank: give them their shape type once they are added (a drawn
         polygon is a path until its last click, so only the end of the drawing is final)."""
-        if str(getattr(event, "action", "")) != "added":
-            return
+        if str(getattr(event, "action", "")) != "added" or id(event.source) in _HELD:
+            return  # (held: a result's shapes, whose features table comes next)
         layer = event.source
         kinds = layer.features.get("kind")
         if kinds is None:
@@ -343,16 +788,200 @@ class ResultLayers:
             elif meta.get("role") == "regions" and meta.get("image_name") in framed:
                 layer.visible = not three
 
-    def toggle_grid(self, _event=None):
-        """Heatmaps side by side (napari grid mode), or back to one overlaid view."""
+    # ---- side by side -----------------------------------------------------------------------
+
+    def _grid_model(self):
         canvas = getattr(self._viewer, "canvas", None)  # napari >= 0.9; before: viewer.grid
-        grid = canvas.grid if canvas is not None and hasattr(canvas, "grid") else \
+        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else \
             self._viewer.grid
-        grid.enabled = not grid.enabled
-        self.grid_button.text = "Overlay" if grid.enabled else "Side by side"
-        # alone in its cell a heatmap reads best opaque (cold = blue); over the image, it is
-        # transparent where cold
-        for layer in self._viewer.layers:
-            if layer.metadata.get(META_KEY, {}).get("role") == "heatmap":
-                layer.colormap = "turbo" if grid.enabled else heat_colormap()
-                layer.opacity = 1.0 if grid.enabled else 0.7
+
+    def _camera(self):
+        scene = getattr(self._viewer, "scene", None)  # napari >= 0.9; before: viewer.camera
+        return scene.camera if scene is not None and hasattr(scene, "camera") else \
+            self._viewer.camera
+
+    def toggle_grid(self, _event=None):
+        """Side by side: a grid cell per method of the last run, each the image with that
+        method's heatmap and regions under the method's name; pressed again, the overlay view
+        as it was (the cells' extra layers removed, every layer where and as it was)."""
+        if getattr(self, "_grid_state", None) is not None:
+            self._leave_grid()
+            return
+        last = getattr(self, "_last", None)
+        if last is None:
+            show_info("napari-gradcam: nothing to show side by side yet; press Run first "
+                      "(each method's heatmap and regions then get a cell of their own).")
+            return
+        self._enter_grid(last.job, last.explained)
+
+    def _enter_grid(self, job: Job, explained: JobResult) -> bool:
+        """Build the cells of ``explained`` and turn napari's grid on (see
+        :meth:`_enter_cells`). Cell k is four layers, bottom to top: a view of the image (its
+        data array shared, not copied) named after the method, whose name napari writes in the
+        cell's top-left corner; the method's heatmap layer; its regions (the first method's:
+        the editable regions layer itself, which File > Save writes; the others': locked views
+        for reading) and their labels."""
+        layers, image = self._viewer.layers, job.layer
+        if image not in layers:
+            show_info(f"napari-gradcam: the image {image.name!r} of the last run is no longer "
+                      "in the viewer; run again to see its methods side by side.")
+            return False
+        heats = {m: self._find("heatmap", image.name, m) for m in explained.methods}
+        methods = [m for m in explained.methods if heats[m] is not None]
+        if not methods:
+            show_info("napari-gradcam: the heatmap layers of the last run were removed; run "
+                      "again to see its methods side by side.")
+            return False
+
+        def make_cells():
+            cells, added = [], []
+            regions = self._find("regions", image.name)
+            for k, method in enumerate(methods):
+                view = self._image_view(image, method)
+                if k == 0 and regions is not None and method == explained.methods[0]:
+                    shapes = regions
+                    label_regions(shapes, layers)  # (its labels layer removed by hand: again)
+                else:
+                    shapes = self._regions_view(job, explained, method)
+                    added += [shapes, labels_of(shapes)]
+                added.append(view)
+                cells.append((view, heats[method], shapes, labels_of(shapes)))
+            return cells, added
+
+        self._enter_cells(make_cells, GRID_STRIDE, image=image.name, methods=methods)
+        return True
+
+    def _enter_cells(self, make_cells, stride: int, **about) -> dict:
+        """Side by side: ``make_cells()`` gives the cells (each ``stride`` layers, bottom to
+        top, a captioned image view first) and the layers it made for them; napari fills cells
+        with ``stride`` consecutive layers from the bottom of the layer list, so the cells'
+        layers go first and every other layer is hidden while the grid is on, with the whole
+        grid in view. What leaving restores (see :meth:`_leave_grid`) is noted before: the
+        layers' order, visibility and selection, napari's grid and the camera. ``about`` is
+        kept with it (the image, the methods, what kind of grid)."""
+        layers, grid, camera = self._viewer.layers, self._grid_model(), self._camera()
+        if getattr(self, "_grid_state", None) is not None:
+            self._leave_grid()
+        state = {"order": list(layers), "visible": [layer.visible for layer in layers],
+                 "grid": {key: getattr(grid, key) for key in ("enabled", "stride", "shape")},
+                 "selection": set(layers.selection), "active": layers.selection.active,
+                 "camera": {"center": tuple(camera.center), "zoom": camera.zoom},
+                 "methods": [], **about}
+        state["cells"], state["added"] = make_cells()
+        for layer in state["added"]:
+            if layer not in layers:
+                layers.append(layer)
+        inside = [layer for cell in state["cells"] for layer in cell]
+        self._reorder(inside + [layer for layer in layers if layer not in inside])
+        for layer in layers:
+            layer.visible = layer in inside
+        for cell in state["cells"]:
+            cell[0].name_overlay.visible = True
+        self._grid_state = state
+        grid.stride = stride
+        n = len(state["cells"])
+        grid.shape = (1, n) if n <= 3 else (-1, -1)
+        grid.enabled = True
+        self._viewer.reset_view()  # every cell's whole image in view
+        grid.events.enabled.connect(self._on_grid_switched)
+        self.grid_button.text = "Overlay"
+        return state
+
+    def _leave_grid(self):
+        """Back to the overlay view: the cells' extra layers removed, the others in their old
+        order, visibility and selection (layers added meanwhile stay, on top), napari's grid
+        and the camera as they were."""
+        state, self._grid_state = self._grid_state, None
+        grid = self._grid_model()
+        grid.events.enabled.disconnect(self._on_grid_switched)
+        layers = self._viewer.layers
+        for layer in state["added"]:
+            if layer in layers:
+                layers.remove(layer)
+        kept = [layer for layer in state["order"] if layer in layers]
+        self._reorder(kept + [layer for layer in layers if layer not in kept])
+        for layer, visible in zip(state["order"], state["visible"]):
+            if layer in layers:
+                layer.visible = visible
+        for key, value in state["grid"].items():
+            setattr(grid, key, value)
+        if "selection" in state:
+            layers.selection.clear()
+            layers.selection.update({layer for layer in state["selection"] if layer in layers})
+            active = state["active"]  # (one selected layer: napari's active one)
+            if active is not None and active in layers:
+                layers.selection.active = active
+        if "camera" in state:
+            camera = self._camera()
+            camera.center = state["camera"]["center"]
+            camera.zoom = state["camera"]["zoom"]
+        self.grid_button.text = "Side by side"
+
+    def _on_grid_switched(self, _event=None):
+        """napari's own grid button turned the grid off: leave side by side cleanly."""
+        if getattr(self, "_grid_state", None) is not None and not self._grid_model().enabled:
+            self._leave_grid()
+
+    def _grid_follow(self, job: Job, explained: JobResult):
+        """A run or new region settings while side by side: the cells show the new result
+        (the heatmap layers and the editable regions were updated in place; the other
+        methods' region views are rebuilt, and the cells too when the image or the methods
+        changed)."""
+        state = getattr(self, "_grid_state", None)
+        if state is None:
+            return
+        layers = self._viewer.layers
+        same = (state["image"] == job.layer.name and state["methods"] == [
+            m for m in explained.methods if self._find("heatmap", job.layer.name, m) is not None]
+            and all(layer in layers for cell in state["cells"] for layer in cell)
+            and all(self._find("heatmap", job.layer.name, m) == heat
+                    for m, (_view, heat, *_shapes) in zip(state["methods"], state["cells"])))
+        if same:
+            for method, (_view, _heat, shapes, *_labels) in zip(state["methods"], state["cells"]):
+                if shapes in state["added"]:
+                    self._fill_regions_view(shapes, job, explained, method)
+            return
+        self._leave_grid()
+        if not self._enter_grid(job, explained):
+            self._grid_model().enabled = False
+
+    def _reorder(self, order: list):
+        """Move the layers into ``order`` (all of them, each once), bottom first."""
+        layers = self._viewer.layers
+        for target, layer in enumerate(order):
+            source = layers.index(layer)
+            if source != target:
+                layers.move(source, target)
+
+    def _image_view(self, image, method: str):
+        """Another layer of ``image`` for a grid cell: the same data array and look, named
+        after the cell's method (the cell's caption)."""
+        data, state, _kind = image.as_layer_data_tuple()
+        state.update(name=method, visible=True, metadata={META_KEY: {
+            "role": "cell image", "source": image.name, "method": method, "view": True}})
+        return Image(data, **state)
+
+    def _regions_view(self, job: Job, explained: JobResult, method: str):
+        """``method``'s regions for its grid cell: a locked Shapes layer for reading (the
+        editable, exported regions are the first method's layer)."""
+        ndim = job.layer.ndim
+        meta = {META_KEY: {"role": "cell regions", "source": job.layer.name, "method": method,
+                           "view": True, "class_names": list(explained.class_names),
+                           "image_shape": list(image_shape(job.layer))}}
+        layer = Shapes(None, ndim=ndim, name=self._name(f"{method} regions (view)", job.layer),
+                       edge_width=2, face_color="transparent", metadata=meta, text=LABEL_TEXT,
+                       **self._geometry(job))
+        self._fill_regions_view(layer, job, explained, method, self._viewer.layers)
+        layer.locked = True
+        return layer
+
+    @staticmethod
+    def _fill_regions_view(layer, job: Job, explained: JobResult, method: str, layers=None):
+        data, types, features, colors = region_rows(
+            explained, explained.regions_of(method), job.layer.ndim)
+        layer.data = []
+        if data:
+            layer.add(list(zip(data, types)), edge_color=colors, edge_width=2,
+                      face_color="transparent")
+        layer.features = features
+        label_regions(layer, layers)

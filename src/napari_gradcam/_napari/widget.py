@@ -16,7 +16,8 @@ import inspect
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ from ..cam import EmptyTargetWarning, available_methods
 from ..explain_arrays import Progress, check_channels, layout, model_spatial_dims
 from ..job import FOUND, ExplainJob, JobResult, is_segmentation
 from ..models import ModelSpec, load_model
+from ..render import shown_score
+from . import warmup
 from .geometry import (
     Outlines,
     image_shape,
@@ -54,7 +57,16 @@ from .geometry import (
     shapes_region,
 )
 from .io import META_KEY
-from .results import NAME_WIDTH, ResultLayers, _shown_score, heat_colormap, result_name, short_name
+from .live import (
+    SHOW,
+    START,
+    Debounce,
+    LiveKey,
+    LiveScheduler,
+    pixels_token,
+    region_token,
+)
+from .results import NAME_WIDTH, ResultLayers, heat_colormap, result_name, short_name
 
 if TYPE_CHECKING:
     import napari
@@ -76,6 +88,14 @@ TARGET_TIP = (
     "predicted class: each image's top class. every class found: each class with a positive "
     "logit (p > 0.5 for multi-label models), regions per class, one merged heatmap. Or one "
     "class by name.")
+# slider steps closer together than this after live's last look are folded into one look
+# (a drag, a script stepping through frames); the first step of a move is looked at at once
+LIVE_LEAD_MS = 50
+LIVE_TIP = (
+    "Explain the shown slice again whenever it changes (the slider), or the image, model, "
+    "methods, target, target layer or device change; a slice explained before is shown from "
+    "a cache at once. Live explains the current slice only: the scope is held at 'current "
+    "slice' while it is on. Region settings only re-derive the regions, as without live.")
 SEG_TARGET_TIP = (
     "A segmentation model explains a class over a region of pixels (the sum of its scores "
     "there). predicted: the class with the largest predicted region. every class found: each "
@@ -146,6 +166,21 @@ class Result:
     job: Job
     explained: JobResult  # heatmaps per method, the first method's regions, summary rows
     seconds: float = 0.0
+
+
+@dataclass
+class Cached:
+    """A live result as the cache keeps it: only what shows it again (the slice, model and
+    settings it belongs to are its key, and the job is the one read when it is shown), so a
+    cached slice holds no view of the layer's pixels: a replaced array is freed."""
+
+    explained: JobResult
+    seconds: float = 0.0
+
+
+# slice digests kept for the chosen image (a slice's is 16 bytes; the count only bounds a
+# very long scroll through a very long stack)
+DIGESTS_KEPT = 4096
 
 
 class RunFailed(Exception):
@@ -280,7 +315,11 @@ def prepare_model(source, trust_code: bool = False) -> LoadedModel:
     """Worker-thread body: load ``source`` (a :class:`ModelSpec` is used as it is) and probe
     its layers, so neither a slow file nor the probe's forward freezes the viewer."""
     spec = source if isinstance(source, ModelSpec) else load_model(source, trust_code=trust_code)
-    return LoadedModel(spec, probe_layers(spec), probe_segmentation(spec))
+    loaded = LoadedModel(spec, probe_layers(spec), probe_segmentation(spec))
+    # the one-time warm-up for the first result's layers, once a model is there to run: had
+    # it started with the widget, it would compete with this load while the widget opens
+    warmup.start()
+    return loaded
 
 
 def probe_segmentation(spec: ModelSpec) -> bool:
@@ -331,6 +370,15 @@ class GradCamWidget(ResultLayers, Container):
         self._owners: dict[str, int] = {}  # model name -> the request that registered it
         self._selecting = False  # the widget itself is setting the model list's value
         self._worker = None
+        # a run's result is written one layer per event-loop turn (see _on_result): the steps
+        # left, and whether the run's worker finished meanwhile (it ends with the last step)
+        self._applying: list = []
+        self._finish_pending = False
+        from qtpy.QtCore import QTimer
+
+        self._apply_timer = QTimer(self.native)
+        self._apply_timer.setSingleShot(True)
+        self._apply_timer.timeout.connect(self._apply_next)
         self._region_worker = None
         self._region_generation = 0
         self._pbar = None
@@ -338,6 +386,17 @@ class GradCamWidget(ResultLayers, Container):
         # the status line of the last run, as (result, text before the summary, after it, the
         # whole line shown): re-said for the frame shown while that line is still up
         self._said: tuple | None = None
+        # the viewer closed: Qt deleted the controls, so what the workers still report is
+        # dropped (see _alive)
+        self._closed = False
+        # the chosen image's data events (an edit must not leave a stale live heatmap): the
+        # layer watched, a count of its edits, the slice digests per (layer, edits, slice), and
+        # the slider step of its last redraw (a redraw at an unchanged step is a refresh())
+        self._watched = None
+        self._edits: dict = {}
+        self._digests: dict = {}
+        self._redrawn_at: dict = {}
+        self._step_seen = None  # (layer, slice) of the last slider step live looked at
         self._build_model_controls()
         self._build_explain_controls()
         self._build_region_controls()
@@ -347,7 +406,7 @@ class GradCamWidget(ResultLayers, Container):
         self._follow_selection()
         self._on_device()
         self._on_model()
-        self._start_loading("demo", name="demo")
+        self._start_loading("demo", name="demo")  # then napari's first shapes compile
 
     # ---- building -----------------------------------------------------------------------------
 
@@ -390,6 +449,12 @@ class GradCamWidget(ResultLayers, Container):
                                           "out-of-memory).")
         self.scope = RadioButtons(label="scope", choices=list(SCOPES), value=SCOPES[0],
                                   orientation="horizontal")
+        self.live = CheckBox(text="live", value=False, tooltip=LIVE_TIP)
+        # live mode's cache and its one-run-in-flight rule; a zero-delay timer folds a burst
+        # of slider steps or control resets into one look at what is wanted
+        self._live = LiveScheduler()
+        self._live_soon = Debounce(self._live_update, parent=self.native)
+        self._live_models: dict[str, Any] = {}  # model name -> the LoadedModel last seen
 
     def _build_region_controls(self):
         self.threshold = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.5,
@@ -431,11 +496,15 @@ class GradCamWidget(ResultLayers, Container):
             self.target_layer, self.device,
             self.device_label, self.batch_size, self.scope, self.threshold,
             self.threshold_mode, self.min_area, self.simplify, self.mask, self.mask_mode,
-            Container(widgets=[self.run_button, self.cancel_button, self.grid_button],
-                      layout="horizontal", labels=False),
+            Container(widgets=[self.run_button, self.live, self.cancel_button,
+                               self.grid_button], layout="horizontal", labels=False),
             Container(widgets=[self.segment_button], layout="horizontal", labels=False),
             self.status,
         ])
+        from .check import CheckSection  # faithfulness, sanity check, agreement of the last run
+
+        self.check = CheckSection(self)
+        self.append(self.check)
 
     def _connect_signals(self):
         self.run_button.changed.connect(self.run)
@@ -448,6 +517,9 @@ class GradCamWidget(ResultLayers, Container):
         self.trust_code.changed.connect(self._on_trust)
         self.device.changed.connect(self._on_device)
         self.image.changed.connect(self._on_image)
+        self.live.changed.connect(self._on_live)
+        for w in (self.methods, self.target, self.target_layer, self.device):
+            w.changed.connect(self._live_request)
         for w in (self.threshold, self.threshold_mode, self.min_area, self.simplify, self.mask,
                   self.mask_mode):
             w.changed.connect(self._on_region_settings)
@@ -456,9 +528,33 @@ class GradCamWidget(ResultLayers, Container):
         layers = self._viewer.layers
         layers.events.inserted.connect(self._refresh_layers)
         layers.events.removed.connect(self._refresh_layers)
+        layers.events.removed.connect(self._live_forget)
         layers.events.reordered.connect(self._refresh_layers)
         layers.events.renamed.connect(self._refresh_layers)
         layers.selection.events.active.connect(self._follow_selection)
+        self.native.destroyed.connect(self._on_closed)
+
+    def _on_closed(self, _obj=None):
+        """The viewer closed (the dock widget's Qt object is gone): the runs and loads in
+        flight are asked to stop, and whatever they still report is dropped (_alive)."""
+        self._closed = True
+        for worker in (self._worker, self._region_worker, *self._loaders):
+            if worker is not None:
+                with contextlib.suppress(RuntimeError):
+                    worker.quit()
+        self._unwatch()
+
+    def _alive(self, fn):
+        """``fn`` as a worker's handler: it does nothing once the viewer has closed (its
+        controls are deleted then, and a run, a check or a model load may still be ending)."""
+
+        @functools.wraps(fn)
+        def handler(*args):
+            if not self._closed:
+                return fn(*args)
+            return None
+
+        return handler
 
     # ---- choices ----------------------------------------------------------------------------
 
@@ -523,9 +619,82 @@ class GradCamWidget(ResultLayers, Container):
             lead = len(shape) - dims
         self.explains.value = "" if loaded is None else \
             explains(dims, None if shape is None else len(shape))
-        self.scope.enabled = lead > 0
-        if lead <= 0:
+        self.scope.enabled = lead > 0 and not self.live.value  # live: the shown slice
+        if lead <= 0 or self.live.value:
             self.scope.value = SCOPES[0]
+        self._watch(layer)
+        self._live_request()
+
+    # ---- the chosen image's edits -------------------------------------------------------------
+
+    def _watch(self, layer):
+        """Follow ``layer``'s data events (only the chosen image's: the one live explains);
+        the previous layer's slice digests go, as its edits are no longer counted."""
+        if layer is self._watched:
+            return
+        self._unwatch()
+        if layer is None:
+            return
+        layer.events.data.connect(self._on_image_data)
+        layer.events.set_data.connect(self._on_image_redrawn)
+        self._watched = layer
+
+    def _unwatch(self):
+        layer, self._watched = self._watched, None
+        if layer is None:
+            return
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            layer.events.data.disconnect(self._on_image_data)
+            layer.events.set_data.disconnect(self._on_image_redrawn)
+        self._forget_digests(layer.unique_id)
+        self._redrawn_at.pop(layer.unique_id, None)
+
+    def _forget_digests(self, uid):
+        self._digests = {k: v for k, v in self._digests.items() if k[0] != uid}
+
+    def _edited(self, layer, replaced: bool):
+        """The chosen image's pixels changed: its slices are hashed again at the next look,
+        which live takes now (the heatmap shown is of the old pixels). ``replaced`` (a new
+        array): its cached results are of pixels that are gone, so they go too."""
+        uid = layer.unique_id
+        self._edits[uid] = self._edits.get(uid, 0) + 1
+        self._forget_digests(uid)
+        if replaced:
+            self._live.cache.drop_layer(uid)
+        self._step_seen = None
+        self._live_request()
+
+    def _on_image_data(self, event=None):
+        layer = getattr(event, "source", None) or self._watched
+        if layer is not None and not self._closed:
+            self._edited(layer, replaced=True)
+
+    def _on_image_redrawn(self, event=None):
+        """napari redraws a layer's slice when the slider moves and when ``refresh()`` is
+        called after an edit in place; only the second leaves the slider where it was."""
+        layer = getattr(event, "source", None) or self._watched
+        if layer is None or self._closed:
+            return
+        step = tuple(self._viewer.dims.current_step)
+        if self._redrawn_at.get(layer.unique_id) == step:
+            self._edited(layer, replaced=False)
+        self._redrawn_at[layer.unique_id] = step
+
+    def _pixels(self, job: Job) -> Hashable:
+        """The pixels token of the job's slice, hashed once per slice and edit of the chosen
+        image (a volume's digest takes tens of milliseconds: not on every look)."""
+        layer = job.layer
+        if layer is not self._watched:
+            return pixels_token(job.images, layer.data)
+        uid = layer.unique_id
+        memo = (uid, self._edits.get(uid, 0), tuple(job.offset))
+        token = self._digests.get(memo)
+        if token is None:
+            token = pixels_token(job.images, layer.data)
+            if len(self._digests) >= DIGESTS_KEPT:
+                self._digests.clear()
+            self._digests[memo] = token
+        return token
 
     def _on_device(self, _event=None):
         try:
@@ -562,6 +731,7 @@ class GradCamWidget(ResultLayers, Container):
         self.target.tooltip = SEG_TARGET_TIP if self._is_segmentation() else TARGET_TIP
         self._show_target_layers()
         self._update_buttons()
+        self._live_forget_models()
         self._on_image()
 
     def _show_target_layers(self):
@@ -668,9 +838,10 @@ class GradCamWidget(ResultLayers, Container):
                 return f"{loaded.spec.name} ({label})"
             return loaded.spec.name or "model"
 
-        worker.returned.connect(lambda loaded: self._on_loaded(loaded, named(loaded), request))
-        worker.errored.connect(lambda err: self._on_load_error(err, request))
-        worker.finished.connect(lambda: self._on_load_finished(worker))
+        worker.returned.connect(self._alive(
+            lambda loaded: self._on_loaded(loaded, named(loaded), request)))
+        worker.errored.connect(self._alive(lambda err: self._on_load_error(err, request)))
+        worker.finished.connect(self._alive(lambda: self._on_load_finished(worker)))
         self._loaders.add(worker)
         self._show_busy(f"loading {label or name or 'the model'} …")
         worker.start()
@@ -709,6 +880,8 @@ class GradCamWidget(ResultLayers, Container):
         segmentation too, and only for a segmentation model."""
         self.run_button.enabled = not self.running and not self.loading
         self.segment_button.enabled = self.run_button.enabled and self._is_segmentation()
+        if getattr(self, "check", None) is not None:  # the Check section: one job at a time
+            self.check.set_enabled(self.run_button.enabled)
 
     def _show_busy(self, text: str):
         self._update_buttons()
@@ -919,7 +1092,10 @@ class GradCamWidget(ResultLayers, Container):
     def run(self, _event=None):
         """Start a run off the UI thread; returns the worker (None when the inputs are bad:
         a notification says what to change; None too while a model is loading: the run then
-        starts once it is ready)."""
+        starts once it is ready). With live on it explains the shown slice as live does (from
+        the cache when it was explained before), also again after an error."""
+        if self.live.value:
+            return self._live_update(force=True)
         if self.running:
             show_info("napari-gradcam: a run is in progress; cancel it first.")
             return None
@@ -953,14 +1129,17 @@ class GradCamWidget(ResultLayers, Container):
     def _start(self, work, job: Job, desc: str, on_result, status: str):
         """Run ``work(job)`` on a worker thread with a cancellable progress bar; ``on_result``
         gets its result on the UI thread. Returns the worker."""
-        worker = create_worker(work, job, _start_thread=False, _ignore_errors=True)
+        # the result reaches the UI thread once the warm-up is done: its layers compile nothing
+        warmup.start()  # (started already unless every model load failed)
+        worker = create_worker(warmup.after_warmup(work), job, _start_thread=False,
+                               _ignore_errors=True)
         self._pbar = cancelable_progress(total=job.total, desc=desc,
                                          cancel_callback=self.cancel)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(on_result)
-        worker.errored.connect(self._on_error)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
+        worker.yielded.connect(self._alive(self._on_progress))
+        worker.returned.connect(self._alive(on_result))
+        worker.errored.connect(self._alive(self._on_error))
+        worker.aborted.connect(self._alive(self._on_aborted))
+        worker.finished.connect(self._alive(self._on_finished))
         self._worker = worker
         self._update_buttons()
         self.cancel_button.enabled = True
@@ -994,8 +1173,13 @@ class GradCamWidget(ResultLayers, Container):
                    explain=explain, total=total)
 
     def cancel(self, _event=None):
-        """Stop the run after the current batch; existing layers stay as they were."""
+        """Stop the run after the current batch; existing layers stay as they were (with live
+        on, the slice it was for is not run again until the slice or a setting changes)."""
         if self._worker is not None:
+            if self._live.is_stale(self._worker):  # live stops it already: say nothing
+                return
+            if self._live.flight is not None and self._live.flight.worker is self._worker:
+                self._live.cancelled()
             self._worker.quit()
             self.status.value = "cancelling…"
 
@@ -1009,25 +1193,42 @@ class GradCamWidget(ResultLayers, Container):
             self._pbar.refresh()
 
     def _on_error(self, err: Exception):
+        if self._live.flight is not None and self._live.flight.worker is self._worker:
+            if self._live.failed(self._worker):  # the wanted slice failed: said once
+                self._live_error(str(err))
+            return  # a stale run's error is about a slice no longer shown
         self.status.value = "failed"
         show_error(f"napari-gradcam: {err}")
 
     def _on_aborted(self):
+        if self._live.is_stale(self._worker):
+            return  # live stopped it for another slice: that one's run says what happens
         self.status.value = "cancelled; layers unchanged"
 
     def _on_finished(self):
+        if self._applying:  # its result is still being written: the run ends with it
+            self._finish_pending = True
+            return
+        self._finish_pending = False
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
         self._worker = None
         self.cancel_button.enabled = False
         self._update_buttons()
+        self._live_run_ended()
 
     def _on_result(self, result: Result):
+        """Show a result: each heatmap, then the regions, then the status line. A run's result
+        is written one step per event-loop turn, so the viewer repaints and answers between
+        them instead of freezing for all of them at once; the run counts as running until the
+        last step (whoever waits for the run sees every layer), and a Cancel pressed meanwhile
+        lets the steps finish (every layer from the same result). A result shown with no run
+        going (a cached one) is written at once."""
+        if self._closed or self._gone(result):  # its image left the viewer: nothing to write
+            return
+        self._apply_now()  # a result still being written is finished first
         job, explained = result.job, result.explained
-        for method in explained.methods:
-            self._show_heatmap(job, explained, method)
-        self._show_regions(job, explained)
         self._last = result
         dims = model_spatial_dims(job.explain.spec.module)
         how = "; 3D regions" if dims == 3 else \
@@ -1036,9 +1237,59 @@ class GradCamWidget(ResultLayers, Container):
         after = (f"; {len(explained.regions)} regions{how}; {result.seconds:.2f} s on "
                  f"{describe_device(resolve_device(explained.device))}")
         self._said = (result, before, after, None)
-        self._on_step()
-        for note in explained.notes:  # e.g. a class with no pixels in its region: zero map
-            show_warning(f"napari-gradcam: {note}")
+        notes = list(explained.notes)  # e.g. a class with no pixels in its region: zero map
+
+        def said():
+            self._on_step()
+            for note in notes:
+                show_warning(f"napari-gradcam: {note}")
+
+        self._applying = [functools.partial(self._show_heatmap, job, explained, method)
+                          for method in explained.methods]
+        self._applying += [*self._regions_steps(job, explained), said]
+        if self.running:
+            self._apply_next()
+        else:
+            self._apply_now()
+
+    def _apply_next(self):
+        """Write the next step of the result being shown (and the steps after it that take
+        no time: a layer that is already there, glyphs already drawn); a frame later, the
+        next. After the last, the run ends if its worker has finished."""
+        import time
+
+        from .results import AGAIN, STEP_FRAME_MS, STEP_QUICK_S
+
+        start = time.perf_counter()
+        while self._applying:
+            step = self._applying.pop(0)
+            try:
+                if step() is AGAIN:  # more of the same step, in the next turn
+                    self._applying.insert(0, step)
+            except Exception:
+                self._applying = []  # the rest would build on a failed step
+                self._applied()
+                raise
+            if time.perf_counter() - start > STEP_QUICK_S:
+                break
+        if self._applying:
+            # a frame, not 0 ms: the repaint a step asked for, the input and the timers
+            # waiting meanwhile all come first (a zero timer can fire before them: a step,
+            # its repaint and the next step then block as one)
+            self._apply_timer.start(STEP_FRAME_MS)
+        else:
+            self._applied()
+
+    def _apply_now(self):
+        """Write every step left at once."""
+        self._apply_timer.stop()
+        while self._applying:
+            self._apply_next()
+            self._apply_timer.stop()
+
+    def _applied(self):
+        if self._finish_pending:
+            self._on_finished()
 
     def _on_segmented(self, result: Segmented):
         layer = self._show_segmentation(result.job, result.labels)
@@ -1050,7 +1301,13 @@ class GradCamWidget(ResultLayers, Container):
     def _on_step(self, _event=None):
         """The last run's status line, saying what the model found in the frame the viewer
         shows (a stack's frames differ); re-said as the user scrolls, from the stored rows, as
-        long as that line is still the one shown (a later message is not overwritten)."""
+        long as that line is still the one shown (a later message is not overwritten). With
+        live on, a move of the slider also explains the new slice."""
+        if _event is not None and self.live.value and not self._closed:  # the slider
+            here = self._shown_slice()
+            if here is None or here != self._step_seen:  # a 3D model's volume: no new slice
+                self._step_seen = here
+                self._live_request(lead=True)
         if self._said is None:
             return
         result, before, after, shown = self._said
@@ -1067,6 +1324,18 @@ class GradCamWidget(ResultLayers, Container):
             self.status.value = text
         self._said = (result, before, after, text)
 
+    def _shown_slice(self):
+        """(the chosen image, the leading indices of the slice the model explains there), or
+        None when that can't be told (then live looks anyway)."""
+        layer, loaded = self.image.value, self._loaded()
+        if layer is None or loaded is None:
+            return None
+        try:
+            lead = len(image_shape(layer)) - model_spatial_dims(loaded.spec.module)
+            return (layer.unique_id, self._current_index(layer, lead) if lead > 0 else ())
+        except (AttributeError, ValueError, IndexError, TypeError):
+            return None
+
     @staticmethod
     def _summary(result: Result, shown: tuple[int, ...] | None = None) -> str:
         """What the model said, from the job's rows: the classes found in (or the class and
@@ -1079,7 +1348,9 @@ class GradCamWidget(ResultLayers, Container):
         here = shown if shown in images else images[0] if images else None
 
         def said(r):
-            return f"{r['class'] if named else ''} {_shown_score(r):.2f}"
+            value = shown_score(r)  # None: no finite number to show, the class alone
+            name = r["class"] if named else ""
+            return name if value is None else f"{name} {value:.2f}"
 
         found = result.job.found
         mine = [r for r in rows if tuple(r["index"]) == here and (r["class_id"] >= 0 or not found)]
@@ -1115,8 +1386,8 @@ class GradCamWidget(ResultLayers, Container):
                         self._show_heatmap(job, new, method)
                 self._show_regions(job, new)
 
-        worker.returned.connect(done)
-        worker.errored.connect(self._on_error)
+        worker.returned.connect(self._alive(done))
+        worker.errored.connect(self._alive(self._on_error))
 
         def finished():
             if self._region_worker is worker:
@@ -1125,6 +1396,183 @@ class GradCamWidget(ResultLayers, Container):
         worker.finished.connect(finished)
         self._region_worker = worker
         worker.start()
+
+    # ---- live mode ------------------------------------------------------------------------------
+
+    def _on_live(self, _event=None):
+        """Live ticked: explain the shown slice at once (the scope is held at the current
+        slice meanwhile); unticked: stop following the slider (a run in flight still ends and
+        is shown: it is for the slice on screen)."""
+        self._on_image()  # the scope radio: held and disabled while live is on
+        if self.live.value:
+            self._live.reset()
+            self._live_update()
+        else:
+            self._live_soon.stop()
+
+    def _live_request(self, _event=None, *, lead: bool = False):
+        """Something live follows changed: look at what is wanted once the events queued now
+        are handled (a control reset by a model change fires several of these). ``lead`` (the
+        slider): at once, unless a look is pending or was just taken (then the timer folds
+        this step in), so the run starts, or the cached slice is written, before the viewer
+        repaints the bare slice."""
+        if not self.live.value:
+            return
+        if lead and self._live_soon.leads(LIVE_LEAD_MS):
+            self._live_update(lead=True)
+        else:
+            self._live_soon()
+
+    def _live_update(self, force: bool = False, lead: bool = False):
+        """Show the explanation of the slice on screen with the current settings: from the
+        cache, or by a run (after the stale run in flight, if any, has stopped). Returns the
+        worker of a run it started, else None. ``lead`` (called inside the slider's event): a
+        cached slice is written at once, a run is started from the timer (a slider event
+        can also come from the viewer closing, when no run must start)."""
+        self._live_soon.stop()
+        if not self.live.value:
+            return None
+        if self.loading:  # _on_load_finished calls run(), which comes back here
+            self._run_pending = True
+            return None
+        if self.running and self._live.flight is None:  # a Run or a segmentation from before:
+            return None  # live looks again once it has ended (_live_run_ended)
+        if self.image.value is None:  # the image was closed: nothing to follow, no error
+            self.status.value = "live: open or select an image layer"
+            return None
+        try:
+            job = self.job()
+        except (ValueError, TypeError) as err:
+            self._live_error(str(err))
+            return None
+        self._step_seen = (job.layer.unique_id, tuple(job.offset))  # the slice looked at
+        key = self._live_key(job)
+        decision = self._live.decide(key, force=force)
+        if decision.action == SHOW:
+            self._live_show(decision.result, job)
+        elif decision.action == START:
+            if lead:
+                self._live_soon()
+                return None
+            return self._live_start(job, key)
+        if not self.running and self._live_regions_stale(job):  # threshold etc. moved since
+            self._on_region_settings()
+        return None
+
+    def _live_key(self, job: Job) -> LiveKey:
+        """What the job's heatmaps depend on (the region settings and the mask are re-derived
+        from them, so they are left out)."""
+        choice = self.target.value
+        inside = choice.layer if isinstance(choice, InsideLayer) else None
+        return LiveKey(
+            layer=job.layer.unique_id, pixels=self._pixels(job),
+            index=tuple(job.offset), model=str(self.model.value), spec=id(job.explain.spec),
+            methods=tuple(job.methods), target=(job.found, job.target),
+            target_layer=str(self.target_layer.value), device=str(self.device.value),
+            region=region_token(job.explain.target_mask, job.outlines),
+            region_layer=None if inside is None else inside.unique_id,
+            channel_axis=job.channel_axis)
+
+    def _live_start(self, job: Job, key: LiveKey):
+        started = []
+
+        def returned(result):
+            self._on_live_result(started[0] if started else self._worker, key, result)
+
+        worker = self._start(compute, job, f"{job.methods[0]} on {job.layer.name} (live)",
+                             returned, "running…")
+        started.append(worker)
+        self._live.started(key, worker)
+        return worker
+
+    def _on_live_result(self, worker, key: LiveKey, result: Result):
+        """A live run's result: cached whatever happens (unless its image has left the viewer);
+        shown only if its slice and settings are still the ones wanted (a stale run that
+        slipped past its cancel is not)."""
+        if self._gone(result):
+            return
+        cached = Cached(result.explained, result.seconds)
+        if self._live.returned(worker, key, cached):
+            self._on_result(result)
+            self._said_once(result)
+            cached.explained = result.explained
+
+    def _live_show(self, cached: Cached, job: Job):
+        """A cached result on screen, as a run's would be (no model run), with the ``job``
+        the controls give now (same key: the same pixels, model and settings)."""
+        result = Result(job, cached.explained, cached.seconds)
+        self._on_result(result)
+        self._said_once(result)
+        cached.explained = result.explained  # its notes are not said again
+        said = self._said
+        if isinstance(said, tuple) and len(said) == 4 and said[0] is result:
+            self._said = (result, said[1], said[2] + " (cached)", None)
+            self._on_step()
+
+    @staticmethod
+    def _said_once(result: Result):
+        """The result's notes were shown: scrolling back to its slice does not repeat them."""
+        if result.explained.notes:
+            result.explained = replace(result.explained, notes=[])
+
+    def _live_run_ended(self):
+        """The widget's run is over, its result written (live's own, or a Run or segmentation
+        from before live was ticked): live looks at what is wanted now (the slider may have
+        moved meanwhile)."""
+        if self._live.flight is not None:  # the run that ended: there is one at a time
+            self._live.finished(self._live.flight.worker)
+        if self.live.value:
+            self._live_update()
+
+    def _live_regions_stale(self, job: Job) -> bool:
+        """Whether the regions shown were derived with other settings or another mask than
+        the controls say now (a cached slice, or a run started before the threshold moved)."""
+        last = self._last
+        if last is None or last.job.layer is None or \
+                getattr(last.job.layer, "unique_id", None) != job.layer.unique_id:
+            return False
+        old = last.explained
+        if old.region_options != job.explain.region_options:
+            return True
+        a, b = old.mask, job.explain.mask
+        if a is None or b is None:
+            return (a is None) != (b is None)
+        return a.shape != b.shape or not np.array_equal(a, b)
+
+    def _live_error(self, message: str):
+        """An error in live mode: on the status line each time, as a notification once (until
+        a run succeeds); live stays on."""
+        self.status.value = f"live: {message}"
+        if self._live.should_say(message):
+            show_error(f"napari-gradcam: {message}")
+
+    def _live_forget(self, event=None):
+        """A layer left the viewer: its cached results go (and those its region targeted),
+        and so does a live run in flight for it (its result has nowhere to go)."""
+        uid = getattr(getattr(event, "value", None), "unique_id", None)
+        if uid is not None:
+            self._live.cache.drop_layer(uid)
+            self._live.abandon(lambda key: key.layer == uid or key.region_layer == uid)
+            self._edits.pop(uid, None)
+            self._forget_digests(uid)
+            self._redrawn_at.pop(uid, None)
+
+    def _gone(self, result: Result) -> bool:
+        """Whether the image of ``result`` left the viewer while it ran (nothing is written
+        for it then; the status line says why)."""
+        layer = result.job.layer
+        if layer in list(self._viewer.layers):
+            return False
+        self.status.value = (f"the image {layer.name!r} was removed during the run; nothing "
+                             "to show")
+        return True
+
+    def _live_forget_models(self):
+        """A model loaded again under a name already in the list: its cached results go."""
+        for name, loaded in self._models.items():
+            if self._live_models.get(name, loaded) is not loaded:
+                self._live.cache.drop_model(name)
+            self._live_models[name] = loaded
 
 
 

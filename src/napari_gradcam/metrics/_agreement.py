@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import shapely
-from scipy import ndimage
 
 from ..annotations import Annotation
 from ..regions import Region, find_regions, label_image, rasterize
@@ -209,6 +207,8 @@ def _boxes(masks: np.ndarray) -> np.ndarray:
     """The bounding boxes of every connected object (8- / 26-connected) of each mask,
     filled."""
     out = np.zeros_like(masks)
+    from scipy import ndimage  # imported when boxes are needed, not with the module
+
     structure = np.ones((3,) * (masks.ndim - 1), bool)
     for i in range(masks.shape[0]):
         labels, _count = ndimage.label(masks[i], structure)
@@ -504,6 +504,8 @@ def _coco_id(v, what: str):
 
 
 def _coco_mask(ann: dict, h: int, w: int, what: str) -> np.ndarray:
+    import shapely  # imported when an annotation is rasterised, not with the module
+
     seg = ann.get("segmentation")
     mask = np.zeros((h, w), bool)
     try:

@@ -39,9 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-from scipy.sparse.linalg import spsolve
 
 from ..explain_arrays import Progress, run_generator
 from ..models import ModelSpec
@@ -161,6 +159,9 @@ def _solve(values: np.ndarray, miss: np.ndarray, pixels: np.ndarray, h: int, w: 
     rows.append(ids)
     cols.append(ids)
     weights.append(-diagonal)
+    import scipy.sparse as sp  # imported when an image is imputed, not with the module
+    from scipy.sparse.linalg import spsolve
+
     a = sp.csc_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))),
                       shape=(m, m))
     solution = spsolve(a, rhs)

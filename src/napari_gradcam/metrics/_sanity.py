@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from ..explain_arrays import Progress, Runner, run_generator
@@ -103,6 +102,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _spearman_flat(a: np.ndarray, b: np.ndarray):
+    from scipy.stats import rankdata  # ~1 s to import: only when a check runs
+
     ra = rankdata(a.reshape(a.shape[0], -1), axis=1)
     rb = rankdata(b.reshape(b.shape[0], -1), axis=1)
     ra -= ra.mean(1, keepdims=True)
