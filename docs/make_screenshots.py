@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-SIZE = (1400, 860)  # window width, height in pixels
+SIZE = (1900, 900)  # window width, height in pixels: the canvas wide enough for three cells
 LIVE_FRAME = 9  # the stack frame the live picture shows
 
 
