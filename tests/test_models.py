@@ -357,7 +357,9 @@ def test_the_readme_documents_every_sidecar_field_and_its_example_loads(tmp_path
     (tmp_path / "model.json").write_text(example)
     meta = read_sidecar(tmp_path / "model.json")
     assert meta["architecture"] == "densenet121"
-    table = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", readme, re.MULTILINE))
+    # the sidecar table is in the "Your own model" section (other sections have tables too)
+    section = readme.split("\n## Your own model", 1)[1].split("\n## ", 1)[0]
+    table = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", section, re.MULTILINE))
     documented = {name for row in table for name in row if name}
     assert documented == set(SIDECAR_FIELDS)
     # and it describes a loadable model
