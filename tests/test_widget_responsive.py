@@ -390,6 +390,12 @@ def close_widget(w):
 
 
 def test_closing_mid_load_or_mid_run_touches_no_deleted_control(viewer, qtbot):
+    from qtpy.QtCore import QThreadPool
+
+    # workers left running by earlier tests of the session (slow models being cancelled) can
+    # hold every thread of Qt's shared pool on a 2-core machine: give this test's load its own
+    pool = QThreadPool.globalInstance()
+    pool.setMaxThreadCount(max(pool.maxThreadCount(), pool.activeThreadCount() + 4))
     viewer.add_image(make_image(96, seed=SEED, classes=[0]).image, name="img")
     # the start-up model load in flight
     _dock, w = viewer.window.add_plugin_dock_widget("napari-gradcam", "Grad-CAM")

@@ -389,5 +389,5 @@ def test_shapes_are_rasterised_plane_by_plane_and_only_the_slice_explained():
     assert one.shape == (32, 32) and (one == whole[1]).all()
     outlines = widget_mod.shape_outlines(shapes, image, offset=(3,))
     assert list(outlines.planes) == [()] and len(outlines.planes[()][0]) == 2
-    with pytest.raises(ValueError, match="don't overlap the image .* in the slice shown"):
+    with pytest.raises(ValueError, match="lie on frames 1, 3; the run explains frame 2"):
         widget_mod.shape_outlines(shapes, image, offset=(2,))

@@ -49,10 +49,9 @@ def _write_csv(path: str, data, attributes: dict) -> None:
     if META_KEY not in (attributes.get("metadata") or {}):
         from napari_builtins.io import napari_write_shapes
 
-        if napari_write_shapes(path, data, attributes) is None:
-            raise ValueError(f"napari's Shapes writer wrote nothing to {path!r}; save the layer "
-                             "as .geojson or .json instead.")
-        return
+        if napari_write_shapes(path, data, attributes) is not None:
+            return
+        # napari's writer writes nothing for a layer without shapes: ours writes the header
     annotations, meta = _layer(data, attributes)
     export.write_csv(annotations, path, class_names=meta.get("class_names"))
 
