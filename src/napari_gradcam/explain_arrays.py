@@ -431,12 +431,14 @@ class Runner:
         return True
 
     def explain(self, batch: torch.Tensor, spatial, method: str | None = None, targets=_OWN,
-                target_masks=None):
+                target_masks=None, normalize: bool = True, as_tensor: bool = False):
         """The engine over a prepared batch, in parts that fit the device, maps resized back
         to ``spatial``. ``method`` overrides the runner's; ``targets`` overrides its target
         with any form :func:`explain_batch` takes (per-sample arrays are split with the
         batch). ``target_masks``: a segmentation model's regions to explain, (n, *spatial) at
-        the images' size (resized to the model's input here)."""
+        the images' size (resized to the model's input here). ``normalize=False``: maps not
+        scaled to [0, 1] (tiles blended before one scaling over the image); ``as_tensor``: the
+        maps stay on the device (a torch tensor) for a caller that blends them there."""
         method = method or self.method
         targets = self.class_id if targets is _OWN else targets
         masks = None if target_masks is None else self._fit_masks(target_masks, batch)
@@ -451,9 +453,9 @@ class Runner:
             part, module, layer = self._input(batch[pos:pos + n])
             res = explain_batch(module, part, method, target_layer=layer, targets=tgt,
                                 target_masks=weights, multilabel=self.multilabel,
-                                amp=self.amp)
+                                amp=self.amp, normalize=normalize)
             self._seen(module)
-            return type(res)(crop_sides(res.heatmaps[:n], batch.shape[2:]),
+            return type(res)(crop_sides(res.heatmaps[:n], batch.shape[2:], normalize),
                              *(t[:n] for t in res[1:]))
 
         parts = self._each_part(batch, self.size_for(spatial, batch.shape[0]), work)
@@ -462,9 +464,9 @@ class Runner:
             mode = "bilinear" if self.dims == 2 else "trilinear"
             lead = maps.shape[:-self.dims]
             maps = F.interpolate(maps.reshape(-1, 1, *maps.shape[-self.dims:]), size=spatial,
-                                 mode=mode, align_corners=False).clamp_(0, 1)
-            maps = maps.view(*lead, *spatial)
-        return (maps.cpu().numpy(), torch.cat([p.class_ids for p in parts]).cpu().numpy(),
+                                 mode=mode, align_corners=False)
+            maps = (maps.clamp_(0, 1) if normalize else maps.clamp_(min=0)).view(*lead, *spatial)
+        return (maps if as_tensor else maps.cpu().numpy(), torch.cat([p.class_ids for p in parts]).cpu().numpy(),
                 torch.cat([p.scores for p in parts]).cpu().numpy())
 
     def segment(self, batch: torch.Tensor, spatial) -> np.ndarray:
@@ -620,13 +622,16 @@ def pad_sides(t: torch.Tensor, multiple: int, value: float | None = None) -> tor
     return F.pad(t, pads, mode="replicate")
 
 
-def crop_sides(maps: torch.Tensor, sides) -> torch.Tensor:
+def crop_sides(maps: torch.Tensor, sides, normalize: bool = True) -> torch.Tensor:
     """Heatmaps (N[, K], *spatial) of a padded input cut back to ``sides`` and scaled to reach
-    1 again (the padding may have held the hottest pixel)."""
+    1 again (the padding may have held the hottest pixel); unscaled maps (``normalize``
+    False) are only cut."""
     sides = tuple(int(s) for s in sides)
     if tuple(maps.shape[-len(sides):]) == sides:
         return maps
     maps = maps[(..., *(slice(0, s) for s in sides))]
+    if not normalize:
+        return maps
     top = maps.flatten(-len(sides)).amax(-1).clamp(min=1e-12)
     return maps / top.view(*top.shape, *([1] * len(sides)))
 
@@ -670,16 +675,28 @@ def iter_explain(
     amp=None,
     out=None,
     target_mask=None,
+    tile="auto",
+    overlap=64,
+    resume_key=None,
 ) -> Iterator[Progress]:
     """:func:`explain` as a generator: yields :class:`Progress` after each batch, returns the
     :class:`Explanation` (``StopIteration.value``). Closing it stops after the current batch."""
+    from .tiles import check_tile_option, resolve_tiling
+
     runner = Runner(spec, method, target, device, batch_size, target_layer=target_layer,
                     amp=amp)
+    check_tile_option(tile, overlap, runner.dims)
     if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
         images = np.asarray(images)
     lay = layout(images.shape, channel_axis, runner.dims, in_channels=spec.in_channels)
     check_channels(lay.channels, spec.in_channels)
     n = lay.count if lay.lead else 1
+    tiling = None if runner.dims != 2 else resolve_tiling(
+        tile, overlap, lay.spatial, lay.channels, np.dtype(getattr(images, "dtype", np.float32)),
+        spec, runner.device)
+    if tiling is not None:
+        return (yield from _iter_explain_tiled(runner, method, images, lay, tiling, out,
+                                               target_mask, resume_key))
     heat = out if out is not None else np.zeros((n, *lay.spatial), np.float32)
     if out is not None:
         if tuple(out.shape) != (*lay.lead, *lay.spatial):
@@ -708,6 +725,29 @@ def iter_explain(
                        runner.batch_size)
 
 
+def _iter_explain_tiled(runner, method, images, lay, tiling, out, target_mask, resume_key):
+    """:func:`iter_explain` for images explained in tiles: the job's tiled path
+    (:func:`napari_gradcam.tiles.iter_tiled`), one method."""
+    from .job import is_segmentation
+    from .tiles import iter_tiled, open_outputs
+
+    shape = (*lay.lead, *lay.spatial)
+    outs, group, keep = open_outputs(out, [method], shape, tiling.tile[0])
+    mask = None if target_mask is None else check_weights(target_mask)
+    done = yield from iter_tiled(runner, [method], images, lay, tiling, outs,
+                                 target=runner.class_id,
+                                 segmentation=bool(is_segmentation(runner.spec)),
+                                 target_mask=mask, resume_key=resume_key, store=group)
+    lead = tuple(lay.lead)
+    extra = {"tiling": tiling}
+    if keep is not None:
+        extra["storage"] = keep  # the temporary folder of the heat lives with the result
+    return Explanation(outs[method], np.array([d.class_id for d in done], np.int64).reshape(lead),
+                       np.array([d.score for d in done], np.float32).reshape(lead),
+                       list(runner.spec.class_names), method, runner.layer_name,
+                       str(runner.device), int(runner.batch_size or 1), extra)
+
+
 def run_generator(gen, progress: Callable[[Progress], None] | None = None):
     """Drive a generator to its end, handing each yielded item to ``progress``; returns its
     return value."""
@@ -734,6 +774,9 @@ def explain(
     amp=None,
     out=None,
     target_mask=None,
+    tile="auto",
+    overlap=64,
+    resume_key=None,
 ) -> Explanation:
     """Class activation maps for every image of an array.
 
@@ -764,6 +807,16 @@ def explain(
         results for a large lazy stack need not fit in memory.
     target_mask : segmentation models: the pixels whose class logits are explained, the
         images' spatial shape (all images) or their whole shape; > 0 inside, or float weights.
+    tile : "auto" (default: images that would not fit in memory whole are tiled), None (never
+        tile), or a tile size in pixels (int or (rows, cols)): images larger than a tile are
+        explained tile by tile, the maps blended with a Gaussian window and scaled to [0, 1]
+        once per image, written into ``out`` as they go (see :mod:`napari_gradcam.tiles`;
+        every tile is explained for one class: ``target``, else the class predicted over the
+        whole image, which costs a forward-only pass over the tiles first). 2D models only;
+        a model with a fixed input size sees every tile resized to it.
+    overlap : pixels shared by neighbouring tiles, below the tile (default 64).
+    resume_key : with tiles and a zarr ``out``: a string describing the settings; a rerun
+        with the same key continues an interrupted run.
 
     Returns
     -------
@@ -771,7 +824,8 @@ def explain(
     """
     return run_generator(
         iter_explain(images, spec, method, target, batch_size, device, channel_axis,
-                     target_layer=target_layer, amp=amp, out=out, target_mask=target_mask),
+                     target_layer=target_layer, amp=amp, out=out, target_mask=target_mask,
+                     tile=tile, overlap=overlap, resume_key=resume_key),
         progress,
     )
 

@@ -56,6 +56,16 @@ from .explain_arrays import (
 )
 from .models.spec import first_conv
 from .regions import find_regions
+from .tiles import (
+    DEFAULT_OVERLAP,
+    MaskedHeat,
+    SlotAxis,
+    Tiling,
+    check_tile_option,
+    iter_tiled,
+    open_outputs,
+    resolve_tiling,
+)
 
 FOUND = "found"
 REGION_DEFAULTS = {"threshold": 0.5, "min_area": 16, "simplify": 1.0, "mask_mode": "multiply"}
@@ -187,6 +197,8 @@ class JobResult:
     offset: tuple = ()
     notes: list = field(default_factory=list)  # sentences for the user (empty target regions)
     probabilities: np.ndarray | None = None  # (*lead, K); NaN where the model gives none
+    tiling: Tiling | None = None  # the tiles the images were explained in (None: whole)
+    storage: object = None  # keeps a temporary folder of zarr heat alive with the result
 
     def rederive(self, mask=..., **region_options) -> JobResult:
         """Regions, rows and the combined heatmap again from the stored maps, without the
@@ -240,6 +252,14 @@ class ExplainJob:
         (Seg-Grad-CAM), in the same shapes as ``mask``; bool / integers count where > 0, floats
         are weights. None explains each class over the model's own predicted region of it.
     device, batch_size, target_layer, amp : as for :func:`napari_gradcam.explain`.
+    tile : "auto" (default: tile an image that would not fit in memory whole, or, in
+        :meth:`iter_run` with ``whole_slide=True``, one larger than the model's input size;
+        see :func:`napari_gradcam.tiles.auto_tiling`), None (never tile), or a tile size in
+        pixels (int or (rows, cols)): images larger than one tile are explained tile by tile,
+        the maps blended and scaled to [0, 1] once per image (:mod:`napari_gradcam.tiles`).
+        A model with a fixed input size sees every tile resized to it. Tiles are 2-D (refused
+        for a 3D model) and need one class per image (refused with target "found").
+    overlap : pixels shared by neighbouring tiles (int or (rows, cols)), below the tile.
 
     Bad methods, targets, devices or region options raise ValueError / TypeError here, before
     any image is read.
@@ -247,7 +267,7 @@ class ExplainJob:
 
     def __init__(self, spec, methods=("gradcam",), target=None, *, regions=None, mask=None,
                  target_mask=None, device="auto", batch_size=None, target_layer=None,
-                 amp=None):
+                 amp=None, tile="auto", overlap=DEFAULT_OVERLAP):
         self.methods = [methods] if isinstance(methods, str) else list(methods)
         if not self.methods:
             raise ValueError("no method given; name at least one, e.g. methods=('gradcam',).")
@@ -257,6 +277,8 @@ class ExplainJob:
         self.runner = Runner(spec, self.methods[0], None if self.found else target, device,
                              batch_size, target_layer=target_layer, amp=amp)
         self.spec = spec
+        check_tile_option(tile, overlap, self.runner.dims, self.found)
+        self.tile, self.overlap = tile, overlap
         self.region_options = _check_regions({**REGION_DEFAULTS, "ndim": self.runner.dims,
                                               **(regions or {})}, self.runner.dims)
         self.mask = mask
@@ -278,34 +300,39 @@ class ExplainJob:
         """"found", or the class index explained (None: each image's prediction)."""
         return FOUND if self.found else self.runner.class_id
 
-    def explain(self, raw: np.ndarray, target_masks=None) -> BatchResult:
+    def explain(self, raw: np.ndarray, target_masks=None, normalize: bool = True,
+                targets=...) -> BatchResult:
         """Raw pixels (n, *spatial, channels) -> every method's maps for every target, one
         forward pass per method. ``target_masks`` (n, *spatial): a segmentation model's
         regions to explain, one per image (default: the job's target mask, when it has the
-        images' spatial shape)."""
+        images' spatial shape). ``normalize=False``: maps not scaled to [0, 1] (tiles of one
+        image, blended before one scaling). ``targets``: a class index overriding the job's
+        target for this batch (the class decided over a whole tiled image)."""
         runner, spatial = self.runner, tuple(raw.shape[1:-1])
         if target_masks is None and self.target_mask is not None:
             target_masks = mask_rows(self.target_mask, (), spatial, 0, raw.shape[0],
                                      "target mask")
         batch = runner.prepare(raw)
-        targets = _every_class if self.found else runner.class_id
+        found = self.found and targets is ...  # a class given overrides "found" too
+        if targets is ...:
+            targets = _every_class if found else runner.class_id
         # a softmax probability needs every class's logits, which one target's result lacks:
         # the first method's target choice sees them (no extra forward)
-        logits = None if self.found else []
+        logits = None if found else []
         maps, ids, scores = {}, None, None
         for method in self.methods:
             chosen = targets
             if logits is not None and ids is None:
                 chosen = functools.partial(_keep_logits, logits, targets)
             heat, method_ids, method_scores = runner.explain(batch, spatial, method, chosen,
-                                                             target_masks)
-            if not self.found:  # one target: give it its slot axis
+                                                             target_masks, normalize=normalize)
+            if not found:  # one target: give it its slot axis
                 heat, method_ids, method_scores = heat[:, None], method_ids[:, None], \
                     method_scores[:, None]
             maps[method] = heat
             if ids is None:
                 ids, scores = method_ids, method_scores
-        if not self.found:
+        if not found:
             probs = np.full(ids.shape, np.nan, np.float32)
             every = _captured(logits or [], ids.shape[0])
             if every is not None and self.segmentation is False:  # known once explained
@@ -376,11 +403,27 @@ class ExplainJob:
                                      offset, probs)
         return Summary(shown, regions, rows)
 
-    def iter_run(self, images, channel_axis=None, offset=()):
+    def iter_run(self, images, channel_axis=None, offset=(), *, out=None, whole_slide=False,
+                 resume_key=None):
         """Explain every image of a NumPy / dask / zarr array, reading the next batch while
         this one runs; yields a Progress per batch and returns a :class:`JobResult`. Closing
-        the generator stops after the current batch."""
+        the generator stops after the current batch.
+
+        Images that the job's ``tile`` setting tiles (``whole_slide``: the array is a pyramid
+        level or a multiscale layer, tiled when larger than the model's input size) are
+        explained tile by tile, one image after the other: Progress counts tiles, and the
+        result's ``heatmaps[method]`` is the blended heat scaled to [0, 1] per image, written
+        into ``out`` as it goes: None (NumPy when it fits in memory, else zarr in a temporary
+        folder that lives as long as the result), the path of a zarr group or the group (one
+        float32 array per method, named by it), or a dict method -> writable array
+        (*lead, H, W). ``resume_key`` (a string describing the settings): with a zarr ``out``,
+        a rerun with the same key continues where an interrupted one stopped; another key
+        starts over. Untiled images ignore ``resume_key``; their heat is copied into ``out``
+        when one is given."""
         images, lay, n = self._layout(images, channel_axis)
+        tiling = self._tiling(images, lay, whole_slide)
+        if tiling is not None:
+            return (yield from self._iter_tiled(images, lay, tiling, offset, out, resume_key))
         runner = self.runner
         parts = []
         with contextlib.closing(read_ahead(images, lay, runner)) as batches:
@@ -389,11 +432,75 @@ class ExplainJob:
                     self.target_mask, lay.lead, lay.spatial, start, stop, "target mask")
                 parts.append(self.explain(raw, rows))
                 yield Progress(stop, n, "+".join(self.methods), runner.batch_size)
-        return self._result(_concat(parts), lay.lead, offset)
+        result = self._result(_concat(parts), lay.lead, offset)
+        if out is not None:
+            outs, _group, _keep = open_outputs(out, self.methods, (*lay.lead, *lay.spatial))
+            for m, a in outs.items():
+                a[...] = result.heatmaps[m]
+        return result
 
-    def run(self, images, channel_axis=None, offset=(), progress=None) -> JobResult:
+    def run(self, images, channel_axis=None, offset=(), progress=None, *, out=None,
+            whole_slide=False, resume_key=None) -> JobResult:
         """:meth:`iter_run` to its end; ``progress`` is called with each Progress."""
-        return run_generator(self.iter_run(images, channel_axis, offset), progress)
+        return run_generator(self.iter_run(images, channel_axis, offset, out=out,
+                                           whole_slide=whole_slide, resume_key=resume_key),
+                             progress)
+
+    def _tiling(self, images, lay, whole_slide: bool) -> Tiling | None:
+        """The tiles each image of the array gets (None: explained whole)."""
+        if self.runner.dims != 2 or len(lay.spatial) != 2:
+            return None
+        dtype = np.dtype(getattr(images, "dtype", np.float32))
+        tiling = resolve_tiling(self.tile, self.overlap, lay.spatial, lay.channels, dtype,
+                                self.spec, self.runner.device, whole_slide)
+        if tiling is not None and self.found:
+            raise ValueError(
+                f"the image ({lay.spatial[0]} x {lay.spatial[1]} pixels) is explained in tiles, "
+                "which need one class for the whole image, and the target is 'found'; give one "
+                "class (or None for the class predicted over the whole image).")
+        return tiling
+
+    def _iter_tiled(self, images, lay, tiling, offset, out, resume_key):
+        """The tiled path of :meth:`iter_run`."""
+        lead, spatial = tuple(lay.lead), tuple(lay.spatial)
+        if self.target_mask is not None and self.target_mask.shape not in (spatial,
+                                                                             lead + spatial):
+            raise ValueError(f"the target mask has shape {self.target_mask.shape}; give the "
+                             f"images' spatial shape {spatial}"
+                             + (f" or their whole shape {lead + spatial}." if lead else "."))
+        outs, group, keep = open_outputs(out, self.methods, lead + spatial, tiling.tile[0])
+        segmentation = bool(self.segmentation)
+        done = yield from iter_tiled(self.runner, self.methods, images, lay, tiling, outs,
+                                     target=self.runner.class_id, segmentation=segmentation,
+                                     target_mask=self.target_mask, resume_key=resume_key,
+                                     store=group)
+        n = len(done)
+        ids = np.array([d.class_id for d in done], np.int64).reshape(n, 1)
+        scores = np.array([d.score for d in done], np.float32).reshape(n, 1)
+        probs = np.full((n, 1), np.nan, np.float32)
+        if self.segmentation is False:
+            for i, d in enumerate(done):
+                if d.logits is not None:
+                    probs[i, 0] = probabilities(self.spec, d.logits)[d.class_id]
+        kept = np.ones((n, 1), bool)
+        per_target = {m: (np.expand_dims(h, len(lead)) if isinstance(h, np.ndarray)
+                          else SlotAxis(h, len(lead))) for m, h in outs.items()}
+        ids, scores, kept, probs = (a.reshape(*lead, 1) for a in (ids, scores, kept, probs))
+        shown = {m: masked(combine(h, kept), self.mask, self.region_options)
+                 for m, h in per_target.items()}
+        regions, rows = find_targets(per_target[self.methods[0]], ids, scores, kept, lead,
+                                     list(self.spec.class_names), self.region_options,
+                                     self.mask, offset, probs)
+        batch = BatchResult({}, ids.reshape(n, 1), scores.reshape(n, 1), kept.reshape(n, 1),
+                            probs.reshape(n, 1))
+        return JobResult(
+            heatmaps=shown, per_target=per_target, class_ids=ids, scores=scores, kept=kept,
+            regions=regions, rows=rows, class_names=list(self.spec.class_names),
+            methods=list(self.methods), target_layer=self.runner.layer_name,
+            device=str(self.runner.device), batch_size=int(self.runner.batch_size or 1),
+            region_options=dict(self.region_options), mask=self.mask, offset=tuple(offset),
+            notes=self.notes(batch, lead, offset), probabilities=probs, tiling=tiling,
+            storage=keep)
 
     def _result(self, result: BatchResult, lead, offset) -> JobResult:
         summary = self.summarise(result, lead, offset=offset)
@@ -435,6 +542,8 @@ def combine(per_target: np.ndarray, kept: np.ndarray) -> np.ndarray:
     """(*lead, K, *spatial) maps -> (*lead, *spatial): the one target's map, or per pixel the
     hottest target that counts (zeros where none does)."""
     k_axis = kept.ndim - 1
+    if isinstance(per_target, SlotAxis) and kept.all():  # a tiled result's heat, unread
+        return per_target.base
     if per_target.shape[k_axis] == 1 and kept.all():
         return np.take(per_target, 0, axis=k_axis)
     spatial = per_target.ndim - kept.ndim
@@ -447,6 +556,8 @@ def masked(heat: np.ndarray, mask, options: dict) -> np.ndarray:
     from the masked heat (mask_mode "multiply"), else as explained."""
     if mask is None or options.get("mask_mode", "multiply") != "multiply":
         return heat
+    if not isinstance(heat, np.ndarray):  # tiled heat on disk: masked as it is read
+        return MaskedHeat(heat, mask)
     return heat * (np.asarray(mask) > 0)
 
 
@@ -462,7 +573,8 @@ def find_targets(per_target, class_ids, scores, kept, lead, class_names, options
     for k in range(class_ids.shape[-1]):
         if not kept[..., k].any():  # a class no image found: no regions to cut
             continue
-        heat = np.take(per_target, k, axis=len(lead))
+        heat = (per_target.base if isinstance(per_target, SlotAxis)
+                else np.take(per_target, k, axis=len(lead)))
         maps = heat.shape[:heat.ndim - options.get("ndim", 2)]  # one class per map
         planes = (1,) * (len(maps) - len(lead))
         ids, values = (np.broadcast_to(a[..., k].reshape(lead + planes), maps)

@@ -66,6 +66,7 @@ def explain_batch(
     multilabel: bool | None = None,
     amp=None,
     chunk_size: int | None = None,
+    normalize: bool = True,
 ) -> CamBatch:
     """Class activation maps for a preprocessed batch.
 
@@ -95,6 +96,11 @@ def explain_batch(
     amp : None/False (full precision), True, ``"bf16"`` or ``"fp16"``: run the model under
         ``torch.autocast``; the CAM arithmetic is float32 regardless.
     chunk_size : masked inputs per forward for Score-CAM (default: bounded by memory).
+    normalize : True (default) scales each map to [0, 1]; False leaves the maps ReLU'd and
+        upsampled but unscaled, so that the maps of an image's tiles can be blended and then
+        scaled once over the whole image (one tile's hottest pixel is not the image's), and
+        scales each sample's gradient to unit root-mean-square first, so that no tile gets a
+        gain of its own from the head's sensitivity to it as a whole.
     target_masks : segmentation models only: the region each target explains, (N, *S) (one
         region per sample, for every slot) or (N, K, *S) for (N, K) targets; S the batch's or
         the output's spatial shape (resized to the output's: area averaging when shrinking,
@@ -136,11 +142,11 @@ def explain_batch(
             batch = batch.clone()
     with size_errors(module, batch):
         return _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
-                        target_masks, multilabel)
+                        target_masks, multilabel, normalize)
 
 
 def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
-             target_masks=None, multilabel=None) -> CamBatch:
+             target_masks=None, multilabel=None, normalize=True) -> CamBatch:
     name, layer = resolve_target_layer(module, target_layer, batch)
 
     with torch.inference_mode(False), explaining(module):
@@ -169,6 +175,8 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
             live = valid & ~empty
         gradients = (_gradients(scores, live, activations, name)
                      if spec.needs_gradients else None)
+        if gradients is not None and not normalize:
+            gradients = [_unit_gain(g) for g in gradients]
         ctx = CamContext(
             activations=activations.detach().float(),
             gradients=None,
@@ -179,13 +187,16 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
             module=module,
             target_name=name,
             forward=partial(_forward_logits, module, amp_dtype),
-            options={"chunk_size": chunk_size, "amp": amp_dtype, "covered": capture.covered},
+            options={"chunk_size": chunk_size, "amp": amp_dtype, "covered": capture.covered,
+                     # a classifier's every logit: CAM checks its head against all of them
+                     "logits": logits.detach() if logits.ndim == 2 else None},
             region_weights=weights,
         )
         del logits, scores
         raw = _per_slot(spec, ctx, gradients)  # (N, K, *S)
     n, k = class_ids.shape
-    heat = to_heatmaps(raw.flatten(0, 1), batch.shape[2:], covered=capture.covered).view(
+    heat = to_heatmaps(raw.flatten(0, 1), batch.shape[2:], covered=capture.covered,
+                       normalize=normalize).view(
         n, k, *batch.shape[2:])
     shown = valid if empty is None else live  # an empty region explains nothing: zero map
     heat = heat * shown.view(n, k, *([1] * (heat.ndim - 2)))
@@ -216,6 +227,17 @@ def _gradients(scores, valid, activations, name) -> list:
             for g in grads]
 
 
+def _unit_gain(grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's gradient scaled to unit root-mean-square. Maps left unscaled are
+    compared across inputs (the tiles of one image, blended): the gradient's length is the
+    head's sensitivity to that input as a whole (a head that divides by the input's mean
+    foreground, or a tile's own area, gives every tile its own gain), while its direction is
+    what tells which channels speak for the class. For a global-average-pooling + Linear head
+    every tile then gets the whole image's weights."""
+    rms = grad.flatten(1).square().mean(1).sqrt()
+    return grad / torch.where(rms > 0, rms, torch.ones_like(rms)).view(-1, *[1] * (grad.ndim - 1))
+
+
 def _per_slot(spec, ctx: CamContext, gradients) -> torch.Tensor:
     """The method's raw maps for every slot, (N, K, *S): a class-free method (Eigen-CAM) once,
     a batched one (Score-CAM: all slots scored from the same masked forwards) in one call,
@@ -236,11 +258,12 @@ def _per_slot(spec, ctx: CamContext, gradients) -> torch.Tensor:
 
 
 def to_heatmaps(raw: torch.Tensor, size: Sequence[int],
-                covered: Sequence[int] | None = None) -> torch.Tensor:
+                covered: Sequence[int] | None = None, normalize: bool = True) -> torch.Tensor:
     """ReLU, upsample (bi/trilinear) to ``size`` and min-max scale each map to [0, 1];
     flat maps become zeros. ``covered``: the (larger) input size the map's grid stands for
     when the model padded the input to whole patches; the map is upsampled to it and cropped
-    to ``size`` (the padding lies after the input on every axis)."""
+    to ``size`` (the padding lies after the input on every axis). ``normalize=False`` skips
+    the scaling: tiles of one image are blended first and scaled together afterwards."""
     cam = F.relu(raw.float())
     size = tuple(int(s) for s in size)
     full = size if covered is None else tuple(int(s) for s in covered)
@@ -249,6 +272,8 @@ def to_heatmaps(raw: torch.Tensor, size: Sequence[int],
         cam = F.interpolate(cam[:, None], size=full, mode=mode, align_corners=False)[:, 0]
     if full != size:
         cam = cam[(slice(None), *(slice(0, s) for s in size))]
+    if not normalize:
+        return cam.contiguous()
     flat = cam.flatten(1)
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     span = hi - lo

@@ -275,8 +275,11 @@ _HEADS: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDi
 def classifier_head(ctx: CamContext) -> nn.Linear:
     """The Linear layer that maps the globally averaged target activations to the logits.
 
-    It must be exactly that: the model's logits for the explained classes must equal
-    ``Linear(mean_ij A)``; otherwise CAM's weights would not explain this model.
+    It must be exactly that: the model's logits must equal ``Linear(mean_ij A)``, or
+    ``Linear(s * mean_ij A)`` with one positive ``s`` per input for every class (a head that
+    divides the pooled vector by something of the whole input, such as its foreground's
+    share: a map is only defined up to a positive scale, so the weights still apply);
+    otherwise CAM's weights would not explain this model.
     """
     known = _HEADS.get(ctx.module, {}).get(ctx.target_name)
     if known is not None:
@@ -298,15 +301,26 @@ def classifier_head(ctx: CamContext) -> nn.Linear:
         )
     name, head = linears[-1]
     pooled = ctx.activations.flatten(2).mean(-1)
-    predicted = F.linear(pooled, head.weight.detach().float(),
-                         None if head.bias is None else head.bias.detach().float())
     if head.out_features != ctx.num_classes:
         raise ValueError(f"method 'cam': the Linear layer {name!r} has {head.out_features} "
                          f"outputs but the model has {ctx.num_classes} classes; {advice}.")
-    predicted = predicted.gather(1, ctx.class_ids[:, None])[:, 0]
+    bias = 0.0 if head.bias is None else head.bias.detach().float()
+    linear = F.linear(pooled, head.weight.detach().float())  # (N, classes), without bias
+    every = ctx.options.get("logits")
     tol = 5e-2 if ctx.options.get("amp") else 1e-3
-    scale = float(ctx.scores.abs().max()) + 1e-6
-    if not torch.allclose(predicted, ctx.scores, rtol=tol, atol=tol * scale):
+    if every is not None and tuple(every.shape) == tuple(linear.shape) and linear.shape[1] > 1:
+        # every class's logit pins the per-input scale s (least squares); s = 1 is plain GAP
+        target = every.float() - bias
+        norm = (linear * linear).sum(1)
+        s = (target * linear).sum(1) / norm.clamp(min=1e-12)
+        s = torch.where(norm > 1e-12, s, torch.ones_like(s))  # nothing pooled: any s fits
+        predicted, actual = s[:, None] * linear + bias, every.float()
+        fits = bool((s > 0).all())
+    else:
+        predicted = (linear + bias).gather(1, ctx.class_ids[:, None])[:, 0]
+        actual, fits = ctx.scores, True
+    scale = float(actual.abs().max()) + 1e-6
+    if not fits or not torch.allclose(predicted, actual, rtol=tol, atol=tol * scale):
         raise ValueError(
             f"method 'cam': the model's output is not Linear({name!r}) applied to the global "
             f"average of {ctx.target_name!r}, so CAM's weights don't apply; {advice}."

@@ -60,16 +60,18 @@ def _block(cin: int, cout: int, dims: int = 2) -> nn.Sequential:
 
 
 class GatedEvidence(nn.Module):
-    """clamp(evidence, 0, 1) x gate / mean(gate): per-pixel (per-voxel) class evidence on the
-    foreground.
+    """clamp(evidence, 0, 1) x gate: per-pixel (per-voxel) class evidence on the foreground.
 
-    Dividing by the input's mean gate makes the global average of this map the share of the
-    foreground that carries each channel's evidence: the same for an object in a 96 px image and
-    in a 512 px one, or in a 32^3 volume and a 96^3 one (a plain global average shrinks with the
-    input's size, and a classifier trained at one size misses objects at another). The divisor
-    is floored at ``floor`` (``FLOORS``), below the smallest object's share of the largest input,
-    so an input with no foreground stays quiet. It is one constant per input, so CAM maps are
-    unchanged by it.
+    The network divides the pooled evidence by the input's mean gate (:meth:`share`), so
+    that the global average becomes the share of the foreground that carries each channel's
+    evidence: the same for an object in a 96 px image and in a 512 px one, or in a 32^3
+    volume and a 96^3 one (a plain global average shrinks with the input's size, and a
+    classifier trained at one size misses objects at another). The divisor is floored at
+    ``floor`` (``FLOORS``), below the smallest object's share of the largest input, so an
+    input with no foreground stays quiet. It is one constant per input, applied after the
+    pooling rather than here: this map then depends on the pixels around each position only,
+    so the maps of an image's tiles match the whole image's (a divisor inside it would give
+    every tile its own scale).
     """
 
     FLOOR = FLOORS[2]
@@ -86,9 +88,12 @@ class GatedEvidence(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
         self.gate_logits = logits if self.training else None
-        g = torch.sigmoid(logits)
-        share = g.mean(dim=tuple(range(2, 2 + self.dims)), keepdim=True).clamp(min=self.floor)
-        return torch.clamp(self.evidence(x), 0, 1) * (g / share)
+        return torch.clamp(self.evidence(x), 0, 1) * torch.sigmoid(logits)
+
+    def share(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's mean gate (N, 1), floored: what the pooled evidence is divided by."""
+        g = torch.sigmoid(self.gate(x))
+        return g.mean(dim=tuple(range(2, 2 + self.dims))).clamp(min=self.floor)
 
 
 class DemoNet(nn.Module):
@@ -130,4 +135,4 @@ class DemoNet(nn.Module):
         u0 = self.up0(torch.cat([F.interpolate(u1, size=s0.shape[2:], mode=mode,
                                                align_corners=False), s0], 1))
         u0 = u0[(slice(None), slice(None)) + tuple(slice((s + 1) // 2) for s in sizes)]
-        return self.fc(self.pool(self.features(u0)).flatten(1))
+        return self.fc(self.pool(self.features(u0)).flatten(1) / self.features.share(u0))
