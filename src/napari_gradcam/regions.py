@@ -38,6 +38,13 @@ of the stack: one pass over all its maps instead of a call per map):
 Each region keeps its runs (a small integer array), so that :func:`split_planes` and
 :func:`label_image` give its exact pixels without the heatmap. Chunks of a large stack run in
 a thread pool.
+
+A 2D map too large to hold (a slide's heat in a zarr array, a memmap) is processed band by
+band of rows, with the same result as on the whole map: each band's runs are linked within
+the band, then to the components still open above it through the seam row; a component is
+measured, filtered by ``min_area``, outlined and simplified only once no band can add to it
+(see :func:`_banded_regions`). :func:`scale_regions` takes regions of a pyramid level to
+level-0 pixels.
 """
 
 from __future__ import annotations
@@ -45,8 +52,10 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -110,6 +119,7 @@ def find_regions(
     class_ids=None,
     scores=None,
     workers: int | None = None,
+    band_rows: int | None = None,
 ) -> list[Region]:
     """Connected regions of every heatmap, as boxes and polygons, in 2D or in 3D.
 
@@ -149,6 +159,16 @@ def find_regions(
     class_ids, scores : optional per-map values (shape of the leading axes, or scalars) copied
         into each region.
     workers : threads for a large stack (default: all CPUs); 1 runs in the calling thread.
+    band_rows : 2D maps only: rows read and labelled at a time. A 2D map larger than
+        :data:`BAND_PIXELS` that is not in memory (zarr, dask, ``np.memmap``, a tifffile zarr
+        store), or a NumPy map larger than :data:`BANDED_ABOVE`, is processed band by band
+        with memory bounded by a few bands plus the regions themselves; None (default)
+        chooses the band from the map's width (:data:`BAND_PIXELS` pixels, whole chunks of
+        a chunked array), an integer >= 1 forces banded processing with that many rows.
+        The regions are the same as on the whole map: components are joined across the
+        band seams before ``min_area`` and the simplification apply, and a relative or Otsu
+        threshold comes from the whole map (a first pass over its bands: its maximum, or
+        its histogram, binned exactly as on the whole map).
 
     Arguments of the wrong type (None, booleans, text where a number belongs) raise
     ``TypeError``, values out of range (NaN, infinity, negative) ``ValueError``.
@@ -163,6 +183,7 @@ def find_regions(
                          "components of every volume).")
     threshold, min_area, simplify = _check_options(threshold, threshold_mode, min_area,
                                                    simplify, connectivity, workers, ndim)
+    band_rows = _check_band_rows(band_rows, ndim)
     if not isinstance(mask_mode, str) or mask_mode not in ("multiply", "restrict"):
         raise ValueError(
             f"mask_mode={mask_mode!r}: use 'multiply' (thresholds computed on the heat inside "
@@ -191,6 +212,12 @@ def find_regions(
     indices = list(np.ndindex(*lead))
     if not indices or 0 in spatial:
         return []
+    if ndim == 2 and _banded(heatmaps, spatial, band_rows):
+        rows = band_rows or _auto_band_rows(heatmaps, spatial)
+        workers = workers or os.cpu_count() or 1
+        return [region for i in indices for region in _banded_regions(
+            heatmaps, i, mask, rows, threshold, threshold_mode, mask_mode, min_area, simplify,
+            connectivity, per_map_ids(i), per_map_scores(i), workers)]
     volume = (1,) * (3 - ndim) + spatial  # a 2D map is a volume of one plane
     voxels = math.prod(volume)
     flat = heatmaps.reshape((-1, *volume)) if isinstance(heatmaps, np.ndarray) else None
@@ -510,6 +537,300 @@ def _chunk_regions(heat, names, mask, threshold, mode, mask_mode, min_area, tole
     return regions
 
 
+# Pixels of one band of a 2D map processed band by band: its float32 heat (4 MiB), the
+# boolean arrays made from it and the reader's buffers (a band costs about 15 bytes per pixel
+# at its peak) stay small next to any map worth banding, while the per-band overhead (a few
+# NumPy and SciPy calls, a read) stays small.
+BAND_PIXELS = 1 << 20
+# NumPy maps above this many pixels (64 Mpx) are processed band by band too: already in
+# memory, but thresholding and run-length encoding all of it at once would take a few more
+# bytes per pixel on top.
+BANDED_ABOVE = 1 << 26
+# Bands read and labelled at the same time (in worker threads) ahead of the one being joined
+# to the regions above it: bounds the memory at a few bands whatever the number of CPUs.
+BANDS_AHEAD = 4
+
+
+def _check_band_rows(band_rows, ndim):
+    if band_rows is None:
+        return None
+    if isinstance(band_rows, bool) or not isinstance(band_rows, numbers.Integral):
+        raise TypeError(f"band_rows={band_rows!r} ({type(band_rows).__name__}): give a whole "
+                        "number of rows >= 1 per band, or None to choose it from the map's "
+                        "width.")
+    if band_rows < 1:
+        raise ValueError(f"band_rows={band_rows}: give a number of rows >= 1 per band, or None "
+                         "to choose it from the map's width.")
+    if ndim != 2:
+        raise ValueError(f"band_rows={band_rows} with ndim={ndim}: bands apply to 2D maps; "
+                         "leave band_rows None for 3D components (found on the whole volume).")
+    return int(band_rows)
+
+
+def _banded(heatmaps, spatial, band_rows) -> bool:
+    """Whether the 2D maps are processed band by band: when forced, or when a map is larger
+    than a band and not in memory (a memmap is not: its pages are read as they are touched),
+    or larger than :data:`BANDED_ABOVE` in memory."""
+    if band_rows is not None:
+        return True
+    in_memory = isinstance(heatmaps, np.ndarray) and not isinstance(heatmaps, np.memmap)
+    return spatial[0] * spatial[1] > (BANDED_ABOVE if in_memory else BAND_PIXELS)
+
+
+def _auto_band_rows(heatmaps, spatial) -> int:
+    """About :data:`BAND_PIXELS` pixels of rows; for a chunked array (zarr, dask, a tifffile
+    store) whole chunk rows, so that every chunk is read and decompressed once."""
+    height, width = spatial
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    try:
+        step = getattr(heatmaps, "chunks", None)[-2]
+        step = int(step[0] if isinstance(step, tuple) else step)  # dask: sizes per chunk
+    except (TypeError, IndexError, ValueError):
+        step = 0
+    if step > rows and step * width <= 4 * BAND_PIXELS:
+        rows = step
+    elif 0 < step <= rows:
+        rows -= rows % step
+    return max(1, min(rows, height))
+
+
+def _ahead(func, items, workers):
+    """``func`` of every item, yielded in order; with several workers computed in threads up
+    to :data:`BANDS_AHEAD` items ahead of the consumer (so at most that many bands are held)."""
+    items = list(items)
+    if workers == 1 or len(items) <= 1:
+        for item in items:
+            yield func(item)
+        return
+    ahead = min(workers, BANDS_AHEAD)
+    pending = deque()
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(func, item))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # a failed band, or the consumer gave up: drop what was not started
+            for future in pending:
+                future.cancel()
+
+
+def _band_runs(heat: np.ndarray, fg: np.ndarray, r0: int, connectivity: int):
+    """Runs of one band's foreground (rows in map coordinates, sorted by row then start),
+    their heat maximum and sum, and their components within the band: (row, start, end,
+    run_max, run_sum, label, number of labels)."""
+    height, width = fg.shape
+    rows_any = np.flatnonzero(fg.any(1))
+    if rows_any.size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, np.zeros(0, np.float32), np.zeros(0), empty, 0
+    sel = fg[rows_any]
+    cols_any = np.flatnonzero(sel.any(0))
+    c_off = int(cols_any[0])
+    r, start, end = _runs(sel[:, c_off : int(cols_any[-1]) + 1])
+    row = rows_any[r]
+    start += c_off
+    end += c_off
+    count, label = _link(row, start, end, height, 1, width, _neighbours(connectivity, 2))
+    run_max, run_sum = _run_stats(heat, row, start, end)
+    return row + r0, start, end, run_max, run_sum, label, count
+
+
+# Pixels of a block of rows whose heat is summed in float64 at a time (2 MiB).
+STATS_PIXELS = 1 << 18
+
+
+def _run_stats(heat: np.ndarray, row, start, end):
+    """Heat maximum (float32) and sum (float64) of every run (sorted by row, then start),
+    read straight from the heat rather than from a gathered copy of the foreground's heat
+    and its int64 pixel indices (several bytes per pixel of the band): ``reduceat`` over
+    every run's start and end, the even slots being the runs, the odd ones the gaps between
+    them (dropped). Sums are taken over float64 copies of a few rows at a time (the same
+    float64 sums as on the whole map, without a float64 copy of the band)."""
+    height, width = heat.shape
+    run_max = np.empty(row.size, np.float32)
+    run_sum = np.empty(row.size, np.float64)
+    step = max(1, STATS_PIXELS // max(width, 1))
+    cuts = np.searchsorted(row, np.arange(0, height + step, step)).tolist()
+    for k, (a, b) in enumerate(pairwise(cuts)):
+        if a == b:
+            continue
+        block = heat[k * step : (k + 1) * step].reshape(-1)
+        line = (row[a:b] - k * step) * width
+        bounds = np.column_stack([line + start[a:b], line + end[a:b]]).reshape(-1)
+        if bounds[-1] == block.size:  # (reduceat then sums the last run to the block's end)
+            bounds = bounds[:-1]
+        run_max[a:b] = np.maximum.reduceat(block, bounds)[::2]
+        run_sum[a:b] = np.add.reduceat(block.astype(np.float64), bounds)[::2]
+    return run_max, run_sum
+
+
+def _band_threshold(read, starts, threshold, mode, inside, workers) -> float:
+    """The absolute threshold of a map read band by band (``read(r0)`` -> (heat, mask)): a
+    relative one needs the map's maximum, Otsu's its histogram, computed as
+    :func:`absolute_threshold` does on the whole map: the same 256 bins between the same
+    minimum and maximum (bin edges are computed from those alone, and every value falls in
+    its bin on its own), so the summed band histograms are the whole map's, exactly."""
+    if threshold != "otsu" and mode != "relative":
+        return float(threshold)
+
+    def values(r0):
+        heat, m = read(r0)
+        return heat[m] if inside else heat
+
+    def extremes(r0):
+        v = values(r0)
+        return (v.min(), v.max()) if v.size else None
+
+    found = [e for e in _ahead(extremes, starts, workers) if e is not None]
+    if not found:
+        return float("inf")  # nothing inside the mask: no foreground
+    lo = min(e[0] for e in found)
+    hi = max(e[1] for e in found)
+    if threshold != "otsu":
+        return float(threshold) * float(hi) if hi > 0 else float("inf")
+    if lo == hi:
+        return float("inf")  # a flat map has no foreground
+    from skimage.filters import threshold_otsu
+
+    counts = None
+    for part in _ahead(lambda r0: np.histogram(values(r0), bins=256, range=(lo, hi))[0],
+                       starts, workers):
+        counts = part if counts is None else counts + part
+    edges = np.histogram(np.zeros(0, np.float32), bins=256, range=(lo, hi))[1]
+    return float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2.0)))
+
+
+def _banded_regions(heatmaps, index, mask, rows, threshold, mode, mask_mode, min_area,
+                    tolerance, connectivity, class_id, score, workers) -> list[Region]:
+    """The regions of the 2D map ``heatmaps[index]``, read ``rows`` rows at a time.
+
+    Each band's runs are labelled within the band (in worker threads, a few bands ahead),
+    then joined to the components still open from the bands above through the seam: the
+    runs of their last row that touch runs of the band's first row (edges, or also corners
+    with connectivity 2) put both in one component, which chains merges (a U whose arms meet
+    only further down is one component from the band where they meet). A component with no
+    run in the band's last row can grow no further: it is closed, and only then measured
+    against ``min_area``, outlined from all its runs (the same runs as on the whole map, so
+    the same exact outline, then simplified) and kept with its statistics. Memory: the bands
+    in flight, the runs of the open components, and the regions found."""
+    height = int(heatmaps.shape[-2])
+    where = f"heatmaps[{', '.join(map(str, index))}]" if index else "the heatmap"
+    full_mask = mask is not None and mask.ndim > 2
+    starts = range(0, height, rows)
+
+    def read(r0):
+        r1 = min(r0 + rows, height)
+        heat = np.ascontiguousarray(heatmaps[(*index, slice(r0, r1))], dtype=np.float32)
+        # one fast reduction per band; the exact check only where it is not finite
+        if not np.isfinite(heat.sum()):
+            bad = np.flatnonzero(~np.isfinite(heat).all(1))
+            if bad.size:
+                raise ValueError(
+                    f"{where} holds NaN or infinite values in rows {r0} to {r1 - 1} (first "
+                    f"at row {r0 + int(bad[0])}); heat must be finite numbers in [0, 1]: fix "
+                    "what produced them, or replace them (np.nan_to_num) before finding "
+                    "regions.")
+        m = None
+        if mask is not None:
+            m = np.asarray(mask[(*index, slice(r0, r1)) if full_mask else slice(r0, r1)]) > 0
+        return heat, m
+
+    inside = mask is not None and mask_mode == "multiply" and (
+        threshold == "otsu" or mode == "relative")
+    thr = _band_threshold(read, starts, threshold, mode, inside, workers)
+    if not math.isfinite(thr):
+        return []  # (every band was read, so a NaN anywhere was already refused)
+    thr32 = np.float32(thr)  # compared in float32, the heat's own precision
+
+    def local(r0):
+        heat, m = read(r0)
+        fg = heat >= thr32
+        if m is not None:
+            fg &= m
+        return r0, _band_runs(heat, fg, r0, connectivity)
+
+    found = []
+    nopen = 0  # open components, with their runs (row, start, end, max, sum) and labels
+    open_runs = (np.zeros(0, np.int64),) * 3 + (np.zeros(0, np.float32), np.zeros(0))
+    open_label = np.zeros(0, np.int64)
+    # runs of the open components in the last row read, by start: what the next band touches
+    seam_start = seam_end = seam_label = np.zeros(0, np.int64)
+    touch = connectivity == 2
+    for r0, (row, start, end, run_max, run_sum, label, count) in _ahead(local, starts, workers):
+        r1 = min(r0 + rows, height)
+        src = dst = np.zeros(0, np.int64)
+        first = int(np.searchsorted(row, r0, side="right"))  # runs in the band's first row
+        if seam_start.size and first:
+            hi = np.searchsorted(seam_start, end[:first], side="right" if touch else "left")
+            lo = np.searchsorted(seam_end, start[:first], side="left" if touch else "right")
+            links = np.maximum(hi - lo, 0)
+            total = int(links.sum())
+            src = np.repeat(nopen + label[:first], links)
+            dst = seam_label[np.repeat(lo, links) + np.arange(total)
+                             - np.repeat(np.cumsum(links) - links, links)]
+        if nopen + count == 0:
+            continue
+        ncomp, comp = _components(nopen + count, src, dst)
+        stays_open = np.zeros(ncomp, bool)
+        last_row = row == r1 - 1
+        if r1 < height:
+            stays_open[comp[nopen + label[last_row]]] = True
+        runs = [np.concatenate([a, b]) for a, b in zip(open_runs, (row, start, end, run_max,
+                                                                   run_sum))]
+        labels = np.concatenate([comp[open_label], comp[nopen + label]])
+        is_open = stays_open[labels]
+        closed = ~is_open
+        if closed.any():
+            found.extend(_closed_regions(*(a[closed] for a in runs), labels[closed],
+                                         min_area, tolerance, index, thr, class_id, score))
+        renumber = np.cumsum(stays_open) - 1
+        seam_start, seam_end = start[last_row], end[last_row]
+        seam_label = renumber[comp[nopen + label[last_row]]]
+        open_runs = tuple(a[is_open] for a in runs)
+        open_label = renumber[labels[is_open]]
+        nopen = int(stays_open.sum())
+    return [region for _, region in sorted(found, key=lambda kr: kr[0])]
+
+
+def _closed_regions(row, start, end, run_max, run_sum, label, min_area, tolerance, index,
+                    thr, class_id, score):
+    """Regions of closed components (runs in any order, ``label`` = component): those with
+    at least ``min_area`` pixels, measured and outlined as on the whole map, each with its
+    sort key (top row, left column, start of its first run: the whole map's order)."""
+    length = end - start
+    keep = np.bincount(label, weights=length) >= max(min_area, 1)
+    sel = keep[label]
+    if not sel.any():
+        return []
+    order = np.lexsort((start[sel], row[sel], label[sel]))  # by component, then row-major
+    row, start, end = row[sel][order], start[sel][order], end[sel][order]
+    run_max, run_sum, label = run_max[sel][order], run_sum[sel][order], label[sel][order]
+    length = end - start
+    cfirst = np.flatnonzero(np.concatenate([[True], label[1:] != label[:-1]]))
+    clast = np.append(cfirst[1:], label.size) - 1
+    area = np.add.reduceat(length, cfirst)
+    peak = np.maximum.reduceat(run_max, cfirst)
+    total = np.add.reduceat(run_sum, cfirst)
+    cmin = np.minimum.reduceat(start, cfirst)
+    cmax = np.maximum.reduceat(end, cfirst)
+    exact, chamfered = _outlines(row, start, end, cfirst, clast - cfirst + 1,
+                                 chamfer=tolerance > 0)
+    polygons = _simplified(exact, chamfered, tolerance)
+    runs = np.column_stack([row, start, end]).astype(np.int32)
+    out = []
+    for j, (a, b) in enumerate(zip(cfirst.tolist(), clast.tolist())):
+        r0, c0 = int(row[a]), int(cmin[j])
+        out.append(((r0, c0, int(start[a])), Region(
+            index=tuple(int(i) for i in index), bbox=(r0, c0, int(row[b]) + 1, int(cmax[j])),
+            polygon=polygons[j], area=int(area[j]), peak=float(peak[j]),
+            mean=float(total[j] / area[j]), threshold=thr, class_id=class_id, score=score,
+            _runs=runs[a : b + 1])))
+    return out
+
+
 def _outlines(row, start, end, first, nruns, chamfer=True):
     """Exact pixel outlines of groups of runs (a region in one plane), traced from their
     boundary edges (:func:`_traced_rings`): an array of shapely geometries, valid by
@@ -665,7 +986,27 @@ def _traced_rings(row, start, end, first, nruns):
     new_of_old[rorder] = np.arange(nrings)
     rid = new_of_old[rid]
     sort = np.argsort(rid, kind="stable")
-    return coords[sort], rid[sort], ring_part[rorder], part_group, groups
+    coords, rid = coords[sort], rid[sort]
+    return coords[_top_left_first(coords, rid)], rid, ring_part[rorder], part_group, groups
+
+
+def _top_left_first(coords: np.ndarray, rid: np.ndarray) -> np.ndarray:
+    """The order that starts every ring (corners grouped by ``rid``) at its top-left corner,
+    keeping the direction. Where the walk enters a ring depends on the other rings traced in
+    the same call; the simplification depends on the start, so without this a region's
+    simplified polygon would depend on which other regions (a chunk of a stack, a band of a
+    large map) were outlined with it."""
+    n = rid.size
+    if n == 0:
+        return np.arange(0)
+    starts = np.flatnonzero(np.concatenate([[True], rid[1:] != rid[:-1]]))
+    length = np.diff(np.append(starts, n))
+    x, y = coords[:, 0], coords[:, 1]
+    first = np.lexsort((x, y, rid))[starts]  # each ring's top row, then left-most corner
+    shift = first - starts
+    pos = np.arange(n) - np.repeat(starts, length)
+    return np.repeat(starts, length) + (pos + np.repeat(shift, length)) % np.repeat(length,
+                                                                                   length)
 
 
 def _cycle_order(succ: np.ndarray, depth: int = 0):
@@ -933,4 +1274,67 @@ def label_image(regions, shape) -> np.ndarray:
         length = runs[:, -1] - runs[:, -2]
         pixels = np.repeat(first - (np.cumsum(length) - length), length) + np.arange(length.sum())
         out[where].reshape(-1)[pixels] = label
+    return out
+
+
+def _scale_factor(factor) -> tuple[float, float]:
+    expected = ("a number > 0 or a (rows, cols) pair of numbers > 0 (e.g. a pyramid level's "
+                "downsample)")
+    pair = isinstance(factor, (tuple, list)) or (isinstance(factor, np.ndarray)
+                                                and factor.ndim == 1)
+    if pair and len(factor) != 2:
+        raise ValueError(f"factor={factor!r} has {len(factor)} values; give {expected}.")
+    values = [_real(v, "factor", expected) for v in (factor if pair else (factor, factor))]
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"factor={factor!r}: give {expected}; every factor must be finite "
+                         "and > 0.")
+    return values[0], values[1]
+
+
+def _snapped(value: float) -> float:
+    """A product that is a whole number up to rounding noise (3 x 1.1), as that number, so
+    that the box's floor / ceil do not grow it by a pixel."""
+    near = round(value)
+    return float(near) if abs(value - near) < 1e-6 else value
+
+
+def scale_regions(regions, factor) -> list[Region]:
+    """The regions with their coordinates multiplied by ``factor`` (a number, or (rows, cols)):
+    regions found on a pyramid level k, in level-k pixels, to level-0 pixels (``factor`` =
+    the level's downsample), as QuPath and the slide's other annotations expect.
+
+    New :class:`Region` objects (the given ones are unchanged): polygon(s) scaled about the
+    origin (pixel corners, so pixel (r, c) of level k covers [c, c + 1] x [r, r + 1] times the
+    factors); box = the level-0 pixels covering the scaled box (min rounded down, max up,
+    exact for whole-number factors); area = pixels x rows factor x cols factor, rounded. A
+    3D region's planes are not scaled (the factor is in rows and columns). Heat statistics,
+    threshold, class, score and label are kept. The scaled regions keep no pixel runs:
+    :func:`label_image` rasterises their polygons (exact for exact outlines and whole-number
+    factors).
+
+    ``factor``: finite and > 0 (``TypeError`` for what is not a number, ``ValueError`` for
+    zero, negative or infinite factors, or a tuple of other than two)."""
+    fr, fc = _scale_factor(factor)
+    regions = list(regions)
+    for region in regions:
+        if not isinstance(region, Region):
+            raise TypeError(f"scale_regions got {type(region).__name__}; give Region objects "
+                            "(from find_regions or a JobResult).")
+    scale = np.array([fc, fr])  # polygons are (x = col, y = row)
+
+    def scaled(geom):
+        return None if geom is None else shapely.transform(geom, lambda xy: xy * scale)
+
+    out = []
+    for region in regions:
+        nd = region.ndim
+        lo, hi = list(region.bbox[:nd]), list(region.bbox[nd:])
+        for axis, f in ((nd - 2, fr), (nd - 1, fc)):
+            lo[axis] = math.floor(_snapped(lo[axis] * f))
+            hi[axis] = math.ceil(_snapped(hi[axis] * f))
+        out.append(replace(
+            region, bbox=tuple(lo + hi), polygon=scaled(region.polygon),
+            polygons=None if region.polygons is None else {
+                z: scaled(g) for z, g in region.polygons.items()},
+            area=round(region.area * fr * fc), _runs=None))
     return out
