@@ -111,3 +111,109 @@ def viewer(make_napari_viewer_proxy):
     # the widget gets the same public-only proxy that napari hands plugins, with attribute
     # writes from a non-main thread turned into errors
     return make_napari_viewer_proxy()
+
+
+# ---- pyramidal slides (small: 2048 x 1536 RGB, tiles of 256) -------------------------------
+
+def slide_image(h: int = 1536, w: int = 2048):
+    """scikit-image's bundled immunohistochemistry image (512 x 512 RGB) tiled to (h, w), every
+    7th row darkened so no two tiles are the same."""
+    import numpy as np
+    from skimage import data
+
+    ihc = data.immunohistochemistry()
+    big = np.tile(ihc, (-(-h // 512), -(-w // 512), 1))[:h, :w].copy()
+    big[::7] = big[::7] // 2 + 10
+    return big
+
+
+def slide_levels(image, n: int = 3):
+    """Level 0 and n - 1 levels of 2 x 2 means."""
+    out = [image]
+    for _ in range(1, n):
+        a = out[-1]
+        h, w = a.shape[0] // 2, a.shape[1] // 2
+        out.append(a[:2 * h, :2 * w].reshape(h, 2, w, 2, -1).mean((1, 3)).astype(a.dtype))
+    return out
+
+
+def write_pyramid_tiff(path, levels, *, compression="zlib", mpp=0.25):
+    """A pyramidal OME-TIFF: level 0 with the others in its SubIFDs."""
+    import tifffile
+
+    opts = {"tile": (256, 256), "compression": compression, "photometric": "rgb"}
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(levels[0], subifds=len(levels) - 1,
+                 metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}, **opts)
+        for lv in levels[1:]:
+            tw.write(lv, subfiletype=1, **opts)
+    return path
+
+
+def write_svs(path, levels, *, compression="zlib", mpp=0.252):
+    """An Aperio-like SVS: baseline, thumbnail, then the lower levels, each page described as
+    the Aperio Image Library does (what tifffile and openslide recognise)."""
+    import tifffile
+
+    h, w = levels[0].shape[:2]
+    head = "Aperio Image Library v12.0.0\n"
+    opts = {"tile": (256, 256), "compression": compression, "photometric": "rgb",
+            "metadata": None}
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(levels[0], description=f"{head}{w}x{h} [0,0 {w}x{h}] (256x256) "
+                 f"|AppMag = 40|MPP = {mpp}", **opts)
+        tw.write(levels[-1], description=f"{head}thumbnail", photometric="rgb", metadata=None)
+        for lv in levels[1:]:
+            tw.write(lv, description=f"{head}level", **opts)
+    return path
+
+
+@pytest.fixture(scope="session")
+def slide_pixels():
+    return slide_levels(slide_image())
+
+
+@pytest.fixture(scope="session")
+def pyramid_tiff(tmp_path_factory, slide_pixels):
+    """A 3-level pyramidal OME-TIFF (zlib tiles, 0.25 µm per pixel); don't modify it."""
+    return write_pyramid_tiff(tmp_path_factory.mktemp("slides") / "slide.ome.tif", slide_pixels)
+
+
+@pytest.fixture(scope="session")
+def svs_file(tmp_path_factory, slide_pixels):
+    """A 3-level Aperio SVS (zlib tiles, MPP 0.252); don't modify it."""
+    return write_svs(tmp_path_factory.mktemp("slides") / "slide.svs", slide_pixels)
+
+
+@pytest.fixture(scope="session")
+def ome_zarr_slide(tmp_path_factory, slide_pixels):
+    """The slide as an NGFF 0.4 OME-Zarr (zarr format 2, axes c y x as NGFF orders them, 0.5 µm
+    per pixel) written with ome-zarr's own writer; don't modify it."""
+    pytest.importorskip("ome_zarr")
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():  # importing ome-zarr's writer warns of its own Scaler
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.writer import write_multiscale
+
+    path = tmp_path_factory.mktemp("slides") / "slide.ome.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    transforms = [[{"type": "scale", "scale": [1.0, 0.5 * 2 ** k, 0.5 * 2 ** k]}]
+                  for k in range(len(slide_pixels))]
+    with warnings.catch_warnings():  # newer ome-zarr prefers its `scale` argument
+        warnings.simplefilter("ignore", DeprecationWarning)
+        write_multiscale([lv.transpose(2, 0, 1) for lv in slide_pixels], group, fmt=_ngff04(),
+                         axes=[{"name": "c", "type": "channel"},
+                               {"name": "y", "type": "space", "unit": "micrometer"},
+                               {"name": "x", "type": "space", "unit": "micrometer"}],
+                         coordinate_transformations=transforms,
+                         storage_options={"chunks": (3, 256, 256)})
+    return path
+
+
+def _ngff04():
+    from ome_zarr.format import FormatV04
+
+    return FormatV04()

@@ -201,3 +201,53 @@ def read_volume_layer(path) -> list[tuple]:
         **vol.layer_transform(),
     }
     return [(vol.data, kwargs, "image")]
+
+
+def get_pyramid_reader(path):
+    """Pyramidal slides (SVS, OME-TIFF, other slide formats) and OME-Zarr folders, as one
+    multiscale Image layer. Anything else (a plain TIFF among them) is left to napari's own
+    readers."""
+    if isinstance(path, (list, tuple)):
+        return None
+    from ..pyramids import is_pyramid_file
+
+    return read_pyramid_layer if is_pyramid_file(path) else None
+
+
+def read_pyramid_layer(path) -> list[tuple]:
+    """The pyramid's levels, lazily, as a multiscale Image layer placed in micrometres when the
+    file gives its pixel size (else in level-0 pixels, or an OME-Zarr's own units), so a heat
+    pyramid written with the slide's downsample and pixel size lies on it. The file stays
+    open while the layer reads tiles from it."""
+    from ..pyramids import open_pyramid
+
+    pyr = open_pyramid(path)
+    p = Path(path)
+    name = p.name
+    for ending in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr"):
+        if name.lower().endswith(ending):
+            name = name[: -len(ending)]
+            break
+    else:
+        name = p.stem
+    levels = pyr.levels
+    rgb = pyr.rgb
+    lead = len(levels[0].shape) - 2 - (pyr.channel_axis is not None)
+    kwargs = {
+        "name": name,
+        "multiscale": True,
+        "rgb": rgb,
+        "scale": (1.0,) * lead + tuple(pyr.scale),
+        "translate": (0.0,) * lead + tuple(pyr.translate),
+        "metadata": {
+            "pyramid": str(path),
+            "format": pyr.format,
+            "downsamples": [tuple(d) for d in pyr.downsamples],
+            "mpp": pyr.mpp,
+        },
+    }
+    if pyr.mpp is not None:
+        kwargs["units"] = ("pixel",) * lead + ("micrometer", "micrometer")
+    if pyr.channel_axis is not None and not rgb:
+        kwargs["channel_axis"] = pyr.channel_axis
+    return [(levels, kwargs, "image")]
