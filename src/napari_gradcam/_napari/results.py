@@ -70,6 +70,18 @@ def _add_probabilities(annotations: list, rows: list) -> None:
         a.properties["probability"] = np.nan if p is None else float(p)
 
 
+def level0_regions(job, regions: list) -> list:
+    """A multiscale image's regions (found in the pixels of the level explained) in level-0
+    pixels: the regions layer lies on the image with the image's own scale, so its vertices,
+    and a GeoJSON saved from it, are full-resolution pixel coordinates (what QuPath reads)."""
+    downsample = tuple(getattr(job, "downsample", (1.0, 1.0)))
+    if getattr(job, "level", None) is None or downsample == (1.0, 1.0):
+        return regions
+    from ..regions import scale_regions
+
+    return scale_regions(regions, downsample)
+
+
 def region_rows(explained: JobResult, regions: list, ndim: int):
     """Shapes-layer rows for ``regions`` (any method's, found with the job's targets): vertex
     arrays, shape types, the features table (each row labelled with its class and
@@ -459,6 +471,83 @@ def _same(current, value) -> bool:
         return False
 
 
+# a multiscale image's heat is shown as a pyramid of its own: the explained level, then halved
+# until no side is above PYRAMID_SIDE (napari draws the level that fits the zoom)
+PYRAMID_SIDE = 512
+PYRAMID_BAND = 2048  # rows of a large heat halved at a time (an even number)
+PYRAMID_IN_MEMORY = 256 * 2**20  # bytes: a halved level of a lazy heat above this goes to disk
+
+
+def heat_pyramid(heat, max_side: int = PYRAMID_SIDE, band: int = PYRAMID_BAND) -> list:
+    """``heat`` (*lead, H, W) and its halvings (2 x 2 means over the last two axes; an odd
+    side's last row or column averaged with itself) until no side is above ``max_side``:
+    napari's multiscale levels, finest first. A NumPy heat gives NumPy levels; a lazy one
+    (the tiled run's zarr) is read ``band`` rows at a time, its large levels written to a
+    temporary zarr array removed with the array, so memory stays bounded."""
+    levels = [heat]
+    while max(levels[-1].shape[-2:]) > max_side:
+        levels.append(_halved(levels[-1], band))
+    return levels
+
+
+def _halved(heat, band: int):
+    h, w = heat.shape[-2:]
+    shape = (*heat.shape[:-2], (h + 1) // 2, (w + 1) // 2)
+    if isinstance(heat, np.ndarray) or np.prod(shape) * 4 <= PYRAMID_IN_MEMORY:
+        out = np.empty(shape, np.float32)
+    else:
+        out = _scratch_array(shape)
+    band += band % 2
+    for r0 in range(0, h, band):
+        block = np.asarray(heat[..., r0:r0 + band, :], np.float32)
+        pad = [(0, 0)] * (block.ndim - 2) + [(0, block.shape[-2] % 2), (0, w % 2)]
+        if any(p[1] for p in pad):
+            block = np.pad(block, pad, mode="edge")
+        bh, bw = block.shape[-2:]
+        block = block.reshape(*block.shape[:-2], bh // 2, 2, bw // 2, 2).mean(axis=(-3, -1))
+        out[..., r0 // 2:r0 // 2 + block.shape[-2], :] = block
+    return out
+
+
+def _scratch_array(shape):
+    """A float32 zarr array in a temporary folder that goes when the array does."""
+    import shutil
+    import tempfile
+
+    import zarr
+
+    folder = tempfile.mkdtemp(prefix="napari-gradcam-heat-")
+    chunks = (*(1,) * (len(shape) - 2), *(min(s, 1024) for s in shape[-2:]))
+    array = zarr.open_array(folder, mode="w", shape=shape, chunks=chunks, dtype="float32")
+    weakref.finalize(array, shutil.rmtree, folder, True)
+    return array
+
+
+def level_geometry(layer, downsample, ndim_spatial: int = 2) -> dict:
+    """What puts an array of a multiscale ``layer``'s level with ``downsample`` (rows,
+    cols against level 0) on the layer in the world: napari draws pixel i of that level over
+    level-0 pixels ds*i .. ds*(i+1) (pixel corners; see its multiscale slicing: the level's
+    tile is scaled by the downsample from the level-0 origin, then shifted half a level-0
+    pixel), so its centre is level-0 pixel ds*i + (ds - 1) / 2: the array's scale is the
+    layer's times ds, its translate moved by (ds - 1) / 2 level-0 pixels (through the
+    layer's rotation and shear, before its affine)."""
+    scale = np.asarray(layer.scale, float).copy()
+    translate = np.asarray(layer.translate, float).copy()
+    ds = np.ones(len(scale))
+    ds[-ndim_spatial:] = np.asarray(downsample, float)[-ndim_spatial:]
+    if np.allclose(ds, 1):
+        return {"scale": tuple(scale), "translate": tuple(translate)}
+    shift = (ds - 1) / 2  # in level-0 pixels
+    # the layer's own linear map (rotation, shear, scale) without its affine, probed through
+    # public transforms: the affine's inverse undoes the affine part of data_to_world
+    from .geometry import _data_to_world
+
+    matrix, _origin = _data_to_world(layer)
+    affine = np.asarray(layer.affine.linear_matrix, float)
+    linear = np.linalg.solve(affine, matrix)
+    return {"scale": tuple(scale * ds), "translate": tuple(translate + linear @ shift)}
+
+
 def heat_colormap():
     """Turbo colours whose opacity rises with the heat: cold pixels leave the image as it is,
     hot ones are painted red-yellow (the classic Grad-CAM overlay, without greying the rest)."""
@@ -506,13 +595,14 @@ class ResultLayers:
         return out
 
     def _upsert(self, name: str, role: str, ndim: int, create, update, job: Job,
-                method: str | None = None):
+                method: str | None = None, multiscale: bool | None = None):
         """Update our ``role`` layer of the job's image in place (``update(layer)``), or add
-        ``create()`` (called ``name``); a layer whose dimensionality changed is replaced where
-        it was."""
+        ``create()`` (called ``name``); a layer whose dimensionality changed, or (an image)
+        whose being ``multiscale`` or not changed, is replaced where it was."""
         layers = self._viewer.layers
         layer = self._find(role, job.layer.name, method)
-        if layer is not None and layer.ndim == ndim:
+        if layer is not None and layer.ndim == ndim and (
+                multiscale is None or bool(layer.multiscale) == multiscale):
             update(layer)
             return layer
         new = create()
@@ -533,24 +623,42 @@ class ResultLayers:
                 setattr(layer, key, value)
         layer.metadata = {**layer.metadata, **metadata}
 
-    def _placed(self, job: Job, data: np.ndarray):
-        """A result array and the layer geometry that puts it on the image: for one slice, a
-        layer one frame deep placed at that frame."""
+    def _placed(self, job: Job, data):
+        """A result array (or a pyramid of them: a list, finest first) and the layer geometry
+        that puts it on the image: a multiscale image's result lies on the level explained
+        (see :func:`level_geometry`); for one slice, a layer one frame deep placed at that
+        frame."""
         geo = self._geometry(job)
+        downsample = getattr(job, "downsample", (1.0, 1.0))
+        if getattr(job, "level", None) is not None and tuple(downsample) != (1.0, 1.0):
+            geo.update(level_geometry(job.layer, downsample))
         if job.offset:
             k = len(job.offset)
-            data = data.reshape((1,) * k + data.shape)
+            if isinstance(data, list):
+                data = [level.reshape((1,) * k + level.shape) for level in data]
+            else:
+                data = data.reshape((1,) * k + data.shape)
             geo["translate"] = tuple(
                 t + i * s for t, i, s in zip(geo["translate"][:k], job.offset, geo["scale"][:k])
             ) + geo["translate"][k:]
         return data, geo
 
-    def _show_heatmap(self, job: Job, explained: JobResult, method: str):
+    def _show_heatmap(self, job: Job, explained: JobResult, method: str, levels=None):
+        """``method``'s heatmap as an Image layer on the image; a multiscale image's as a
+        multiscale layer: ``levels`` (the heat pyramid built on the worker) or one built
+        here."""
         heat = explained.heatmaps[method]  # "every class found": the classes' maps combined
-        heat, geo = self._placed(job, heat)
+        multiscale = getattr(job, "level", None) is not None
+        if multiscale and (levels is None or levels[0] is not heat):  # e.g. a new mask
+            levels = heat_pyramid(heat)
+        heat, geo = self._placed(job, levels if multiscale else heat)
+        ndim = heat[0].ndim if multiscale else heat.ndim
         meta = {META_KEY: {"role": "heatmap", "source": job.layer.name, "method": method,
                            "target_layer": explained.target_layer,
                            "class_names": list(explained.class_names)}}
+        if multiscale:  # the pyramid level it explains, and that level's downsample
+            meta[META_KEY].update(level=int(job.level),
+                                  downsample=[float(d) for d in job.downsample])
         if not job.offset:  # the scan's file geometry (NIfTI / DICOM reader): the heatmap
             # has the scan's shape, so it can be written back aligned with it
             meta.update({key: job.layer.metadata[key] for key in VOLUME_METADATA
@@ -571,9 +679,10 @@ class ResultLayers:
                 if getattr(layer, key) != value:
                     setattr(layer, key, value)
 
-        layer = self._upsert(name, "heatmap", heat.ndim, lambda: Image(
+        layer = self._upsert(name, "heatmap", ndim, lambda: Image(
             heat, name=name, colormap=heat_colormap(), blending="translucent", opacity=0.7,
-            contrast_limits=(0.0, 1.0), metadata=meta, **look, **geo), update, job, method)
+            contrast_limits=(0.0, 1.0), metadata=meta, multiscale=multiscale, **look, **geo),
+            update, job, method, multiscale=multiscale)
         if volume:
             layer.attenuation = VOLUME_ATTENUATION
         return layer
@@ -645,7 +754,8 @@ class ResultLayers:
         labels; the 3D wireframes and the side-by-side cells."""
         names = list(explained.class_names)
         ndim = job.layer.ndim
-        data, types, features, colors = region_rows(explained, explained.regions, ndim)
+        data, types, features, colors = region_rows(
+            explained, level0_regions(job, explained.regions), ndim)
         # rows for shapes the user draws: blank (no class: what a hand-drawn shape shows is the
         # user's, not the model's), their kind filled in from the shape once drawn
         defaults = {key: ("" if col.dtype == object else np.nan) for key, col in features.items()}
@@ -978,7 +1088,7 @@ class ResultLayers:
     @staticmethod
     def _fill_regions_view(layer, job: Job, explained: JobResult, method: str, layers=None):
         data, types, features, colors = region_rows(
-            explained, explained.regions_of(method), job.layer.ndim)
+            explained, level0_regions(job, explained.regions_of(method)), job.layer.ndim)
         layer.data = []
         if data:
             layer.add(list(zip(data, types)), edge_color=colors, edge_width=2,

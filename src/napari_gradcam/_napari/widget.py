@@ -17,7 +17,7 @@ import os
 import time
 import warnings
 from collections.abc import Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,14 @@ from .live import (
     pixels_token,
     region_token,
 )
-from .results import NAME_WIDTH, ResultLayers, heat_colormap, result_name, short_name
+from .results import (
+    NAME_WIDTH,
+    ResultLayers,
+    heat_colormap,
+    heat_pyramid,
+    result_name,
+    short_name,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -82,6 +89,20 @@ SCOPES = ("current slice", "whole stack")
 MODEL_FILES = "*.safetensors *.pt *.pth *.pt2 *.ckpt *.bin *.json"
 THRESHOLD_MODES = ("absolute", "relative", "otsu")
 MASK_MODES = ("multiply", "restrict")
+# a multiscale (pyramid) layer's level choice: the level napari draws now, or a level by number
+ON_SCREEN = "on screen"
+LEVEL_TIP = (
+    "The pyramid level explained: 'on screen' is the level napari draws at the current zoom "
+    "(zoom in for more detail), or a level by number (0 = full resolution). Only that level is "
+    "read, tile by tile; the heatmap comes back as a pyramid of its own, on the image.")
+TILE_TIP = (
+    "Large images are explained tile by tile (tiles batched on the device, blended across the "
+    "overlap with a smooth window, normalised over the whole image). auto: tiles of a pyramid "
+    "level larger than the model's input, or of any image too large for memory; else the tile "
+    "side in pixels. overlap: pixels shared by neighbouring tiles.")
+LIVE_MULTISCALE = (
+    "live mode follows the slider of a stack, but {name!r} is a multiscale (pyramid) layer, "
+    "explained level by level in tiles, which can take minutes; untick live and press Run.")
 
 
 TARGET_TIP = (
@@ -145,6 +166,16 @@ class Job:
     total: int  # images to explain (the progress bar's length)
     # a Shapes layer's target region, read on the UI thread, rasterised by the worker
     outlines: Outlines | None = None
+    # a multiscale layer: the level explained (None: not multiscale) and its downsample
+    # (rows, cols) against level 0, which places the heat and the regions on the image
+    level: int | None = None
+    downsample: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def whole_slide(self) -> bool:
+        """A pyramid level: tiled by the job's "auto" rule as soon as it is larger than the
+        model's input (a plain image only when it would not fit in memory)."""
+        return self.level is not None
 
     @property
     def methods(self) -> list[str]:
@@ -166,6 +197,9 @@ class Result:
     job: Job
     explained: JobResult  # heatmaps per method, the first method's regions, summary rows
     seconds: float = 0.0
+    # a multiscale layer's run: each method's heat as a pyramid (the explained level first),
+    # built on the worker so that adding the layer costs the UI thread nothing
+    pyramids: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -223,9 +257,14 @@ def compute(job: Job):
     if job.outlines is not None:
         job.explain.target_mask = GradCamWidget._shaped(
             job.outlines, job.layer, job.offset, job.explain.spec)
+    # a pyramid level is tiled by the job's rule for slides (see Job.whole_slide)
+    slide = {"whole_slide": True} if job.whole_slide else {}
     with _empty_targets_as_notes():
-        explained = yield from job.explain.iter_run(job.images, job.channel_axis, job.offset)
-    return Result(job, explained, time.perf_counter() - t0)
+        explained = yield from job.explain.iter_run(job.images, job.channel_axis, job.offset,
+                                                    **slide)
+    pyramids = {m: heat_pyramid(explained.heatmaps[m]) for m in explained.methods} \
+        if job.whole_slide else {}
+    return Result(job, explained, time.perf_counter() - t0, pyramids)
 
 
 @contextlib.contextmanager
@@ -370,6 +409,7 @@ class GradCamWidget(ResultLayers, Container):
         self._owners: dict[str, int] = {}  # model name -> the request that registered it
         self._selecting = False  # the widget itself is setting the model list's value
         self._worker = None
+        self._running_job: Job | None = None  # the job of the run in flight (its progress)
         # a run's result is written one layer per event-loop turn (see _on_result): the steps
         # left, and whether the run's worker finished meanwhile (it ends with the last step)
         self._applying: list = []
@@ -413,6 +453,9 @@ class GradCamWidget(ResultLayers, Container):
     def _build_model_controls(self):
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True,
                               tooltip="The image layer to explain (follows the selection).")
+        # shown only while the image is a multiscale (pyramid) layer
+        self.level = ComboBox(label="level", choices=self._level_choices, value=ON_SCREEN,
+                              tooltip=LEVEL_TIP, visible=False)
         self.model = ComboBox(label="model", choices=self._model_choices,
                               tooltip="demo = the bundled synthetic-shapes model; models "
                                       "loaded from a file or set from Python "
@@ -447,6 +490,15 @@ class GradCamWidget(ResultLayers, Container):
         self.batch_size = SpinBox(label="batch size (0 = auto)", min=0, max=4096, value=0,
                                   tooltip="Images per forward pass; 0 = auto (halved on "
                                           "out-of-memory).")
+        # tile side (0 shown as "auto": the job's rule) and overlap, one compact row
+        self.tile = SpinBox(label="tile", min=0, max=2**16, step=32, value=0,
+                            tooltip=TILE_TIP)
+        self.tile.native.setSpecialValueText("auto")
+        self.overlap = SpinBox(label="overlap", min=0, max=2**16, step=16, value=64,
+                               tooltip=TILE_TIP)
+        self.tiles = Container(widgets=[self.tile, self.overlap], layout="horizontal",
+                               labels=True, label="tiles (px)", tooltip=TILE_TIP)
+        self.tiles.margins = (0, 0, 0, 0)
         self.scope = RadioButtons(label="scope", choices=list(SCOPES), value=SCOPES[0],
                                   orientation="horizontal")
         self.live = CheckBox(text="live", value=False, tooltip=LIVE_TIP)
@@ -491,10 +543,10 @@ class GradCamWidget(ResultLayers, Container):
         self.status = Label(label="")
         self.status.native.setWordWrap(True)
         self.extend([
-            self.image, self.model, self.explains, self.model_file, self.trust_code,
-            self.methods, self.target,
+            self.image, self.level, self.model, self.explains, self.model_file,
+            self.trust_code, self.methods, self.target,
             self.target_layer, self.device,
-            self.device_label, self.batch_size, self.scope, self.threshold,
+            self.device_label, self.batch_size, self.tiles, self.scope, self.threshold,
             self.threshold_mode, self.min_area, self.simplify, self.mask, self.mask_mode,
             Container(widgets=[self.run_button, self.live, self.cancel_button,
                                self.grid_button], layout="horizontal", labels=False),
@@ -562,6 +614,17 @@ class GradCamWidget(ResultLayers, Container):
         return [(layer.name, layer) for layer in self._viewer.layers
                 if isinstance(layer, Image) and not self._is_ours(layer)]
 
+    def _level_choices(self, _widget=None):
+        """'on screen' and each level of the chosen multiscale image as "k: H x W"."""
+        layer = getattr(self.image, "value", None) if hasattr(self, "image") else None
+        choices = [(ON_SCREEN, ON_SCREEN)]
+        if layer is not None and layer.multiscale:
+            for k in range(len(layer.data)):
+                shape = tuple(layer.data[k].shape)
+                h, w = (shape[:-1] if layer.rgb else shape)[-2:]
+                choices.append((f"{k}: {h} x {w}", k))
+        return choices
+
     def _mask_choices(self, _widget=None):
         return [(NO_MASK, None)] + [
             (layer.name, layer) for layer in self._viewer.layers
@@ -622,8 +685,42 @@ class GradCamWidget(ResultLayers, Container):
         self.scope.enabled = lead > 0 and not self.live.value  # live: the shown slice
         if lead <= 0 or self.live.value:
             self.scope.value = SCOPES[0]
+        self._show_levels(layer)
         self._watch(layer)
         self._live_request()
+
+    def _show_levels(self, layer):
+        """The level choice: offered (with this image's levels) only for a multiscale layer;
+        the level chosen stays chosen while the new image has it."""
+        multiscale = layer is not None and bool(layer.multiscale)
+        value = self.level.value
+        self.level.reset_choices()
+        if value not in [v for _t, v in _pairs(self.level.choices)]:
+            self.level.value = ON_SCREEN
+        if self.level.native.isHidden() == multiscale:
+            self.level.visible = multiscale
+
+    def _level_data(self, layer):
+        """The array a run reads from ``layer``: a multiscale layer's chosen level (lazy, as
+        the layer holds it), else the layer's data; with the level (None: not multiscale)
+        and its downsample (rows, cols) against level 0."""
+        if not layer.multiscale:
+            return layer.data, None, (1.0, 1.0)
+        choice = self.level.value
+        level = int(layer.data_level) if choice == ON_SCREEN or choice is None else int(choice)
+        if not 0 <= level < len(layer.data):
+            raise ValueError(f"the image {layer.name!r} has levels 0 to {len(layer.data) - 1}, "
+                             f"not {level}; choose one of its levels or 'on screen'.")
+        full, here = image_shape(layer), tuple(layer.data[level].shape)
+        here = here[:-1] if layer.rgb else here
+        downsample = (full[-2] / here[-2], full[-1] / here[-1])
+        return layer.data[level], level, downsample
+
+    def _tile_settings(self) -> dict:
+        """The tile side (0: the job's "auto" rule) and overlap for the ExplainJob (which
+        says what is wrong with them)."""
+        tile = int(self.tile.value)
+        return {"tile": "auto" if tile == 0 else tile, "overlap": int(self.overlap.value)}
 
     # ---- the chosen image's edits -------------------------------------------------------------
 
@@ -1045,13 +1142,21 @@ class GradCamWidget(ResultLayers, Container):
         if not methods:
             raise ValueError("no method chosen: pick at least one in the methods list.")
         spec = self._spec()
-        data = layer.data[0] if layer.multiscale else layer.data
+        if layer.multiscale and self.live.value:
+            raise ValueError(LIVE_MULTISCALE.format(name=layer.name))
+        data, level, downsample = self._level_data(layer)
         channel_axis = -1 if layer.rgb else False
         dims = model_spatial_dims(spec.module)
         lay = layout(data.shape, channel_axis, dims)  # empty / too few axes raise here
         check_channels(lay.channels, spec.in_channels)
         choice = self.target.value
         inside = choice if isinstance(choice, InsideLayer) else None
+        if level and (inside is not None or self.mask.value is not None):
+            # masks and target regions are matched to the image's full-resolution pixels
+            raise ValueError(
+                f"a mask or a target region is matched to level 0 of {layer.name!r}, but level "
+                f"{level} is chosen; choose level 0, or the mask 'none' and a target without a "
+                "layer.")
         if inside is not None:  # "<class> inside layer <L>": that class, over that region
             choice = inside.class_name
         found = choice == PRESENT
@@ -1079,9 +1184,11 @@ class GradCamWidget(ResultLayers, Container):
             spec, methods, target, regions=self._region_args(),
             mask=self._mask_array(layer, offset, spec), target_mask=target_mask,
             device=self.device.value, batch_size=int(self.batch_size.value) or None,
-            target_layer=None if self.target_layer.value == AUTO else self.target_layer.value)
+            target_layer=None if self.target_layer.value == AUTO else self.target_layer.value,
+            **self._tile_settings())
         return Job(layer=layer, images=images, offset=offset, channel_axis=channel_axis,
-                   explain=explain, total=total, outlines=outlines)
+                   explain=explain, total=total, outlines=outlines, level=level,
+                   downsample=downsample)
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -1141,6 +1248,7 @@ class GradCamWidget(ResultLayers, Container):
         worker.aborted.connect(self._alive(self._on_aborted))
         worker.finished.connect(self._alive(self._on_finished))
         self._worker = worker
+        self._running_job = job
         self._update_buttons()
         self.cancel_button.enabled = True
         self.status.value = status
@@ -1158,7 +1266,7 @@ class GradCamWidget(ResultLayers, Container):
             raise ValueError(f"the model {self.model.value!r} is a classifier (one score per "
                              "image), so it has no segmentation to add; choose a segmentation "
                              "model.")
-        data = layer.data[0] if layer.multiscale else layer.data
+        data, level, downsample = self._level_data(layer)  # a pyramid: the level chosen
         channel_axis = -1 if layer.rgb else False
         lay = layout(data.shape, channel_axis, model_spatial_dims(spec.module))
         check_channels(lay.channels, spec.in_channels)
@@ -1170,7 +1278,7 @@ class GradCamWidget(ResultLayers, Container):
         explain = ExplainJob(spec, device=self.device.value,
                              batch_size=int(self.batch_size.value) or None)
         return Job(layer=layer, images=images, offset=offset, channel_axis=channel_axis,
-                   explain=explain, total=total)
+                   explain=explain, total=total, level=level, downsample=downsample)
 
     def cancel(self, _event=None):
         """Stop the run after the current batch; existing layers stay as they were (with live
@@ -1184,13 +1292,24 @@ class GradCamWidget(ResultLayers, Container):
             self.status.value = "cancelling…"
 
     def _on_progress(self, progress: Progress):
-        """Images done so far (every method and target of a batch together)."""
+        """Images done so far (every method and target of a batch together); a tiled run
+        counts tiles, said on the status line too."""
         if self._pbar is not None:
             if self._pbar.is_canceled:
                 self.cancel()
             self._pbar.total = progress.total
             self._pbar.n = progress.done
             self._pbar.refresh()
+        job = getattr(self, "_running_job", None)
+        if job is not None and self._tiled(job, progress) and \
+                not self.status.value.startswith("cancel"):
+            self.status.value = f"running… {progress.done} / {progress.total} tiles"
+
+    @staticmethod
+    def _tiled(job: Job, progress: Progress) -> bool:
+        """Whether a run's progress counts tiles: the job counts images, or, for an image it
+        explains in tiles, tiles (a count that is not the run's number of images)."""
+        return progress.total != job.total
 
     def _on_error(self, err: Exception):
         if self._live.flight is not None and self._live.flight.worker is self._worker:
@@ -1214,6 +1333,7 @@ class GradCamWidget(ResultLayers, Container):
             self._pbar.close()
             self._pbar = None
         self._worker = None
+        self._running_job = None
         self.cancel_button.enabled = False
         self._update_buttons()
         self._live_run_ended()
@@ -1234,8 +1354,8 @@ class GradCamWidget(ResultLayers, Container):
         how = "; 3D regions" if dims == 3 else \
             "; 2D model: explained slice by slice" if len(image_shape(job.layer)) > 2 else ""
         before = f"{', '.join(job.methods)}: "
-        after = (f"; {len(explained.regions)} regions{how}; {result.seconds:.2f} s on "
-                 f"{describe_device(resolve_device(explained.device))}")
+        after = (f"; {len(explained.regions)} regions{how}{self._tiled_text(result)}; "
+                 f"{result.seconds:.2f} s on {describe_device(resolve_device(explained.device))}")
         self._said = (result, before, after, None)
         notes = list(explained.notes)  # e.g. a class with no pixels in its region: zero map
 
@@ -1244,13 +1364,29 @@ class GradCamWidget(ResultLayers, Container):
             for note in notes:
                 show_warning(f"napari-gradcam: {note}")
 
-        self._applying = [functools.partial(self._show_heatmap, job, explained, method)
+        self._applying = [functools.partial(self._show_heatmap, job, explained, method,
+                                            result.pyramids.get(method))
                           for method in explained.methods]
         self._applying += [*self._regions_steps(job, explained), said]
         if self.running:
             self._apply_next()
         else:
             self._apply_now()
+
+    @staticmethod
+    def _tiled_text(result: Result) -> str:
+        """The level explained (a multiscale image) and the tiles (a tiled run), for the
+        status line."""
+        job, tiling = result.job, getattr(result.explained, "tiling", None)
+        text = ""
+        if job.level is not None:
+            shape = tuple(job.images.shape)
+            h, w = (shape[:-1] if job.layer.rgb else shape)[-2:]
+            text += f"; level {job.level} ({h} x {w})"
+        if tiling is not None:
+            (th, tw), (oh, ow) = tiling.tile, tiling.overlap
+            text += f"; tiles of {th} x {tw} px, overlap {oh}" + (f" x {ow}" if ow != oh else "")
+        return text
 
     def _apply_next(self):
         """Write the next step of the result being shown (and the steps after it that take
