@@ -321,8 +321,9 @@ def test_a_huge_tiff_is_refused_from_its_header_with_the_numbers(tmp_path, monke
     monkeypatch.setattr(batch_read, "read_unit", lambda unit, *a, **k: decoded.append(unit.path) or
                         real(unit, *a, **k))
     out = tmp_path / "out"
+    # --tile none: explained whole (by default an image too large for memory is tiled)
     assert main(["batch", str(tmp_path / "in"), "--out", str(out), "--quiet",
-                 "--device", "cpu"]) == 1
+                 "--device", "cpu", "--tile", "none"]) == 1
     rows = summary(out)
     assert rows["small.png"]["status"] == "ok"
     message = rows["huge.tif"]["message"]

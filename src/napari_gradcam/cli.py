@@ -126,8 +126,12 @@ def _batch_run(args, state: dict) -> int:
                    simplify=args.simplify, device=args.device, batch_size=args.batch_size,
                    overlay=args.overlay, volume_overlay=args.volume_overlay,
                    overwrite=args.overwrite, workers=args.workers,
-                   write_segmentation=args.write_segmentation)
-    job = make_job(spec, opts)  # bad method, target or device: say so before reading anything
+                   write_segmentation=args.write_segmentation, tile=args.tile,
+                   overlap=args.overlap, level=args.level)
+    try:  # bad method, target, device or tiling: say so before reading anything
+        job = make_job(spec, opts)
+    except (ValueError, TypeError) as err:
+        raise type(err)(_as_flags(str(err))) from None
     # a target mask or label maps for a classifier: refused before any image is read
     check_segmentation_options(job, args.target_mask is not None, args.write_segmentation)
     # parts cut only leading axes: a 3D model's volume is one image, never cut
@@ -212,7 +216,42 @@ def _check_batch_options(args) -> None:
         problem = None if pattern is None else mask_pattern_problem(pattern)
         if problem:
             raise ValueError(f"{flag} {pattern!r}: {problem}.")
+    _check_tiling_options(args)
     _check_device(args)
+
+
+def _check_tiling_options(args) -> None:
+    """--tile ("auto", "none" or a side in pixels), --overlap and --level as the job takes
+    them; an overlap the tile can't hold is refused here with the tiling's own sentence,
+    naming the flags (the job checks it again when it is made)."""
+    text = str(args.tile).strip().lower()
+    if text in ("auto", "none"):
+        args.tile = None if text == "none" else "auto"
+    else:
+        args.tile = _whole(args.tile, "--tile", 1, "a tile side in pixels >= 1 (e.g. 512), "
+                                                   "'auto' (tile large images and slides) or "
+                                                   "'none' (never tile)")
+    args.overlap = _whole(args.overlap, "--overlap", 0, "a whole number of pixels >= 0 that "
+                                                        "neighbouring tiles share (e.g. 64)")
+    if args.level is not None:
+        args.level = _whole(args.level, "--level", 0, "a pyramid level, a whole number >= 0 "
+                                                      "(0 = full resolution)")
+    if isinstance(args.tile, int):
+        from .tiles import check_tiling
+
+        try:
+            check_tiling(args.tile, args.overlap)
+        except (TypeError, ValueError) as err:
+            raise ValueError(_as_flags(str(err))) from None
+
+
+def _as_flags(message: str) -> str:
+    """The tiling's sentences, written for the library (``tile=256``), in the command's words
+    (``--tile 256``)."""
+    import re
+
+    message = message.replace("tile=None", "--tile none")
+    return re.sub(r"\b(tile|overlap)=", r"--\1 ", message)
 
 
 def _method_and_device(parser, default: str) -> None:
@@ -428,6 +467,17 @@ def _batch_parser(sub) -> None:
                         "this, which are read a part at a time (default 256); only leading "
                         "axes are cut: a 3D model's volume is never cut, a (T, D, H, W) stack "
                         "is cut along T")
+    b.add_argument("--tile", default="auto",
+                   help="explain large images and slides tile by tile, tiles of N x N pixels "
+                        "blended into one heatmap normalised over the whole image: auto "
+                        "(default: slides larger than the model's input and images that would "
+                        "not fit in memory), N, or none (never tile)")
+    b.add_argument("--overlap", default="64",
+                   help="pixels that neighbouring tiles share (default 64; less than the tile)")
+    b.add_argument("--level", default=None, metavar="K",
+                   help="pyramid level of slides (SVS, OME-TIFF, pyramidal TIFF, OME-Zarr) to "
+                        "explain: 0 = full resolution (default); the GeoJSON is in level-0 "
+                        "pixels whatever the level")
     b.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     group = b.add_mutually_exclusive_group()
     group.add_argument("--dask-scheduler", metavar="ADDRESS",

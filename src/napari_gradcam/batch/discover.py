@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .read import (
-    IMAGE_SUFFIXES, VOLUME_SUFFIXES, _is_zarr, _stack_length, is_volume_input, volume_stem,
+    IMAGE_SUFFIXES, SLIDE_SUFFIXES, VOLUME_SUFFIXES, _is_zarr, _stack_length, is_slide,
+    is_volume_input, slide_stem, volume_stem,
 )
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ class Unit:
 
     path: str  # the file or zarr array ('' for an in-memory array)
     name: str  # output stem, unique in the run
-    # "file" (read whole), "volume" (NIfTI / DICOM, read whole with its affine), "parts"
-    # (zarr / large TIFF, read lazily) or "array"
+    # "file" (read whole, or lazily in tiles when large), "volume" (NIfTI / DICOM, read whole
+    # with its affine), "parts" (zarr / large TIFF, read lazily), "slide" (a pyramid: SVS,
+    # OME-TIFF, pyramidal TIFF or OME-Zarr, one level read lazily in tiles) or "array"
     kind: str
     start: int = 0
     stop: int | None = None  # zarr: end of the range (exclusive)
@@ -66,7 +68,9 @@ def _stem(path: Path, root: Path | None) -> str:
         path = path.parent
     rel = path.relative_to(root) if root is not None and path != root else Path(path.name)
     parts = list(rel.parts)
-    if path.name.lower().endswith(VOLUME_SUFFIXES) or (path.is_dir() and not _is_zarr(path)):
+    if is_slide(path):  # slide.ome.tif, slide.ome.zarr -> slide
+        parts[-1] = slide_stem(Path(parts[-1]))
+    elif path.name.lower().endswith(VOLUME_SUFFIXES) or (path.is_dir() and not _is_zarr(path)):
         parts[-1] = volume_stem(Path(parts[-1]))
     else:
         parts[-1] = Path(parts[-1]).stem if path.suffix.lower() != ".zarr" else parts[-1][:-5]
@@ -102,7 +106,7 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
             sub = here / d
             if d.startswith(".") or (exclude is not None and sub.resolve() == exclude):
                 continue
-            if _is_zarr(sub):  # one input
+            if _is_zarr(sub) or is_slide(sub):  # one input (an OME-Zarr pyramid is a group)
                 yield sub
                 continue
             if is_volume_input(sub):  # one input, and maybe more series below
@@ -118,7 +122,8 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
         dirs[:] = keep
         for f in sorted(files):
             if not f.startswith(".") and (Path(f).suffix.lower() in IMAGE_SUFFIXES
-                                          or f.lower().endswith(VOLUME_SUFFIXES)):
+                                          or f.lower().endswith(VOLUME_SUFFIXES)
+                                          or Path(f).suffix.lower() in SLIDE_SUFFIXES):
                 yield here / f
     yield from unreadable  # the last folder os.walk tried
 
@@ -199,7 +204,7 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
         path = Path(item)
         if not path.exists():
             raise ValueError(f"input {str(path)!r} does not exist.")
-        if path.is_dir() and not _is_zarr(path):
+        if path.is_dir() and not _is_zarr(path) and not is_slide(path):
             if is_volume_input(path):  # a series folder given: it, and any series below it
                 found.append((path, None))
             found += [(p, path) for p in sorted(_walk(path, exclude))]
@@ -217,6 +222,9 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
         seen.add(real)
         masks = (format_mask(mask, path) if mask else None,
                  format_mask(target_mask, path, "target mask") if target_mask else None)
+        if is_slide(path):  # a pyramid: one unit, read a level at a time, never a stack
+            units.append(_unit(path, name, "slide", masks))
+            continue
         if is_volume_input(path):
             units.append(_unit(path, name, "volume", masks))
             continue
@@ -228,7 +236,8 @@ def collect_units(inputs: Iterable, mask: str | None = None, part_size: int = 25
             units.append(_unit(path, name, "file", masks))
     if not units:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))}: give image files "
-                         f"({', '.join(IMAGE_SUFFIXES)}), NIfTI volumes "
+                         f"({', '.join(IMAGE_SUFFIXES)}), slides ({', '.join(SLIDE_SUFFIXES)}, "
+                         f"OME-TIFF, OME-Zarr), NIfTI volumes "
                          f"({', '.join(VOLUME_SUFFIXES)}), DICOM series folders, folders or "
                          "zarr arrays.")
     return name_units(units, claims)[0]

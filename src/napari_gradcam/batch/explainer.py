@@ -18,9 +18,11 @@ def make_job(spec, opts: Options) -> ExplainJob:
     "found" included, from one forward pass. Regions are cut on one thread per unit (the
     writer threads already write several units at once). A bad method, target, device or
     region option raises here, before anything is read; a model whose output will be NaN is
-    named once."""
+    named once. Tile and overlap are the job's: bad ones (or tiles for a 3D model) raise here
+    too."""
     job = ExplainJob(spec, opts.method, opts.target, device=opts.device,
-                     batch_size=opts.batch_size,
+                     batch_size=opts.batch_size, tile=getattr(opts, "tile", "auto"),
+                     overlap=getattr(opts, "overlap", 64),
                      regions={"threshold": opts.threshold, "min_area": opts.min_area,
                               "simplify": opts.simplify, "threshold_mode": opts.threshold_mode,
                               "workers": 1})

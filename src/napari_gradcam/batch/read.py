@@ -9,6 +9,7 @@ summary: a bad input fails its own unit, and the run goes on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -22,6 +23,9 @@ from ..explain_arrays import (
     check_channels, colour_for_grey_model, is_grey_rgb, layout, read_batch,
 )
 from ..job import is_found
+from ..pyramids import OPENSLIDE_SUFFIXES as _OPENSLIDES
+from ..pyramids import SLIDE_SUFFIXES as _SLIDES
+from ..pyramids import TIFF_SUFFIXES as _TIFFS
 from .settings import Options
 
 if TYPE_CHECKING:
@@ -31,6 +35,43 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")  # NIfTI; DICOM series are folders (or one .dcm file)
+# whole-slide files found in folders besides TIFF (which may be pyramids too) and OME-Zarr
+SLIDE_SUFFIXES = (*_SLIDES, *_OPENSLIDES)
+
+
+def is_slide(path) -> bool:
+    """A pyramid (SVS, OME-TIFF, a TIFF with reduced levels, an OME-Zarr folder): one input
+    explained a level at a time in tiles, never a stack of its levels. Asked from the file's
+    header (:func:`napari_gradcam.pyramids.is_pyramid_file`), once per file version."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if path.is_file() and path.suffix.lower() not in (*SLIDE_SUFFIXES, *_TIFFS):
+        return False
+    return _is_slide(str(path.absolute()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_slide(path: str, _size: int, _mtime: int) -> bool:
+    from ..pyramids import is_pyramid_file
+
+    try:
+        return bool(is_pyramid_file(path))
+    except Exception:  # noqa: BLE001 - not readable as a pyramid: read as an image, or fail
+        return False
+
+
+def slide_stem(path: Path) -> str:
+    """A slide's name without its suffixes: ``a.ome.tif``, ``a.ome.zarr``, ``a.svs`` -> ``a``."""
+    name = Path(path).name
+    low = name.lower()
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.btf", ".ome.zarr", ".zarr", *_TIFFS,
+                   *SLIDE_SUFFIXES):
+        if low.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return name
 
 
 def _is_zarr(path: Path) -> bool:
@@ -378,7 +419,11 @@ def volume_header(path) -> tuple[tuple, np.dtype] | None:
 def memory_problem(unit: Unit, spec, opts: Options, dims: int, arrays=None) -> str | None:
     """Why ``unit`` can't fit in the memory available now (one sentence with the numbers), or
     None. Read from headers before decoding: a 20000 x 20000 TIFF, or a model whose
-    input_size is huge, is refused instead of growing the process until the system kills it."""
+    input_size is huge, is refused instead of growing the process until the system kills it.
+    A slide is never refused here: it is read a level at a time, in tiles (see
+    :mod:`.tiled`, which also decides which large images are tiled rather than refused)."""
+    if unit.kind == "slide":
+        return None
     try:
         head = _unit_header(unit, arrays)
     except Exception:  # noqa: BLE001 - unreadable headers: reading the unit reports why
@@ -397,9 +442,13 @@ def memory_problem(unit: Unit, spec, opts: Options, dims: int, arrays=None) -> s
                            already_decoded=in_memory,
                            targets=len(spec.class_names) if is_found(opts.target) else 1)
     device = resolve_device(opts.device)
-    return memory.refusal(need, memory.available_host_memory(),
-                          memory.available_device_memory(device),
-                          describe_device(device))
+    problem = memory.refusal(need, memory.available_host_memory(),
+                             memory.available_device_memory(device),
+                             describe_device(device))
+    if problem and getattr(opts, "tile", "auto") is None and dims == 2 and not lay.lead \
+            and unit.kind == "file":
+        problem += ", or leave out --tile none so that it is explained in tiles"
+    return problem
 
 
 def _load(unit: Unit, spec, opts: Options, dims: int, arrays) -> tuple:

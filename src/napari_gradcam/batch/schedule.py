@@ -28,6 +28,7 @@ from .output import claim_output, held_run
 from .read import _load
 from .records import Record, _failed, is_done, load_record
 from .settings import Options, run_settings
+from .tiled import is_tiled, level_problem, remove_partial, run_tiled
 from .write import _finish_safely, prepare_outputs, unit_offset
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,24 @@ def process_units(units: list[Unit], spec, out, opts: Options, *,
         prepare_outputs(units, out, opts.channel_axis, job.runner.dims, spec.in_channels,
                         segmentation=opts.write_segmentation)
     schedule = _Schedule(spec, out, opts, job, settings, progress, arrays)
-    todo = []
+    todo, tiled = [], []
     for unit in units:
         old = None if opts.overwrite else load_record(out, unit.key)
         if is_done(old, unit, settings):
             schedule.records[unit.key] = old
+            remove_partial(out, unit)  # a run killed between its record and the clean-up
+            continue
+        problem = level_problem(unit, opts)
+        if problem:
+            schedule.fail(unit, problem)
+        elif is_tiled(unit, spec, opts, job):
+            tiled.append(unit)  # alone, in tiles: memory stays bounded, no refusal by size
         else:
             todo.append(unit)
     schedule.run(todo)
+    for unit in tiled:  # one at a time: each fills the device's batches with its own tiles
+        schedule.finished(run_tiled(unit, spec, out, opts, job, settings, arrays=arrays,
+                                    on_tiles=getattr(progress, "tiles", None)))
     return [schedule.records[u.key] for u in units if u.key in schedule.records]
 
 
@@ -264,12 +275,24 @@ class _Schedule:
 
 
 def iter_progress(total_units: int, quiet: bool) -> Callable:
-    """A progress callback: a tqdm bar with images per second, or log lines when quiet."""
+    """A progress callback: a tqdm bar with images per second, or log lines when quiet. Its
+    ``tiles(progress)`` tells of the tiles of a slide or large image explained so far (one
+    input can take hours): in the bar's text, or a log line per tenth of its tiles."""
     t0 = time.perf_counter()
     if quiet:
         def report(images, units, key):
             log.info("%d/%d units, %d images, %.1f img/s (%s)", units, total_units, images,
                      images / max(time.perf_counter() - t0, 1e-9), key)
+
+        said = {"tenth": -1}
+
+        def tiles(p):
+            tenth = 10 * p.done // max(p.total, 1)
+            if tenth != said["tenth"]:
+                said["tenth"] = tenth
+                log.info("%d/%d tiles", p.done, p.total)
+
+        report.tiles = tiles
         return report
     from tqdm import tqdm
 
@@ -282,4 +305,8 @@ def iter_progress(total_units: int, quiet: bool) -> Callable:
         if units >= total_units:
             bar.close()
 
+    def tiles(p):
+        bar.set_postfix_str(f"{p.done}/{p.total} tiles")
+
+    report.tiles = tiles
     return report

@@ -33,6 +33,12 @@ class Options:
     prefetch: int = 4  # units read ahead of the engine
     # a segmentation model's predicted labels per unit, under segmentation/
     write_segmentation: bool = False
+    # large images and slides explained in tiles: "auto" (the job's rule), None (never) or
+    # the tile side in pixels; the overlap between neighbouring tiles; the pyramid level of a
+    # slide to explain (None: level 0; a level above 0 fails the inputs that are not pyramids)
+    tile: object = "auto"
+    overlap: int = 64
+    level: int | None = None
 
 
 _SETTING_NAMES = {
@@ -42,6 +48,7 @@ _SETTING_NAMES = {
     "target_mask": "--target-mask", "write_segmentation": "--write-segmentation",
     "channel_axis": "channel axis", "overlay": "--overlay",
     "volume_overlay": "--volume-overlay",
+    "tile": "--tile", "overlap": "--overlap", "level": "--level",
     "model_input": "the model's input (channels, size, normalisation, classes, layer)",
     # the evaluate command's (its folder is held and checked as a batch run's)
     "command": "the command (batch or evaluate)", "metrics": "--metrics", "steps": "--steps",
@@ -135,9 +142,11 @@ def run_settings(opts: Options, model, spec=None, mask: str | None = None,
     """The settings that change a run's results, as plain JSON values: the model (see
     :func:`model_fingerprint`), method, target, region and mask settings, a segmentation
     model's target mask pattern and label maps, overlays, and what the model is fed
-    (channels, input size, normalisation, classes, target layer). Device, batch size and
+    (channels, input size, normalisation, classes, target layer), the tiling (tile, overlap)
+    and the pyramid level. Device, batch size and
     worker counts are left out: they don't change the results. How overlays draw volumes,
-    the target mask pattern and the label maps are recorded only when not the default, so
+    the target mask pattern, the label maps, the tiling and the level are recorded only when
+    not the default, so
     that the settings of runs made before those options existed keep their digest. (Each
     target mask file's size and mtime are in its unit's fingerprint, as a mask's are: a
     changed file redoes its input.)"""
@@ -155,6 +164,15 @@ def run_settings(opts: Options, model, spec=None, mask: str | None = None,
         settings["target_mask"] = target_mask
     if getattr(opts, "write_segmentation", False):
         settings["write_segmentation"] = True
+    # tiling changes the heat (each tile is explained alone, then blended) and the level
+    # changes what is explained; recorded only when not the default, so that runs made before
+    # these options existed keep their digest
+    if getattr(opts, "tile", "auto") != Options.tile:
+        settings["tile"] = opts.tile
+    if getattr(opts, "overlap", Options.overlap) != Options.overlap:
+        settings["overlap"] = opts.overlap
+    if getattr(opts, "level", None):
+        settings["level"] = opts.level
     if spec is not None:
         settings["model_input"] = {
             "in_channels": spec.in_channels, "input_size": spec.input_size,
