@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine: the whole test suite on the GPU, then bench_engine.py
 # in fp32 and bf16, bench_volumes.py (3D), bench_batch.py, bench_targets.py,
-# bench_found_cli.py, bench_segmentation.py (2D U-Net) and bench_vit.py (ViT / DeiT / Swin).
-# Everything it prints lands under $OUT. The last two need timm (importable without its
-# optional huggingface_hub) and, for smp's Unet, segmentation-models-pytorch with huggingface_hub
-# and safetensors, in .whl/ like pytorch-grad-cam; without smp the segmentation run uses MONAI.
+# bench_found_cli.py, bench_segmentation.py (2D U-Net), bench_vit.py (ViT / DeiT / Swin) and
+# bench_tiles.py (tiled Grad-CAM over synthetic zarr slides of 8192^2 and 20,000^2).
+# Everything it prints lands under $OUT. The segmentation and ViT runs need timm (importable
+# without its optional huggingface_hub) and, for smp's Unet, segmentation-models-pytorch with
+# huggingface_hub and safetensors, in .whl/ like pytorch-grad-cam; without smp the segmentation
+# run uses MONAI.
 #
 # It installs nothing from the network: wheels the machine's image lacks travel in .whl/
 # (pytorch-grad-cam and ttach at least: pip wheel --no-deps grad-cam==1.5.7 ttach==0.0.3 -w .whl;
 # add the runtime dependencies the image lacks, within the 64 MiB a run may carry). torch,
-# torchvision, OpenCV and pytest are already on the image. Test files whose imports are missing
+# torchvision, OpenCV and pytest are already on the image; zarr (and numcodecs) too where the
+# image lacks them, for the tiles benchmark. Test files whose imports are missing
 # there are reported as collection errors in pytest-gpu.txt; the rest still run.
 #
 #   STAGE=all|tests|bench   what to run (default all; one command may run 10 minutes, so a
@@ -17,8 +20,8 @@
 #   TESTS="tests/..."       which tests (default: the whole suite)
 #   DEVICE=cuda             the benchmarks' device; EXTRA="..." more benchmark arguments
 #   BENCH=0                 skip the benchmarks (the CPU dry run in DEVELOPERS.md)
-#   BENCHES="engine volumes batch targets segmentation vit"   which benchmark groups
-#                           (default: all six)
+#   BENCHES="engine volumes batch targets segmentation vit tiles"   which benchmark groups
+#                           (default: all seven)
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -27,7 +30,7 @@ TESTS=${TESTS:-tests}
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}
 BENCH=${BENCH:-1}
-BENCHES=${BENCHES:-engine volumes batch targets segmentation vit}
+BENCHES=${BENCHES:-engine volumes batch targets segmentation vit tiles}
 want() { case " $BENCHES " in *" $1 "*) return 0;; esac; return 1; }
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -86,5 +89,13 @@ if [ "$BENCH" != 0 ] && { [ "$STAGE" = all ] || [ "$STAGE" = bench ]; }; then
             timeout 60 python3 benchmarks/bench_vit.py --device "$DEVICE" --model "$model" \
                 --batch 64 --rounds 10 2>&1 | tee "$OUT/bench-vit-$model.md"
         done
+    fi
+    if want tiles; then  # tiled Grad-CAM / tiled inference over a synthetic uint8 zarr slide:
+        # 8192^2 in interleaved rounds, then the whole-slide case (20,000^2, each contender once
+        # in a fresh process, peak memory); slide generation is timed apart, not counted
+        timeout 300 python3 benchmarks/bench_tiles.py --device "$DEVICE" --size 8192 \
+            --rounds 3 --json "$OUT/bench-tiles-8192.json" 2>&1 | tee "$OUT/bench-tiles-8192.md"
+        timeout 420 python3 benchmarks/bench_tiles.py --device "$DEVICE" --size 20000 \
+            --json "$OUT/bench-tiles-20000.json" 2>&1 | tee "$OUT/bench-tiles-20000.md"
     fi
 fi
