@@ -253,8 +253,11 @@ def _scale_range(dtype: np.dtype) -> float | None:
     return None
 
 
-def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.Tensor:
-    """(n, *spatial, channels) pixels -> the model's (n, C, *size) float32 input on ``device``."""
+def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device,
+               limits: tuple[float, float] | None = None) -> torch.Tensor:
+    """(n, *spatial, channels) pixels -> the model's (n, C, *size) float32 input on ``device``.
+    ``limits``: (low, high) that intensity "minmax" scales by instead of each image's own
+    range (the tiles of one image share the image's range, or they would not be comparable)."""
     intensity = normalise_intensity(spec.intensity)
     dtype = raw.dtype
     if dtype == np.bool_:
@@ -283,9 +286,12 @@ def preprocess(raw: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.
         if top is not None:
             x = x / top
     elif intensity == "minmax":
-        flat = x.flatten(1)
-        lo = flat.amin(1).view(-1, *[1] * (x.ndim - 1))
-        hi = flat.amax(1).view(-1, *[1] * (x.ndim - 1))
+        if limits is None:
+            flat = x.flatten(1)
+            lo = flat.amin(1).view(-1, *[1] * (x.ndim - 1))
+            hi = flat.amax(1).view(-1, *[1] * (x.ndim - 1))
+        else:
+            lo, hi = (torch.tensor(float(v), device=x.device) for v in limits)
         x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device)
@@ -402,10 +408,10 @@ class Runner:
                                               count)
         return self.batch_size
 
-    def prepare(self, raw: np.ndarray) -> torch.Tensor:
+    def prepare(self, raw: np.ndarray, limits: tuple[float, float] | None = None) -> torch.Tensor:
         """Raw pixels -> the model's input on the device (several methods can share it);
-        resolves the target layer on first use."""
-        batch = preprocess(raw, self.spec, self.device)
+        resolves the target layer on first use. ``limits``: see :func:`preprocess`."""
+        batch = preprocess(raw, self.spec, self.device, limits)
         if self.layer_name is None:
             with size_errors(self.spec.module, batch[:1]):  # the first forward runs here
                 try:
@@ -729,11 +735,12 @@ def _iter_explain_tiled(runner, method, images, lay, tiling, out, target_mask, r
     """:func:`iter_explain` for images explained in tiles: the job's tiled path
     (:func:`napari_gradcam.tiles.iter_tiled`), one method."""
     from .job import is_segmentation
-    from .tiles import iter_tiled, open_outputs
+    from .tiles import check_tile_mask, iter_tiled, open_outputs
 
     shape = (*lay.lead, *lay.spatial)
     outs, group, keep = open_outputs(out, [method], shape, tiling.tile[0])
     mask = None if target_mask is None else check_weights(target_mask)
+    check_tile_mask(mask, tuple(lay.lead), tuple(lay.spatial))
     done = yield from iter_tiled(runner, [method], images, lay, tiling, outs,
                                  target=runner.class_id,
                                  segmentation=bool(is_segmentation(runner.spec)),

@@ -61,6 +61,7 @@ from .tiles import (
     MaskedHeat,
     SlotAxis,
     Tiling,
+    check_tile_mask,
     check_tile_option,
     iter_tiled,
     open_outputs,
@@ -463,11 +464,7 @@ class ExplainJob:
     def _iter_tiled(self, images, lay, tiling, offset, out, resume_key):
         """The tiled path of :meth:`iter_run`."""
         lead, spatial = tuple(lay.lead), tuple(lay.spatial)
-        if self.target_mask is not None and self.target_mask.shape not in (spatial,
-                                                                             lead + spatial):
-            raise ValueError(f"the target mask has shape {self.target_mask.shape}; give the "
-                             f"images' spatial shape {spatial}"
-                             + (f" or their whole shape {lead + spatial}." if lead else "."))
+        check_tile_mask(self.target_mask, lead, spatial)
         outs, group, keep = open_outputs(out, self.methods, lead + spatial, tiling.tile[0])
         segmentation = bool(self.segmentation)
         done = yield from iter_tiled(self.runner, self.methods, images, lay, tiling, outs,

@@ -433,17 +433,10 @@ def _chunk_regions(heat, names, mask, threshold, mode, mask_mode, min_area, tole
     fg = heat >= np.array(thr, np.float32)[:, None, None, None]
     if mask is not None:
         fg &= mask
-    fg2 = fg.reshape(-1, width)
-    rows_any = np.flatnonzero(fg2.any(1))
-    if rows_any.size == 0:
+    runs = _foreground_runs(fg.reshape(-1, width))
+    if runs is None:
         return []
-    sel = fg2[rows_any]
-    cols_any = np.flatnonzero(sel.any(0))
-    c_off = int(cols_any[0])
-    r, start, end = _runs(sel[:, c_off : int(cols_any[-1]) + 1])
-    flatrow = rows_any[r]
-    start += c_off
-    end += c_off
+    flatrow, start, end = runs
     _, label = _link(flatrow, start, end, height, depth, width,
                      _neighbours(connectivity, ndim))
 
@@ -617,22 +610,29 @@ def _ahead(func, items, workers):
                 future.cancel()
 
 
+def _foreground_runs(fg2: np.ndarray):
+    """The runs of a 2-D foreground (rows, width) as (row, start, end), sorted by row then
+    start, found only within the rows and columns that hold any; None when none does."""
+    rows_any = np.flatnonzero(fg2.any(1))
+    if rows_any.size == 0:
+        return None
+    sel = fg2[rows_any]
+    cols_any = np.flatnonzero(sel.any(0))
+    c_off = int(cols_any[0])
+    r, start, end = _runs(sel[:, c_off : int(cols_any[-1]) + 1])
+    return rows_any[r], start + c_off, end + c_off
+
+
 def _band_runs(heat: np.ndarray, fg: np.ndarray, r0: int, connectivity: int):
     """Runs of one band's foreground (rows in map coordinates, sorted by row then start),
     their heat maximum and sum, and their components within the band: (row, start, end,
     run_max, run_sum, label, number of labels)."""
     height, width = fg.shape
-    rows_any = np.flatnonzero(fg.any(1))
-    if rows_any.size == 0:
+    runs = _foreground_runs(fg)
+    if runs is None:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty, np.zeros(0, np.float32), np.zeros(0), empty, 0
-    sel = fg[rows_any]
-    cols_any = np.flatnonzero(sel.any(0))
-    c_off = int(cols_any[0])
-    r, start, end = _runs(sel[:, c_off : int(cols_any[-1]) + 1])
-    row = rows_any[r]
-    start += c_off
-    end += c_off
+    row, start, end = runs
     count, label = _link(row, start, end, height, 1, width, _neighbours(connectivity, 2))
     run_max, run_sum = _run_stats(heat, row, start, end)
     return row + r0, start, end, run_max, run_sum, label, count

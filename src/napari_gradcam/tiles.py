@@ -172,7 +172,10 @@ def auto_tiling(spatial, channels, dtype, spec, device, *, whole_slide=False,
         return None
     tile = default_tile(spec)
     over = _default_overlap(tile) if overlap is None else _pair(overlap, "overlap")
-    over = tuple(min(o, t - 1) for o, t in zip(over, tile))
+    if any(o >= t for o, t in zip(over, tile)):  # clamped, the tiles would step 1 pixel
+        raise ValueError(f"overlap={overlap!r} is not smaller than the tile chosen for this "
+                         f"model ({tile[0]} x {tile[1]} pixels); give an overlap below it, "
+                         f"e.g. overlap={min(tile) // 8}, or a tile size.")
     if whole_slide and (spatial[0] > tile[0] or spatial[1] > tile[1]):
         return Tiling(tile, over)
     from .explain_arrays import Layout
@@ -188,6 +191,16 @@ def auto_tiling(spatial, channels, dtype, spec, device, *, whole_slide=False,
     return Tiling(tile, over)
 
 
+def _is_auto(tile) -> bool:
+    """Whether ``tile`` is the word "auto"; any other word is refused."""
+    if not isinstance(tile, str):
+        return False
+    if tile.strip().lower() != "auto":
+        raise ValueError(f"tile={tile!r}: give 'auto', None (never tile), or a size in "
+                         "pixels such as 512.")
+    return True
+
+
 def resolve_tiling(tile, overlap, spatial, channels, dtype, spec, device,
                    whole_slide=False) -> Tiling | None:
     """The tiling an image gets: ``tile`` None never tiles, "auto" follows
@@ -195,10 +208,7 @@ def resolve_tiling(tile, overlap, spatial, channels, dtype, spec, device,
     tile is explained whole, which is the same)."""
     if tile is None:
         return None
-    if isinstance(tile, str):
-        if tile.strip().lower() != "auto":
-            raise ValueError(f"tile={tile!r}: give 'auto', None (never tile), or a size in "
-                             "pixels such as 512.")
+    if _is_auto(tile):
         return auto_tiling(spatial, channels, dtype, spec, device, whole_slide=whole_slide,
                            overlap=None if overlap == DEFAULT_OVERLAP else overlap)
     tiling = check_tiling(tile, overlap)
@@ -213,11 +223,7 @@ def check_tile_option(tile, overlap, dims: int, found: bool = False):
     (tiles need one class for the whole image)."""
     if tile is None:
         return None
-    if isinstance(tile, str):
-        if tile.strip().lower() != "auto":
-            raise ValueError(f"tile={tile!r}: give 'auto', None (never tile), or a size in "
-                             "pixels such as 512.")
-        _pair(overlap, "overlap")
+    if _is_auto(tile):
         if min(_pair(overlap, "overlap")) < 0:
             check_tiling(DEFAULT_TILE, overlap)
         return "auto"
@@ -230,6 +236,16 @@ def check_tile_option(tile, overlap, dims: int, found: bool = False):
                          "image needs one class for all its tiles; give one class (or None for "
                          "the class predicted over the whole image), or tile=None.")
     return tiling
+
+
+def check_tile_mask(mask, lead: tuple, spatial: tuple) -> None:
+    """Refuse a segmentation target mask that can't be cut into the tiles: it must have the
+    images' spatial shape or their whole shape (it is cut per tile, never resized)."""
+    if mask is None or tuple(mask.shape) in (spatial, lead + spatial):
+        return
+    raise ValueError(f"the target mask has shape {tuple(mask.shape)}; give the images' spatial "
+                     f"shape {spatial}" + (f" or their whole shape {lead + spatial}." if lead
+                                           else "."))
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -263,6 +279,32 @@ def read_tiles(images, lay, index: tuple, origins, size) -> np.ndarray:
         for i, c in items:
             out[i] = slab[:, c - c0:c - c0 + tw]
     return out
+
+
+def _intensity_limits(images, lay, index, spec, rows: int) -> tuple[float, float] | None:
+    """The whole image's (low, high) for a model whose intensity is "minmax", read in bands of
+    ``rows`` rows (bounded memory); None for other models. Each tile scaled by its own range
+    would see a faint tile as bright as the brightest, and its heat would not compare with its
+    neighbours'. NaN pixels are left out; the channels kept are the ones the model is fed."""
+    from .models.spec import normalise_intensity
+
+    if normalise_intensity(spec.intensity) != "minmax":
+        return None
+    height, width = (int(s) for s in lay.spatial)
+    lo, hi = math.inf, -math.inf
+    for r0 in range(0, height, max(1, rows)):
+        slab = _read_slab(images, lay, index, slice(r0, min(height, r0 + rows)),
+                          slice(0, width))
+        c, m = slab.shape[-1], spec.in_channels
+        if c == 3 and m == 1:
+            slab = slab[..., :1]
+        elif c == 4 and m == 3:
+            slab = slab[..., :3]
+        slab = slab.astype(np.float64) if slab.dtype == np.bool_ else slab
+        finite = slab[np.isfinite(slab)] if slab.dtype.kind == "f" else slab
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return (lo, hi) if lo <= hi else None
 
 
 def _batches(images, lay, index, origins, size, runner, first: int = 0):
@@ -350,6 +392,7 @@ def _class_evidence(runner, logits: torch.Tensor) -> torch.Tensor:
     classifier's logits (every tile has the same area), a segmentation model's predicted
     pixels of each class (each class on its own for a multi-label head; the argmax otherwise,
     the background then not counting)."""
+    logits = logits[torch.isfinite(logits.flatten(1)).all(1)]  # tiles with NaN pixels: no say
     if logits.ndim == 2:
         return logits.sum(0).double()
     classes = logits.shape[1]
@@ -453,6 +496,10 @@ def iter_tiled(runner, methods, images, lay, tiling: Tiling, outs: dict, *, targ
             done += passes * len(origins)
             continue
         ran = 0
+        if "limits" not in mine:
+            limits = _intensity_limits(images, lay, index, runner.spec, size[0])
+            mine["limits"] = None if limits is None else list(limits)
+        limits = mine["limits"]
         # pass 1: the class for the whole image
         if mine["phase"] == "class":
             if target is None:
@@ -460,7 +507,8 @@ def iter_tiled(runner, methods, images, lay, tiling: Tiling, outs: dict, *, targ
                 with contextlib.closing(_batches(images, lay, index, origins, size,
                                                  runner)) as batches:
                     for _pos, _org, raw in batches:
-                        ev = _class_evidence(runner, tile_logits(runner, runner.prepare(raw)))
+                        batch = runner.prepare(raw, limits)
+                        ev = _class_evidence(runner, tile_logits(runner, batch))
                         evidence = ev if evidence is None else evidence + ev
                         ran += raw.shape[0]
                         done += raw.shape[0]
@@ -518,9 +566,11 @@ def _explain_bands(runner, methods, images, lay, index, origins, size, row_start
     height, width = spatial
     dev = runner.device
     bands_done = int(mine["bands"])
-    # a resumed run starts one band early: that band's tiles are needed again (not written,
-    # not counted) for the rows it shares with the first band still to write
-    first_band = max(0, bands_done - 1)
+    # a resumed run starts early: the tiles of every written band that reach the first row
+    # still to write are needed again (not written, not counted) for the rows they share with
+    # it; with an overlap over half the tile, or a last band flush with the edge close to the
+    # one before, that is more than one band
+    first_band = _first_band_to_rerun(row_starts, bands_done, th)
     first = next(i for i, (r, _c) in enumerate(origins) if r == row_starts[first_band])
     acc = torch.zeros((len(methods), th, width), dtype=torch.float32, device=dev)
     band = first_band
@@ -556,7 +606,7 @@ def _explain_bands(runner, methods, images, lay, index, origins, size, row_start
 
     with contextlib.closing(_batches(images, lay, index, origins, size, runner, first)) as it:
         for _pos, org, raw in it:
-            batch = runner.prepare(raw)
+            batch = runner.prepare(raw, mine.get("limits"))
             count = [r >= row_starts[bands_done] if bands_done < len(row_starts) else False
                      for r, _c in org]
             masks = None
@@ -580,22 +630,37 @@ def _explain_bands(runner, methods, images, lay, index, origins, size, row_start
                     every = torch.cat(store_logits) if store_logits else None
                     every = (every.double().cpu().numpy()
                              if every is not None and every.shape[0] == len(org) else None)
-            stacked = torch.stack(maps, 1) * window  # (n, methods, th, tw)
+            # a tile with NaN pixels has no finite map (as a whole image with NaN has none):
+            # it adds no heat, instead of making the image's range NaN and so all its heat 0
+            stacked = torch.nan_to_num(torch.stack(maps, 1), nan=0.0, posinf=0.0,
+                                       neginf=0.0) * window  # (n, methods, th, tw)
             for i, (r, c) in enumerate(org):
                 while r > base:  # a new band: the rows above it are final
                     finish_band(r)
                 acc[:, r - base:r - base + th, c:c + tw] += stacked[i]
-                if count[i]:  # counted with its band, so a stored band holds its own tiles
-                    if np.isfinite(tile_scores[i]):
-                        mine["score_sum"] += float(tile_scores[i])
+                # counted with its band, so a stored band holds its own tiles; a tile without
+                # a finite score (NaN pixels) counts towards neither mean
+                if count[i] and np.isfinite(tile_scores[i]):
+                    mine["score_sum"] += float(tile_scores[i])
                     mine["tiles"] += 1
-                    if every is not None:
+                    if every is not None and np.isfinite(every[i]).all():
                         prev = mine.get("logit_sum")
                         mine["logit_sum"] = (every[i] if prev is None
                                              else np.asarray(prev) + every[i]).tolist()
                         mine["logit_tiles"] += 1
             yield len(org)
     finish_band(height)
+
+
+def _first_band_to_rerun(row_starts, bands_done: int, tile_rows: int) -> int:
+    """The first band a run resumed after ``bands_done`` written bands starts from: the
+    earliest band whose tiles reach the first unwritten row."""
+    if bands_done <= 0:
+        return 0
+    if bands_done >= len(row_starts):
+        return len(row_starts) - 1  # every band written: only the last flush is left
+    first_row = row_starts[bands_done]
+    return next(b for b in range(bands_done + 1) if row_starts[b] + tile_rows > first_row)
 
 
 def _snapshot(state: dict) -> dict:
@@ -616,20 +681,60 @@ def _normalise(outs, index, spatial, mine, store, resume_key, state, chunk_rows)
         chunks = getattr(out, "chunks", None)
         if chunks:
             step = max(step, int(chunks[-2]))
+    resumable = store is not None and resume_key is not None
+    # scaling rows in place is not repeatable: a run stopped while writing a chunk (Ctrl-C)
+    # would scale part of it twice when resumed. A resumable run in a zarr group keeps each
+    # chunk's unscaled rows in a scratch array first, and a resumed run scales from there.
+    scratch = _scratch(store, outs, step, spatial[1]) if resumable and not flat else None
     r0 = int(mine.get("rows", 0))
     while r0 < height:
         r1 = min(height, r0 + step)
-        for out in outs.values():
+        keep = scratch is not None and mine.get("scaling") != r0
+        for method, out in outs.items():
             key = tuple(index) + (slice(r0, r1), slice(None))
             if flat:
                 out[key] = 0
-            else:
+            elif scratch is None:
                 rows = np.asarray(out[key], np.float32)
                 out[key] = np.clip((rows - lo) / span, 0, 1)
+            elif keep:
+                scratch[method][:r1 - r0] = out[key]
+        if keep:
+            mine["scaling"] = r0  # the chunk's unscaled rows are in the scratch arrays
+            _save_progress(store, resume_key, state)
+        if scratch is not None:
+            for method, out in outs.items():
+                rows = np.asarray(scratch[method][:r1 - r0], np.float32)
+                out[tuple(index) + (slice(r0, r1), slice(None))] = np.clip((rows - lo) / span,
+                                                                         0, 1)
         r0 = r1
         mine["rows"] = r0
-        if store is not None and resume_key is not None:
+        mine["scaling"] = None
+        if resumable:
             _save_progress(store, resume_key, state)
+    if scratch is not None:
+        with contextlib.suppress(Exception):
+            del store[_SCRATCH]
+
+
+_SCRATCH = "napari_gradcam_unscaled"  # a resumable run's scratch rows while it scales
+
+
+def _scratch(store, outs, rows: int, width: int):
+    """Arrays (rows, width) per method in a group ``_SCRATCH`` of the zarr group ``store``
+    (kept as they are when they exist, for a resumed run); None when ``store`` is not a
+    group."""
+    if not _is_zarr_group(store):
+        return None
+    group = store.require_group(_SCRATCH)
+    arrays = {}
+    for method in outs:
+        a = group.get(method) if method in group else None
+        if a is None or tuple(a.shape) != (rows, width):
+            a = group.create_array(method, shape=(rows, width), dtype="float32",
+                                   chunks=(rows, min(width, 4 * rows)), overwrite=True)
+        arrays[method] = a
+    return arrays
 
 
 def _load_progress(store, resume_key, tiling, spatial, methods, n_images) -> dict:

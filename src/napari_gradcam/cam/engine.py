@@ -99,8 +99,8 @@ def explain_batch(
     normalize : True (default) scales each map to [0, 1]; False leaves the maps ReLU'd and
         upsampled but unscaled, so that the maps of an image's tiles can be blended and then
         scaled once over the whole image (one tile's hottest pixel is not the image's), and
-        scales each sample's gradient to unit root-mean-square first, so that no tile gets a
-        gain of its own from the head's sensitivity to it as a whole.
+        scales each sample's gradient to a unit size first (:func:`_unit_gain`), so that no
+        tile gets a gain of its own from the head's sensitivity to it as a whole.
     target_masks : segmentation models only: the region each target explains, (N, *S) (one
         region per sample, for every slot) or (N, K, *S) for (N, K) targets; S the batch's or
         the output's spatial shape (resized to the output's: area averaging when shrinking,
@@ -176,7 +176,7 @@ def _explain(module, batch, spec, target_layer, targets, amp_dtype, chunk_size,
         gradients = (_gradients(scores, live, activations, name)
                      if spec.needs_gradients else None)
         if gradients is not None and not normalize:
-            gradients = [_unit_gain(g) for g in gradients]
+            gradients = [_unit_gain(g, spec.pooled) for g in gradients]
         ctx = CamContext(
             activations=activations.detach().float(),
             gradients=None,
@@ -227,15 +227,22 @@ def _gradients(scores, valid, activations, name) -> list:
             for g in grads]
 
 
-def _unit_gain(grad: torch.Tensor) -> torch.Tensor:
-    """Each sample's gradient scaled to unit root-mean-square. Maps left unscaled are
-    compared across inputs (the tiles of one image, blended): the gradient's length is the
-    head's sensitivity to that input as a whole (a head that divides by the input's mean
+def _unit_gain(grad: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+    """Each sample's gradient scaled to unit root-mean-square, or (``pooled``) so that its
+    mean over the map, the channel weights of Grad-CAM, has unit length. Maps left unscaled
+    are compared across inputs (the tiles of one image, blended): the gradient's length is
+    the head's sensitivity to that input as a whole (a head that divides by the input's mean
     foreground, or a tile's own area, gives every tile its own gain), while its direction is
     what tells which channels speak for the class. For a global-average-pooling + Linear head
-    every tile then gets the whole image's weights."""
-    rms = grad.flatten(1).square().mean(1).sqrt()
-    return grad / torch.where(rms > 0, rms, torch.ones_like(rms)).view(-1, *[1] * (grad.ndim - 1))
+    every tile then gets the whole image's weights; for a segmentation target, whose
+    gradient lies on the tile's share of the region only, pooled weights of unit length
+    keep a tile with a sliver of the region from getting weights that much smaller."""
+    if pooled:
+        size = grad.flatten(2).mean(-1).norm(dim=1)
+    else:
+        size = grad.flatten(1).square().mean(1).sqrt()
+    return grad / torch.where(size > 0, size, torch.ones_like(size)).view(
+        -1, *[1] * (grad.ndim - 1))
 
 
 def _per_slot(spec, ctx: CamContext, gradients) -> torch.Tensor:

@@ -58,6 +58,7 @@ class Method:
     summary: str
     class_free: bool = False  # the map ignores the class: computed once for all target slots
     batched: bool = False  # takes class_ids (N, K) and returns (N, K, *S) in one call
+    pooled: bool = False  # channel weights pooled from the gradient over the whole map
 
 
 METHODS: dict[str, Method] = {}
@@ -70,16 +71,20 @@ def _key(name: str) -> str:
 
 
 def register_method(name: str, *, needs_gradients: bool, class_free: bool = False,
-                    batched: bool = False):
+                    batched: bool = False, pooled: bool = False):
     """Decorator: make ``fn(ctx) -> (N, *S) map`` available as ``method=name``.
 
     The engine calls ``fn`` once per target slot with (N,) class ids, unless ``class_free``
     (the map does not depend on the class: one call serves every slot) or ``batched`` (``fn``
-    takes ctx.class_ids (N, K) and returns (N, K, *S), sharing work between the slots)."""
+    takes ctx.class_ids (N, K) and returns (N, K, *S), sharing work between the slots).
+    ``pooled``: the map weighs channels by the gradient pooled over the map (Grad-CAM), so
+    maps left unscaled are compared by giving the pooled weights unit length, rather than the
+    gradient itself (which an element-wise method such as LayerCAM uses)."""
 
     def deco(fn):
         METHODS[name] = Method(name, fn, needs_gradients,
-                               (fn.__doc__ or "").strip().split("\n")[0], class_free, batched)
+                               (fn.__doc__ or "").strip().split("\n")[0], class_free, batched,
+                               pooled)
         return fn
 
     return deco
@@ -121,13 +126,13 @@ def cam(ctx: CamContext) -> torch.Tensor:
     return _weighted_sum(head.weight.detach().float()[ctx.class_ids], ctx.activations)
 
 
-@register_method("gradcam", needs_gradients=True)
+@register_method("gradcam", needs_gradients=True, pooled=True)
 def gradcam(ctx: CamContext) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017): w_k = mean_ij G."""
     return _weighted_sum(ctx.gradients.flatten(2).mean(-1), ctx.activations)
 
 
-@register_method("gradcam++", needs_gradients=True)
+@register_method("gradcam++", needs_gradients=True, pooled=True)
 def gradcam_plus_plus(ctx: CamContext) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018): a = G^2 / (2 G^2 + sum_ij(A) G^3), w_k = sum relu(G) a."""
     A, G = ctx.activations, ctx.gradients
