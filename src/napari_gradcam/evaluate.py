@@ -257,9 +257,12 @@ def _evaluate_unit(unit, job, spec, methods, metrics, annotations, dims, options
     from .metrics._common import class_label
 
     try:
-        pixels = read_unit(unit, None, None, spec.in_channels, dims)
+        pixels = _slide_pixels(unit, spec, options) if unit.kind == "slide" else \
+            read_unit(unit, None, None, spec.in_channels, dims)
     except ValueError as err:
-        raise ValueError(f"{err}; replace the file or leave it out.") from None
+        text = str(err).rstrip(".")
+        raise ValueError(text if "leave it out" in text else
+                         f"{text}; replace the file or leave it out.") from None
     lay = layout(pixels.shape, None, dims, in_channels=spec.in_channels)
     lead, spatial = tuple(lay.lead), tuple(lay.spatial)
     n = int(np.prod(lead, dtype=np.int64)) if lead else 1
@@ -334,6 +337,37 @@ def _evaluate_unit(unit, job, spec, methods, metrics, annotations, dims, options
                 row["sanity_ssim"] = float(sc.ssim.reshape(n, -1)[k, -1])
             rows.append(row)
     return rows, curves
+
+
+def _slide_pixels(unit, spec, options) -> np.ndarray:
+    """A slide's (SVS, OME-TIFF, pyramidal TIFF, OME-Zarr) full-resolution level as one image,
+    read as the batch command reads slides: the metrics perturb and explain the image whole,
+    so a level that can't fit in memory is refused with its numbers instead of being read."""
+    from . import memory
+    from ._device import describe_device, resolve_device
+    from .explain_arrays import layout
+    from .pyramids import open_pyramid
+
+    with open_pyramid(unit.path) as pyramid:  # ValueError: truncated, unreadable
+        level = pyramid.level(0)
+        shape = tuple(int(s) for s in level.shape)
+        lay = layout(shape, pyramid.channel_axis, 2, spec.in_channels)
+        need = memory.estimate(shape, np.dtype(level.dtype), lay, spec.in_channels,
+                               spec.input_size)
+        device = resolve_device(options["device"])
+        problem = memory.refusal(need, memory.available_host_memory(),
+                                 memory.available_device_memory(device),
+                                 describe_device(device))
+        if problem:
+            h, w = lay.spatial
+            raise ValueError(
+                f"this slide's full-resolution level ({h} x {w} pixels) is evaluated whole, "
+                f"and {problem}, or explain the slide in tiles with napari-gradcam batch, or "
+                "leave it out")
+        pixels = np.asarray(level[...])
+    if pyramid.channel_axis is not None:
+        pixels = np.moveaxis(pixels, pyramid.channel_axis, -1)
+    return pixels
 
 
 def _state_of(state: str, masks, k: int) -> str:

@@ -233,12 +233,16 @@ def read_pyramid_layer(path) -> list[tuple]:
     levels = pyr.levels
     rgb = pyr.rgb
     lead = len(levels[0].shape) - 2 - (pyr.channel_axis is not None)
+    scale, translate = tuple(pyr.scale), tuple(pyr.translate)
+    if pyr.mpp is not None:  # an OME-Zarr in mm or nm: its numbers in micrometres, as labelled
+        translate = tuple(t * m / s for t, m, s in zip(translate, pyr.mpp, scale))
+        scale = tuple(pyr.mpp)
     kwargs = {
         "name": name,
         "multiscale": True,
         "rgb": rgb,
-        "scale": (1.0,) * lead + tuple(pyr.scale),
-        "translate": (0.0,) * lead + tuple(pyr.translate),
+        "scale": (1.0,) * lead + scale,
+        "translate": (0.0,) * lead + translate,
         "metadata": {
             "pyramid": str(path),
             "format": pyr.format,

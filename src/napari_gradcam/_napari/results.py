@@ -430,7 +430,7 @@ def label_regions(layer, layers=None) -> None:
                         border_width=0, face_color="transparent", text=LABEL_POINTS_TEXT,
                         metadata={META_KEY: meta}, visible=layer.visible,
                         scale=layer.scale, translate=layer.translate,
-                        affine=np.array(layer.affine.affine_matrix))
+                        affine=np.array(layer.affine.affine_matrix), units=layer.units)
         points.locked = True  # drawn from the regions: edited there, not here
         _LABELS[layer] = points
         if layer in layers:
@@ -444,6 +444,8 @@ def label_regions(layer, layers=None) -> None:
         value = getattr(value, "affine_matrix", value)
         if not _same(getattr(points, key), value):
             setattr(points, key, value)
+    if tuple(points.units) != tuple(layer.units):  # napari ignores units that differ
+        points.units = layer.units
     for emitter in (layer.events.data, layer.events.features, layer.events.scale_factor):
         emitter.connect(_relabel)  # a function: connecting it again does not add it twice
     place_labels(layer)

@@ -31,7 +31,7 @@ import numpy as np
 from .. import memory
 from .._device import describe_device, resolve_device
 from ..annotations import regions_to_annotations
-from ..explain_arrays import layout
+from ..explain_arrays import layout, run_generator
 from ..export import write_geojson
 from ..files import atomic_output
 from .discover import Unit
@@ -210,15 +210,10 @@ def run_tiled(unit: Unit, spec, out: Path, opts: Options, job, settings: str, *,
 
 
 def _drive(gen, on_tiles):
-    """The job's generator to its end, ``on_tiles`` told of each batch of tiles."""
+    """The job's generator to its end, ``on_tiles`` told of each batch of tiles; closed when
+    interrupted, so the job's zarr progress is left consistent."""
     with contextlib.closing(gen):
-        while True:
-            try:
-                progress = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if on_tiles is not None:
-                on_tiles(progress)
+        return run_generator(gen, on_tiles)
 
 
 def remove_partial(out, unit: Unit) -> None:
@@ -239,9 +234,12 @@ def _finish(unit: Unit, out: Path, src: _Source, result, job, opts: Options, set
                          "mean/std)")
     method = job.methods[0]
     heat = result.heatmaps[method]
-    # written under a temporary name and renamed when whole (replacing an older one)
+    # written under a temporary name and renamed when whole (replacing an older one); in
+    # micrometres when the slide gives its pixel size, as the slide itself is opened in
+    # napari, so the two layers lie on each other
+    mpp = src.pyramid.mpp if src.pyramid is not None else None
     write_heat_pyramid(heat, out / "heatmaps" / f"{unit.name}.ome.zarr",
-                       downsample_of_heat=src.downsample)
+                       downsample_of_heat=src.downsample, mpp=mpp)
     class_names = list(job.spec.class_names)
     full = scale_regions(result.regions, src.downsample)  # level-k -> level-0 pixels
     annotations = regions_to_annotations(full, class_names)
@@ -249,7 +247,9 @@ def _finish(unit: Unit, out: Path, src: _Source, result, job, opts: Options, set
     for a in annotations:
         a.properties.update(where)
     geo = out / "geojson" / f"{unit.key}.geojson"
-    write_geojson(annotations, geo, class_names=class_names)
+    # coordinates stay level-0 pixels (QuPath); the pixel size is recorded beside them, so
+    # our reader puts the shapes on the slide opened in micrometres
+    write_geojson(annotations, geo, class_names=class_names, scale=mpp)
     if opts.overlay:
         _write_overlay(unit, out, src, heat, result, class_names)
     tiling = getattr(result, "tiling", None)
