@@ -286,3 +286,22 @@ def test_tile_overlap_and_level_are_settings_of_the_run(tmp_path, capsys):
     assert batch(slide, *TILING, "--target", "disc", out=out) == 0
     assert batch(slide, "--tile", "256", "--overlap", "48", "--target", "disc", out=out) == 2
     assert "--overlap 32 -> 48" in capsys.readouterr().err
+
+
+def test_a_colour_slide_for_a_grey_model_fails_before_its_first_tile(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Grey background first, colour only in the last tiles: refused from the smallest level
+    before any tile runs, with the sentence ordinary colour images get."""
+    grey = picture(512)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb[384:, 384:, 0] = 255  # a red corner, reached only by the last tile
+    path = tmp_path / "in" / "colour.ome.tif"
+    path.parent.mkdir()
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        tif.write(rgb, subifds=1, tile=(128, 128), photometric="rgb", metadata={"axes": "YXS"})
+        tif.write(rgb[::2, ::2], subfiletype=1, tile=(128, 128), photometric="rgb")
+    seen = _count_tiles(monkeypatch)
+    assert batch(path, "--model", "demo", "--tile", "128", "--target", "disc",
+                 out=tmp_path / "out") == 1
+    assert seen == []
+    assert "colour RGB" in capsys.readouterr().err + (tmp_path / "out" / "summary.csv").read_text()

@@ -337,6 +337,20 @@ def test_heat_pyramid_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="is a file; an OME-Zarr pyramid is a folder"):
         write_heat_pyramid(np.zeros((8, 8), np.float32), taken)
     assert taken.read_text() == "x"
+    with pytest.raises(ValueError, match="translate must be two finite numbers"):
+        write_heat_pyramid(np.zeros((8, 8), np.float32), tmp_path / "b.ome.zarr",
+                           translate=(0, float("nan")))
+
+
+def test_heat_pyramid_follows_a_slide_whose_origin_is_not_zero(tmp_path):
+    """A slide placed at (10, 20) micrometres: its heat's pixel centres lie on the slide's."""
+    path = write_heat_pyramid(np.zeros((64, 64), np.float32), tmp_path / "h.ome.zarr",
+                              downsample_of_heat=(2, 2), mpp=0.5, translate=(10, 20),
+                              min_side=32)
+    pyr = open_pyramid(path)
+    # heat pixel 0 covers slide pixels 0-1: its centre is at slide pixel 0.5 = 0.25 um
+    assert pyr.scale == pytest.approx((1.0, 1.0))
+    assert pyr.translate == pytest.approx((10.25, 20.25))
 
 
 # ---- napari ------------------------------------------------------------------------------

@@ -761,7 +761,8 @@ def _level_shapes(shape, min_side: int) -> list[tuple[int, int]]:
 
 def write_heat_pyramid(heat, path, *, downsample_of_heat=(1, 1), min_side: int = 256,
                        chunks: int = 512, name: str | None = None,
-                       mpp: tuple[float, float] | float | None = None) -> Path:
+                       mpp: tuple[float, float] | float | None = None,
+                       translate: tuple[float, float] = (0.0, 0.0)) -> Path:
     """Write a heatmap (H, W) (NumPy, zarr or any array read by slices: it may be larger than
     memory) as an OME-Zarr (NGFF 0.4, zarr format 2) multiscale pyramid at ``path``.
 
@@ -770,7 +771,9 @@ def write_heat_pyramid(heat, path, *, downsample_of_heat=(1, 1), min_side: int =
     would drop below ``min_side``. Level k's scale is ``downsample_of_heat * 2**k`` (times
     ``mpp``, in micrometres, when given) with the translation that puts its pixel centres on
     the slide's level-0 grid: the heat of a slide's level k, written with that level's
-    downsample, lies on the slide in napari and in any NGFF viewer.
+    downsample, lies on the slide in napari and in any NGFF viewer. ``translate``: where the
+    slide's level-0 pixel (0, 0) lies (``Pyramid.translate``: micrometres with ``mpp``, else
+    pixels), for slides whose origin is not at zero.
 
     The pyramid is written under a temporary name beside ``path`` and renamed to it when
     complete (replacing an older one), so an interrupted write never leaves a pyramid that
@@ -793,6 +796,12 @@ def write_heat_pyramid(heat, path, *, downsample_of_heat=(1, 1), min_side: int =
         if len(mpp) != 2 or not all(v > 0 and math.isfinite(v) for v in mpp):
             raise ValueError(f"mpp must be a positive number of micrometres per pixel (or two, "
                              f"y and x), not {mpp!r}.")
+    try:
+        origin = tuple(float(v) for v in translate)
+    except (TypeError, ValueError):
+        origin = ()
+    if len(origin) != 2 or not all(math.isfinite(v) for v in origin):
+        raise ValueError(f"translate must be two finite numbers (y, x), not {translate!r}.")
     if isinstance(min_side, bool) or not isinstance(min_side, (int, np.integer)) or min_side < 1:
         raise ValueError(f"min_side must be a positive whole number, not {min_side!r}.")
     if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 16:
@@ -828,7 +837,8 @@ def write_heat_pyramid(heat, path, *, downsample_of_heat=(1, 1), min_side: int =
             prev = arr
             f = 2 ** k
             s = [ds[0] * f * unit[0], ds[1] * f * unit[1]]
-            t = [(ds[0] * f - 1) / 2 * unit[0], (ds[1] * f - 1) / 2 * unit[1]]
+            t = [origin[0] + (ds[0] * f - 1) / 2 * unit[0],
+                 origin[1] + (ds[1] * f - 1) / 2 * unit[1]]
             datasets.append({"path": str(k), "coordinateTransformations": [
                 {"type": "scale", "scale": s}, {"type": "translation", "translation": t}]})
         axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if mpp else {})}

@@ -31,7 +31,7 @@ import numpy as np
 from .. import memory
 from .._device import describe_device, resolve_device
 from ..annotations import regions_to_annotations
-from ..explain_arrays import layout, run_generator
+from ..explain_arrays import colour_for_grey_model, is_grey_rgb, layout, run_generator
 from ..export import write_geojson
 from ..files import atomic_output
 from .discover import Unit
@@ -112,6 +112,7 @@ class _Source:
             self.full = tuple(int(s) for s in self.pyramid.levels[0].shape[:2])
             self.channel_axis = self.pyramid.channel_axis
             self.levels = len(self.pyramid.levels)
+            self._check_colour(spec)
         else:
             path = Path(unit.path)
             if unit.kind == "file" and path.suffix.lower() in (".tif", ".tiff"):
@@ -123,6 +124,18 @@ class _Source:
             self.levels = 1
             lay = layout(self.array.shape, self.channel_axis, 2, spec.in_channels)
             self.full = tuple(int(s) for s in lay.spatial)
+
+    def _check_colour(self, spec) -> None:
+        """A colour slide given to a 1-channel model is refused before its first tile, from
+        its smallest level: tile by tile it would only fail at the first coloured tile, which
+        can come after minutes of grey background."""
+        smallest = self.pyramid.levels[-1]
+        if spec.in_channels != 1 or self.channel_axis is None or math.prod(
+                smallest.shape) > 3 * 4096 ** 2:
+            return
+        pixels = np.asarray(smallest)
+        if pixels.shape[self.channel_axis] >= 3 and not is_grey_rgb(pixels, self.channel_axis):
+            raise colour_for_grey_model()
 
     def close(self) -> None:
         if self.pyramid is not None:
@@ -238,8 +251,9 @@ def _finish(unit: Unit, out: Path, src: _Source, result, job, opts: Options, set
     # micrometres when the slide gives its pixel size, as the slide itself is opened in
     # napari, so the two layers lie on each other
     mpp = src.pyramid.mpp if src.pyramid is not None else None
+    origin = src.pyramid.translate if src.pyramid is not None else (0.0, 0.0)
     write_heat_pyramid(heat, out / "heatmaps" / f"{unit.name}.ome.zarr",
-                       downsample_of_heat=src.downsample, mpp=mpp)
+                       downsample_of_heat=src.downsample, mpp=mpp, translate=origin)
     class_names = list(job.spec.class_names)
     full = scale_regions(result.regions, src.downsample)  # level-k -> level-0 pixels
     annotations = regions_to_annotations(full, class_names)
