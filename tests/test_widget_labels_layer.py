@@ -64,6 +64,9 @@ def test_the_labels_layer_follows_its_regions_layer(viewer):
     assert role(labels) == "region labels" and labels.locked
     assert [lay.name for lay in viewer.layers].index(labels.name) == \
         [lay.name for lay in viewer.layers].index(layer.name) + 1  # just above the regions
+    # the editable regions stay the selected layer, not the locked labels napari just added
+    assert viewer.layers.selection.active.name == layer.name
+    assert [lay.name for lay in viewer.layers.selection] == [layer.name]
     # the regions layer draws no text of its own (napari redraws a Shapes layer's text at
     # every zoom step, at a cost that grows with the square of its shapes)
     assert set(np.asarray(layer.text.values).reshape(-1)) <= {""}

@@ -433,10 +433,17 @@ def label_regions(layer, layers=None) -> None:
                         affine=np.array(layer.affine.affine_matrix), units=layer.units)
         points.locked = True  # drawn from the regions: edited there, not here
         _LABELS[layer] = points
+        # napari selects a layer it adds; the selection stays where it was (the regions),
+        # so the layer controls are the editable shapes', not a locked layer's
+        selected, active = set(layers.selection), layers.selection.active
         if layer in layers:
             layers.insert(layers.index(layer) + 1, points)
         else:
             layers.append(points)
+        layers.selection.clear()
+        layers.selection.update(selected)
+        if active is not None and active in layers:
+            layers.selection.active = active
         layers.events.removed.connect(_drop_labels)  # functions: connected once
         layer.events.visible.connect(_follow_visible)
     for key in ("scale", "translate", "affine"):
