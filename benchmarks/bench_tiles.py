@@ -270,8 +270,15 @@ class Bench:
         return tuple(min(t, s) for t, s in zip(self.tiling.tile, slide.shape[:2]))
 
     def out_array(self, slide, path: Path):
-        return zarr.open_array(str(path), mode="w", shape=tuple(slide.shape[:2]),
-                               chunks=(CHUNK, CHUNK), dtype="float32")
+        # the codec of the heat arrays the package makes itself (the CLI's partial heat, a
+        # temporary heat): Blosc-LZ4, about half zstd's cost for a heat written once and
+        # read back once to scale it
+        from zarr.codecs import BloscCodec
+
+        return zarr.create_array(str(path), shape=tuple(slide.shape[:2]),
+                                 chunks=(CHUNK, CHUNK), dtype="float32", overwrite=True,
+                                 compressors=BloscCodec(cname="lz4", clevel=1,
+                                                        shuffle="bitshuffle"))
 
     # (a) the floor
     def inference(self, slide, out=None, progress=None):
