@@ -26,32 +26,28 @@ LIVE_FRAME = 9  # the stack frame the live picture shows
 
 
 def settle(widget, seconds: float = 120.0) -> None:
-    """Process Qt events until the widget's runs, region workers and model loads are done,
-    then a little longer so the canvas has drawn what they wrote."""
+    """Wait as the 3D picture's script does until the widget's runs, region workers and model
+    loads are done, then a little longer so the canvas has drawn what they wrote."""
+    from make_volume_png import wait
     from qtpy.QtWidgets import QApplication
 
-    deadline = time.monotonic() + seconds
-    while (widget.running or widget._region_worker is not None or widget.loading) and \
-            time.monotonic() < deadline:
-        QApplication.processEvents()
-        time.sleep(0.01)
-    if widget.running:
-        raise TimeoutError(f"the run did not finish in {seconds:.0f} s")
+    wait(widget, seconds)
     end = time.monotonic() + 0.5
     while time.monotonic() < end:
         QApplication.processEvents()
         time.sleep(0.01)
 
 
-def side_by_side(out: Path) -> Path:
+def demo_picture(out: Path, steps, **demo) -> Path:
+    """Open the demo (``open_demo(**demo)``) in a window of ``SIZE``, let it run, do
+    ``steps(viewer, widget)``, show everything and save the window to ``out``."""
     from napari_gradcam._napari.demo import open_demo
 
-    viewer, widget, _worker = open_demo(methods=["cam", "gradcam", "gradcam++"])
+    viewer, widget, _worker = open_demo(**demo)
     try:
         viewer.window.resize(*SIZE)
         settle(widget)
-        widget.toggle_grid()
-        settle(widget)
+        steps(viewer, widget)
         viewer.reset_view()
         settle(widget)
         viewer.screenshot(str(out), canvas_only=False, flash=False)
@@ -60,24 +56,23 @@ def side_by_side(out: Path) -> Path:
     return out
 
 
-def live_stack(out: Path) -> Path:
-    from napari_gradcam._napari.demo import open_demo
-
-    viewer, widget, _worker = open_demo(stack=True)
-    try:
-        viewer.window.resize(*SIZE)
+def side_by_side(out: Path) -> Path:
+    def steps(_viewer, widget):
+        widget.toggle_grid()
         settle(widget)
+
+    return demo_picture(out, steps, methods=["cam", "gradcam", "gradcam++"])
+
+
+def live_stack(out: Path) -> Path:
+    def steps(viewer, widget):
         widget.live.value = True  # explains the shown frame; the slider then drives it
         settle(widget)
         for frame in range(1, LIVE_FRAME + 1):  # scrolled frame by frame, as a user would
             viewer.dims.set_current_step(0, frame)
             settle(widget)
-        viewer.reset_view()
-        settle(widget)
-        viewer.screenshot(str(out), canvas_only=False, flash=False)
-    finally:
-        viewer.close()
-    return out
+
+    return demo_picture(out, steps, stack=True)
 
 
 def slide(out: Path) -> Path:
